@@ -1,0 +1,5 @@
+"""``python -m tcpmuxd``: the same as the ``tcpmuxd`` command (units use it when not installed)."""
+
+from tcpmuxd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,193 @@
+"""``tcpmuxd``: the command line, the choice of mode, and the daemon's life cycle.
+
+Modes, picked from what the process was given (DESIGN.md section 2):
+
+* listening sockets from systemd (Accept=no) or ``--listen``: the long-running dispatcher;
+* one connection from systemd (Accept=yes: LISTEN_FDS with a connected socket, or a socket on
+  stdin with StandardInput=socket): read the name and become the handler;
+* ``--check``: load the configuration, print the service table, exit non-zero on any error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from tcpmuxd import __version__, config, inetd, protocol, systemd
+from tcpmuxd.addresses import parse_listen
+from tcpmuxd.dispatch import Dispatcher, Limits
+
+#: How often STATUS= may be refreshed: live counters without a notify per connection.
+STATUS_INTERVAL = 1.0
+LISTEN_BACKLOG = 4096
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tcpmuxd",
+        description="TCPMUX (RFC 1078) superserver: reads a service name on each connection "
+                    "and starts that service's handler. Under systemd it takes its sockets from "
+                    "tcpmuxd.socket (Accept=no) or is started once per connection "
+                    "(tcpmuxd-inetd.socket, Accept=yes); standalone it binds --listen addresses.",
+        epilog="Services are files NAME.conf in the configuration directories; see "
+               "tcpmuxd.conf(5). SIGHUP reloads them without dropping a connection.",
+    )
+    p.add_argument("--listen", metavar="ADDR:PORT", action="append", default=[],
+                   help="listen here (repeatable); PORT alone means [::]:PORT, both IPv4 and IPv6")
+    p.add_argument("--config-dir", metavar="DIR", action="append", type=Path, default=[],
+                   help="service directory, highest precedence first (repeatable); replaces "
+                        "the default search path "
+                        + ", ".join(str(d) for d in config.DEFAULT_SEARCH_PATH))
+    p.add_argument("--check", action="store_true",
+                   help="validate the configuration, print the service table and exit "
+                        "(status 1 on any error)")
+    p.add_argument("--name-timeout", metavar="SEC", type=_positive_float, default=10.0,
+                   help="total time a client has to send the name line (default: 10)")
+    p.add_argument("--max-name-length", metavar="N", type=_positive_int,
+                   default=protocol.DEFAULT_MAX_NAME_LENGTH,
+                   help="longest service name accepted, in bytes (default: 256)")
+    p.add_argument("--max-connections", metavar="N", type=_positive_int, default=1024,
+                   help="connections open at once, all services together (default: 1024)")
+    p.add_argument("--version", action="version", version=f"tcpmuxd {__version__}")
+    return p
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    search_path = tuple(args.config_dir) or config.DEFAULT_SEARCH_PATH
+    limits = Limits(name_timeout=args.name_timeout, max_name_length=args.max_name_length,
+                    max_connections=args.max_connections)
+    environ = dict(os.environ)
+    log = systemd.EventLog(environ, "tcpmuxd")
+    cfg = config.load(search_path, max_name_length=limits.max_name_length)
+
+    if args.check:
+        print(config.format_table(cfg))
+        return 0 if cfg.ok else 1
+    for error in cfg.errors:
+        log.record(f"configuration: {error}", priority=3)
+
+    try:
+        passed = systemd.passed_sockets(environ)
+    except (OSError, RuntimeError) as e:
+        print(f"tcpmuxd: cannot use the sockets systemd passed: {e}", file=sys.stderr)
+        return 1
+    connection = passed.connection
+    if connection is None and not passed.listeners and not args.listen:
+        connection = systemd.stdin_connection()
+    if connection is not None:
+        return inetd.serve_connection(connection, cfg, limits, log, environ)
+
+    listeners = list(passed.listeners)
+    try:
+        for spec in args.listen:
+            listeners.append((_bind(spec), spec))
+    except (OSError, ValueError) as e:
+        print(f"tcpmuxd: {e}", file=sys.stderr)
+        return 1
+    if not listeners:
+        print("tcpmuxd: nothing to serve: start it from tcpmuxd.socket (systemctl enable --now "
+              "tcpmuxd.socket), or give --listen ADDR:PORT to run standalone", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(listeners, cfg, search_path, limits, log, environ))
+
+
+def _bind(spec: str) -> socket.socket:
+    endpoint = parse_listen(spec)
+    family = socket.AF_INET6 if ":" in (endpoint.host or "::") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((endpoint.host or "::", endpoint.port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {spec}: {e.strerror}") from None
+    return sock
+
+
+async def _serve(listeners, cfg, search_path, limits: Limits, log: systemd.EventLog,
+                 environ) -> int:
+    loop = asyncio.get_running_loop()
+    notifier = systemd.Notifier(environ)
+    stopped = loop.create_future()
+    status_pending = False
+
+    def push_status() -> None:
+        nonlocal status_pending
+        status_pending = False
+        notifier.status(dispatcher.status())
+
+    def on_change() -> None:
+        nonlocal status_pending
+        if notifier.enabled and not status_pending:
+            status_pending = True
+            loop.call_later(STATUS_INTERVAL, push_status)
+
+    dispatcher = Dispatcher(cfg, limits, log, environ, on_change)
+    for sock, name in listeners:
+        dispatcher.add_listener(sock, name)
+
+    def reload() -> None:
+        notifier.reloading()
+        new = config.load(search_path, previous=dispatcher.config,
+                          max_name_length=limits.max_name_length)
+        for error in new.errors:
+            log.record(f"configuration: {error}", priority=3)
+        dispatcher.config = new
+        log.record(f"reloaded: {len(new.services)} services, {len(new.errors)} errors")
+        notifier.ready(dispatcher.status())
+
+    def stop(signum: int) -> None:
+        if not stopped.done():
+            stopped.set_result(signum)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop, signum)
+
+    if notifier.watchdog_interval:
+        def feed_watchdog() -> None:
+            notifier.watchdog()
+            loop.call_later(notifier.watchdog_interval, feed_watchdog)
+        feed_watchdog()
+
+    names = ", ".join(name for _sock, name in listeners)
+    log.record(f"serving {len(cfg.services)} services on {names}")
+    notifier.ready(dispatcher.status())
+    await stopped
+    notifier.stopping()
+    dispatcher.close()
+    log.record("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

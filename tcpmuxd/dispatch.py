@@ -1,0 +1,532 @@
+"""The accept loop and the life of one connection in the long-running daemon (Accept=no).
+
+Flow per connection: accept -> read the name line under one total deadline (peeking, so that no
+byte past the line is taken from the handler) -> :func:`decide` (parse, find service, access
+control, limits, in that order) -> ``+`` -> start the handler -> one log record when it ends.
+
+The name phase runs on raw non-blocking sockets with ``add_reader`` rather than transports or
+tasks: a pending connection costs a socket, a timer and a small object, which keeps 1,000 idle
+clients cheap and the exec path short.
+
+Resource handling (the failure modes named as trio's serve_listeners does):
+
+* EMFILE/ENFILE (no file descriptors): a spare descriptor kept open for the purpose is closed
+  so that one connection can be accepted and refused with ``-`` instead of left hanging, then
+  accepting pauses for ``Limits.accept_backoff`` seconds; it resumes by itself.
+* ENOBUFS/ENOMEM: accepting pauses likewise.
+* EAGAIN from fork (no processes): the connection is refused (or, after ``+``, closed) and
+  logged; the daemon keeps serving.
+* Refused connections are closed gracefully (reply, shutdown, drain briefly) so the client can
+  read the ``-`` line even when it pipelined data behind the name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Mapping, Union
+
+from tcpmuxd import handlers, passfd, protocol, relay
+from tcpmuxd.config import Configuration, Service
+from tcpmuxd.handlers import SocketAddress
+from tcpmuxd.systemd import EventLog
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The multiplexer-wide limits (per-service ones are in the service files)."""
+
+    name_timeout: float = 10.0
+    max_name_length: int = protocol.DEFAULT_MAX_NAME_LENGTH
+    max_connections: int = 1024
+    accept_backoff: float = 0.25
+    #: How long a refused connection is drained after the ``-`` line before it is closed.
+    linger: float = 2.0
+
+
+@dataclass(frozen=True)
+class Accept:
+    service: Service
+
+
+@dataclass(frozen=True)
+class Refuse:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Help:
+    listing: bytes
+
+
+Decision = Union[Accept, Refuse, Help]
+
+
+class Counters:
+    """Live connection counts: per service, per (service, source address), and totals."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.per_service: Counter[str] = Counter()
+        self.per_source: Counter[tuple[str, str]] = Counter()
+        self.accepted = 0
+        self.refused = 0
+
+    def start(self, service: Service, source: str) -> None:
+        self.per_service[service.key] += 1
+        self.per_source[(service.key, source)] += 1
+
+    def end(self, service: Service, source: str) -> None:
+        for counter, key in ((self.per_service, service.key),
+                             (self.per_source, (service.key, source))):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
+
+
+def decide(config: Configuration, event: protocol.Event, source: str,
+           counters: Counters | None) -> Decision:
+    """The order every refusal is checked in: parse, find service, access, limits.
+
+    ``counters`` is None where limits are kept by someone else (systemd, in Accept=yes mode).
+    """
+    if isinstance(event, protocol.BadName):
+        return Refuse(event.reason)
+    if isinstance(event, protocol.HelpRequested):
+        return Help(protocol.help_listing(config.listed()))
+    assert isinstance(event, protocol.NameReceived)
+    service = config.lookup(event.name)
+    if service is None:
+        return Refuse(f"unknown service {event.name}")
+    if not service.allows(source):
+        return Refuse(f"not allowed from {source}")
+    if counters is not None:
+        if service.max_connections and counters.per_service[service.key] >= service.max_connections:
+            return Refuse(f"service busy ({service.max_connections} connections)")
+        limit = service.max_connections_per_source
+        if limit and counters.per_source[(service.key, source)] >= limit:
+            return Refuse(f"too many connections from {source} ({limit})")
+    return Accept(service)
+
+
+def _oserror_text(e: OSError) -> str:
+    """The errno's own words ("Connection refused"), not asyncio's wrapper text."""
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
+class _Connection:
+    """A connection from accept to its log record."""
+
+    __slots__ = ("sock", "remote", "local", "started", "reader", "timer", "name", "service",
+                 "decision", "pid", "status", "listener")
+
+    def __init__(self, sock: socket.socket, remote: SocketAddress, local: SocketAddress,
+                 listener: str, max_name_length: int) -> None:
+        self.sock: socket.socket | None = sock
+        self.remote = remote
+        self.local = local
+        self.listener = listener
+        self.started = time.monotonic()
+        self.reader = protocol.NameReader(max_name_length)
+        self.timer: asyncio.TimerHandle | None = None
+        self.name = ""
+        self.service: Service | None = None
+        self.decision = ""
+        self.pid: int | None = None
+        self.status = ""
+
+
+class Dispatcher:
+    """Serves TCPMUX on any number of listening sockets from one event loop."""
+
+    def __init__(self, config: Configuration, limits: Limits, log: EventLog,
+                 environ: Mapping[str, str], on_change: Callable[[], None] = lambda: None) -> None:
+        self.config = config
+        self.limits = limits
+        self.log = log
+        self.environ = dict(environ)
+        self.counters = Counters()
+        self.on_change = on_change
+        self._loop = asyncio.get_running_loop()
+        self._listeners: dict[int, tuple[socket.socket, str]] = {}
+        self._paused = False
+        self._spare: int | None = self._open_spare()
+        self._children: dict[int, tuple[subprocess.Popen, _Connection]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._loop.add_signal_handler(signal.SIGCHLD, self._reap)
+
+    # -- listeners -------------------------------------------------------------------------
+
+    def add_listener(self, sock: socket.socket, name: str) -> None:
+        sock.setblocking(False)
+        self._listeners[sock.fileno()] = (sock, name)
+        if not self._paused:
+            self._loop.add_reader(sock.fileno(), self._accept, sock, name)
+
+    def close(self) -> None:
+        """Stop accepting; connections in flight are cut, handlers already running go on."""
+        for fd, (sock, _name) in self._listeners.items():
+            self._loop.remove_reader(fd)
+            sock.close()
+        self._listeners.clear()
+        for task in self._tasks:
+            task.cancel()
+        self._loop.remove_signal_handler(signal.SIGCHLD)
+
+    def status(self) -> str:
+        c = self.counters
+        return (f"{len(self.config.services)} services; {c.active} connections active, "
+                f"{c.accepted} accepted, {c.refused} refused, {len(self._children)} handlers running")
+
+    @staticmethod
+    def _open_spare() -> int | None:
+        try:
+            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+
+    def _pause_accepting(self, why: str) -> None:
+        if self._paused:
+            return
+        self._paused = True
+        self.log.record(f"accepting paused for {self.limits.accept_backoff}s: {why}", priority=4)
+        for fd in self._listeners:
+            self._loop.remove_reader(fd)
+        self._loop.call_later(self.limits.accept_backoff, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._paused = False
+        if self._spare is None:
+            self._spare = self._open_spare()
+        for fd, (sock, name) in self._listeners.items():
+            self._loop.add_reader(fd, self._accept, sock, name)
+
+    def _accept(self, listener: socket.socket, name: str) -> None:
+        for _ in range(64):
+            try:
+                sock, _addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    self._refuse_with_spare(listener, e)
+                    self._pause_accepting(os.strerror(e.errno))
+                    return
+                if e.errno in (errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accepting(os.strerror(e.errno))
+                    return
+                raise
+            self._start(sock, name)
+
+    def _refuse_with_spare(self, listener: socket.socket, e: OSError) -> None:
+        """Use the spare descriptor to tell one waiting client why, instead of leaving it hanging."""
+        if self._spare is None:
+            return
+        os.close(self._spare)
+        self._spare = None
+        try:
+            sock, _addr = listener.accept()
+        except OSError:
+            return
+        with sock:
+            try:
+                sock.setblocking(False)
+                sock.send(protocol.negative(f"server out of resources: {os.strerror(e.errno)}"))
+            except OSError:
+                pass
+        self.counters.refused += 1
+        self._spare = self._open_spare()
+
+    # -- the name phase --------------------------------------------------------------------
+
+    def _start(self, sock: socket.socket, listener: str) -> None:
+        sock.setblocking(False)
+        try:
+            remote, local = handlers.addresses_of(sock)
+        except OSError:
+            sock.close()
+            return
+        conn = _Connection(sock, remote, local, listener, self.limits.max_name_length)
+        self.counters.active += 1
+        if self.counters.active > self.limits.max_connections:
+            self._refuse(conn, f"too many connections ({self.limits.max_connections})")
+            return
+        conn.timer = self._loop.call_later(self.limits.name_timeout, self._timed_out, conn)
+        self._loop.add_reader(sock.fileno(), self._readable, conn)
+        self.on_change()
+
+    def _timed_out(self, conn: _Connection) -> None:
+        assert conn.sock is not None
+        self._loop.remove_reader(conn.sock.fileno())
+        conn.timer = None
+        self._decided(conn, decide(self.config, conn.reader.timeout(), conn.remote.host, None))
+
+    def _readable(self, conn: _Connection) -> None:
+        sock = conn.sock
+        assert sock is not None
+        try:
+            data = sock.recv(conn.reader.peek_size(), socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._stop_reading(conn)
+            self._end(conn, f"error: {_oserror_text(e)}")
+            return
+        if not data:
+            event: protocol.Event = conn.reader.eof()
+        else:
+            consume, event = conn.reader.feed(data)
+            while consume:
+                consume -= len(sock.recv(consume))
+            if isinstance(event, protocol.NeedData):
+                return
+        self._stop_reading(conn)
+        if isinstance(event, protocol.NameReceived):
+            conn.name = event.name
+        elif isinstance(event, protocol.HelpRequested):
+            conn.name = "HELP"
+        self._decided(conn, decide(self.config, event, conn.remote.host, self.counters))
+
+    def _stop_reading(self, conn: _Connection) -> None:
+        assert conn.sock is not None
+        self._loop.remove_reader(conn.sock.fileno())
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+
+    # -- after the name --------------------------------------------------------------------
+
+    def _decided(self, conn: _Connection, decision: Decision) -> None:
+        if isinstance(decision, Refuse):
+            self._refuse(conn, decision.reason)
+        elif isinstance(decision, Help):
+            conn.decision = "help"
+            self._spawn_task(self._send_and_close(conn, decision.listing))
+        else:
+            service = decision.service
+            conn.service = service
+            self.counters.start(service, conn.remote.host)
+            if service.kind == "exec":
+                self._exec(conn, service)
+            elif service.kind == "forward":
+                self._spawn_task(self._forward(conn, service))
+            else:
+                self._spawn_task(self._pass(conn, service))
+
+    def _spawn_task(self, coro) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _refuse(self, conn: _Connection, reason: str) -> None:
+        """Send ``-reason`` and close so that the client can read it (shutdown, then drain)."""
+        conn.decision = f"refused: {reason}"
+        sock = conn.sock
+        assert sock is not None
+        try:
+            sock.send(protocol.negative(reason))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._end(conn)
+            return
+        deadline = self._loop.call_later(self.limits.linger, self._drained, conn)
+        self._loop.add_reader(sock.fileno(), self._drain, conn, deadline)
+
+    def _drain(self, conn: _Connection, deadline: asyncio.TimerHandle) -> None:
+        assert conn.sock is not None
+        try:
+            if conn.sock.recv(65536):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        deadline.cancel()
+        self._drained(conn)
+
+    def _drained(self, conn: _Connection) -> None:
+        assert conn.sock is not None
+        self._loop.remove_reader(conn.sock.fileno())
+        self._end(conn)
+
+    async def _send_and_close(self, conn: _Connection, data: bytes) -> None:
+        assert conn.sock is not None
+        try:
+            await asyncio.wait_for(self._loop.sock_sendall(conn.sock, data), self.limits.linger)
+        except (OSError, asyncio.TimeoutError) as e:
+            conn.decision += f" (send failed: {e})"
+        self._end(conn)
+
+    def _acknowledge(self, conn: _Connection, service: Service) -> bool:
+        """Send ``+`` when tcpmuxd, not the handler, answers; False if the client is gone."""
+        if not service.acknowledge:
+            return True
+        assert conn.sock is not None
+        try:
+            conn.sock.send(protocol.positive())
+        except OSError as e:
+            conn.decision = f"client gone: {_oserror_text(e)}"
+            return False
+        return True
+
+    def _exec(self, conn: _Connection, service: Service) -> None:
+        assert conn.sock is not None and service.exec_argv is not None
+        if not os.access(service.exec_argv[0], os.X_OK):
+            self._service_refuse(conn, service, "handler failed to start: "
+                                 f"{service.exec_argv[0]} is not executable")
+            return
+        if not self._acknowledge(conn, service):
+            self._service_end(conn, service)
+            return
+        env = handlers.handler_environment(service, conn.remote, conn.local, self.environ)
+        # O_NONBLOCK lives on the open file description the handler shares: clear it, or a
+        # plain program reading its stdin gets EAGAIN.
+        conn.sock.setblocking(True)
+        try:
+            child = handlers.spawn(service, conn.sock, env)
+        except OSError as e:
+            reason = f"handler failed to start: {_oserror_text(e)}"
+            if service.acknowledge:
+                conn.decision = reason
+                self._service_end(conn, service)
+            else:
+                self._service_refuse(conn, service, reason)
+            return
+        conn.sock.close()
+        conn.sock = None
+        conn.pid = child.pid
+        conn.decision = "accepted"
+        self._children[child.pid] = (child, conn)
+        self.on_change()
+
+    def _reap(self) -> None:
+        while self._children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            entry = self._children.pop(pid, None)
+            if entry is None:
+                continue
+            child, conn = entry
+            child.returncode = os.waitstatus_to_exitcode(status)
+            conn.status = handlers.describe_status(status)
+            assert conn.service is not None
+            self._service_end(conn, conn.service)
+
+    async def _forward(self, conn: _Connection, service: Service) -> None:
+        target = service.forward
+        assert target is not None and conn.sock is not None
+        upstream = await self._connect(conn, service, target)
+        if upstream is None:
+            return
+        if not self._acknowledge(conn, service):
+            upstream.close()
+            self._service_end(conn, service)
+            return
+        conn.decision = "accepted"
+        client, conn.sock = conn.sock, None
+        try:
+            sent, received = await relay.relay(client, upstream)
+            conn.status = f"{sent} bytes in, {received} bytes out"
+        except OSError as e:
+            conn.status = f"relay error: {_oserror_text(e)}"
+        finally:
+            self._service_end(conn, service)
+
+    async def _pass(self, conn: _Connection, service: Service) -> None:
+        target = service.pass_to
+        assert target is not None and conn.sock is not None
+        channel = await self._connect(conn, service, target)
+        if channel is None:
+            return
+        with channel:
+            if not self._acknowledge(conn, service):
+                self._service_end(conn, service)
+                return
+            info = passfd.handover_info(service, conn.remote, conn.local)
+            try:
+                conn.sock.setblocking(True)  # the receiver gets it as accept() would give it
+                passfd.send_connection(channel, conn.sock, info)
+                conn.decision = "passed"
+            except OSError as e:
+                conn.decision = f"hand-over failed: {_oserror_text(e)}"
+        self._service_end(conn, service)
+
+    async def _connect(self, conn: _Connection, service: Service, target) -> socket.socket | None:
+        """Connect to a Forward=/PassTo= target before ``+``, so failure can still be refused."""
+        if target.is_unix:
+            family, address = socket.AF_UNIX, target.path
+        else:
+            try:
+                infos = await self._loop.getaddrinfo(target.host, target.port,
+                                                     type=socket.SOCK_STREAM)
+            except OSError as e:
+                self._service_refuse(conn, service, f"cannot resolve service address: {e}")
+                return None
+            family, address = infos[0][0], infos[0][4]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(self._loop.sock_connect(sock, address), service.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            sock.close()
+            why = "timed out" if isinstance(e, asyncio.TimeoutError) else _oserror_text(e)
+            self._service_refuse(conn, service, f"service unavailable: {why}")
+            return None
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _service_refuse(self, conn: _Connection, service: Service, reason: str) -> None:
+        self.counters.end(service, conn.remote.host)
+        self._refuse(conn, reason)
+
+    def _service_end(self, conn: _Connection, service: Service) -> None:
+        self.counters.end(service, conn.remote.host)
+        self._end(conn)
+
+    def _end(self, conn: _Connection, decision: str | None = None) -> None:
+        """Close what is left and write the one record of this connection."""
+        if conn.sock is not None:
+            conn.sock.close()
+            conn.sock = None
+        if decision:
+            conn.decision = decision
+        self.counters.active -= 1
+        if conn.decision.startswith("refused"):
+            self.counters.refused += 1
+        elif conn.decision in ("accepted", "passed"):
+            self.counters.accepted += 1
+        duration = time.monotonic() - conn.started
+        name = conn.name or "-"
+        parts = [f"{conn.remote} {name}: {conn.decision or 'closed'}"]
+        if conn.pid is not None:
+            parts.append(f"pid {conn.pid}")
+        if conn.status:
+            parts.append(conn.status)
+        parts.append(f"{duration:.3f}s")
+        self.log.record(
+            ", ".join(parts),
+            priority=6 if conn.decision in ("accepted", "passed", "help") else 5,
+            TCPMUX_SERVICE=conn.name or None,
+            TCPMUX_DECISION=conn.decision,
+            TCPMUX_LISTENER=conn.listener,
+            REMOTE_ADDR=conn.remote.host or None,
+            REMOTE_PORT=conn.remote.port or None,
+            TCPMUX_HANDLER_PID=conn.pid,
+            TCPMUX_EXIT_STATUS=conn.status or None,
+            TCPMUX_DURATION_USEC=int(duration * 1e6),
+        )
+        self.on_change()

@@ -1,0 +1,101 @@
+"""The PassTo= hand-over: a connected socket sent to a running daemon over a unix socket.
+
+tcpmuxd connects to the daemon's unix stream socket and sends one message, with the client's
+socket attached as SCM_RIGHTS, then closes its end. The message is text, so any language can
+read it::
+
+    TCPMUX/1\\n
+    service=NAME\\n
+    remote=ADDR PORT\\n
+    local=ADDR PORT\\n
+    acknowledged=yes|no\\n
+    \\n
+
+``acknowledged=no`` means the daemon must send the ``+`` reply itself (Acknowledge=no). Bytes
+the client sent after the name are still unread in the socket: they are the daemon's. This
+module holds both ends, so Python daemons (and the tests) can receive with
+:func:`receive_connection`.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    from tcpmuxd.config import Service
+    from tcpmuxd.handlers import SocketAddress
+
+MAGIC = b"TCPMUX/1\n"
+#: A hand-over message larger than this is not one of ours.
+MAX_MESSAGE = 4096
+
+
+def encode(info: Mapping[str, str]) -> bytes:
+    """The text part of a hand-over (values must not contain newlines)."""
+    body = b"".join(f"{k}={v}\n".encode() for k, v in info.items())
+    message = MAGIC + body + b"\n"
+    if len(message) > MAX_MESSAGE or any("\n" in str(v) for v in info.values()):
+        raise ValueError("hand-over message too large or malformed")
+    return message
+
+
+def handover_info(service: "Service", remote: "SocketAddress", local: "SocketAddress") -> dict[str, str]:
+    """The fields tcpmuxd sends with a connection."""
+    return {"service": service.name, "remote": f"{remote.host} {remote.port}",
+            "local": f"{local.host} {local.port}",
+            "acknowledged": "yes" if service.acknowledge else "no"}
+
+
+def send_connection(channel: socket.socket, conn: socket.socket, info: Mapping[str, str]) -> None:
+    """Send ``conn`` with ``info`` over the connected unix socket ``channel`` (blocking or not:
+    the message is small enough to fit an empty socket buffer in one call)."""
+    fds = array.array("i", [conn.fileno()])
+    message = encode(info)
+    sent = channel.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    if sent != len(message):
+        raise OSError("hand-over message was cut short")
+
+
+class HandoverError(Exception):
+    """What arrived on the channel is not a tcpmuxd hand-over."""
+
+
+def receive_connection(channel: socket.socket) -> tuple[socket.socket, dict[str, str]]:
+    """Receive one hand-over from a blocking ``channel``: the client's socket and its info."""
+    fds = array.array("i")
+    data = bytearray()
+    conn: socket.socket | None = None
+    try:
+        while not data.endswith(b"\n\n"):
+            msg, ancdata, _flags, _addr = channel.recvmsg(
+                MAX_MESSAGE, socket.CMSG_SPACE(fds.itemsize))
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            while fds:
+                fd = fds.pop()
+                if conn is None and not fds:
+                    conn = socket.socket(fileno=fd)
+                else:
+                    os.close(fd)  # only the first descriptor is ours to keep
+            if not msg:
+                raise HandoverError("channel closed before the end of the hand-over")
+            data += msg
+            if len(data) > MAX_MESSAGE:
+                raise HandoverError("hand-over message too large")
+        if not data.startswith(MAGIC):
+            raise HandoverError("not a TCPMUX/1 hand-over")
+        if conn is None:
+            raise HandoverError("hand-over carried no socket")
+    except BaseException:
+        if conn is not None:
+            conn.close()
+        raise
+    info = {}
+    for line in bytes(data[len(MAGIC):-2]).decode("utf-8", "replace").split("\n"):
+        key, _, value = line.partition("=")
+        info[key] = value
+    return conn, info

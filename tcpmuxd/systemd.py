@@ -1,0 +1,174 @@
+"""The one place that talks to systemd: passed sockets, sd_notify, the watchdog, the journal.
+
+Everything here takes the environment as a parameter where it reads one, so tests can drive it
+with a dict, and degrades to a no-op (or to stderr, for logs) when systemd is not there. The
+binding (python-systemd) reads the C environment; ``os.environ`` is left as it is so that
+notify keeps working, and children get an environment built from scratch instead
+(:func:`child_environment`), which is why nothing of LISTEN_*/NOTIFY_SOCKET/WATCHDOG_* leaks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from systemd import daemon as _daemon
+from systemd import journal as _journal
+
+#: Variables that belong to tcpmuxd's own relation with systemd and must not reach handlers.
+PRIVATE_VARIABLES = (
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_PID",
+    "WATCHDOG_USEC",
+    "JOURNAL_STREAM",
+    "INVOCATION_ID",
+    "MAINPID",
+)
+
+
+@dataclass
+class PassedSockets:
+    """Sockets systemd passed: listeners (Accept=no) or one connection (Accept=yes)."""
+
+    listeners: list[tuple[socket.socket, str]] = field(default_factory=list)
+    connection: socket.socket | None = None
+
+
+def passed_sockets(environ: Mapping[str, str]) -> PassedSockets:
+    """Collect LISTEN_FDS sockets, telling listeners from an accepted connection.
+
+    Listening sockets report SO_ACCEPTCONN; anything else passed is the single connection of an
+    Accept=yes instance. Sockets are made non-inheritable: only the handler fds we set up
+    deliberately may cross an exec.
+    """
+    result = PassedSockets()
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return result
+    for fd, name in sorted(_daemon.listen_fds_with_names(unset_environment=False).items()):
+        sock = socket.socket(fileno=fd)
+        os.set_inheritable(fd, False)
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            result.listeners.append((sock, name or "unknown"))
+        elif result.connection is None:
+            result.connection = sock
+        else:
+            raise RuntimeError("more than one connected socket passed (Accept=yes passes one)")
+    return result
+
+
+def stdin_connection() -> socket.socket | None:
+    """The connection on stdin when systemd started us with StandardInput=socket (inetd style)."""
+    try:
+        if not stat.S_ISSOCK(os.fstat(0).st_mode):
+            return None
+        sock = socket.socket(fileno=os.dup(0))
+    except OSError:
+        return None
+    try:
+        sock.getpeername()
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def child_environment(environ: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """A handler's environment: ours without systemd's private variables, plus ``extra``."""
+    env = {k: v for k, v in environ.items() if k not in PRIVATE_VARIABLES}
+    env.update(extra)
+    return env
+
+
+class Notifier:
+    """sd_notify messages; silent when there is no NOTIFY_SOCKET."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.enabled = bool(environ.get("NOTIFY_SOCKET"))
+        self.watchdog_interval = self._watchdog_interval(environ)
+
+    @staticmethod
+    def _watchdog_interval(environ: Mapping[str, str]) -> float | None:
+        """Half of WatchdogSec=, as sd_watchdog_enabled() advises; None when not asked for."""
+        usec = environ.get("WATCHDOG_USEC")
+        pid = environ.get("WATCHDOG_PID")
+        if not usec or (pid and pid != str(os.getpid())):
+            return None
+        try:
+            return int(usec) / 2e6
+        except ValueError:
+            return None
+
+    def send(self, *lines: str) -> None:
+        if self.enabled:
+            _daemon.notify("\n".join(lines))
+
+    def ready(self, status: str) -> None:
+        self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+
+    def reloading(self) -> None:
+        usec = int(_monotonic_usec())
+        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=Reloading configuration")
+
+    def status(self, status: str) -> None:
+        self.send(f"STATUS={status}")
+
+    def stopping(self) -> None:
+        self.send("STOPPING=1", "STATUS=Shutting down")
+
+    def watchdog(self) -> None:
+        self.send("WATCHDOG=1")
+
+
+def _monotonic_usec() -> float:
+    return time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6
+
+
+def journal_is_stderr(environ: Mapping[str, str]) -> bool:
+    """True when stderr is connected to the journal (systemd's JOURNAL_STREAM=dev:inode check)."""
+    value = environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+class EventLog:
+    """Structured records: journal fields when stderr is the journal, else one line on stderr.
+
+    A record the journal refuses is written to stderr instead, so nothing is silently lost.
+    """
+
+    def __init__(self, environ: Mapping[str, str], identifier: str,
+                 stream: Callable[[], object] = lambda: sys.stderr) -> None:
+        self.to_journal = journal_is_stderr(environ)
+        self.identifier = identifier
+        self._stream = stream
+
+    def record(self, message: str, priority: int = 6, **fields: object) -> None:
+        if self.to_journal:
+            try:
+                _journal.send(
+                    message,
+                    PRIORITY=str(priority),
+                    SYSLOG_IDENTIFIER=self.identifier,
+                    **{k.upper(): str(v) for k, v in fields.items() if v is not None},
+                )
+                return
+            except OSError:
+                pass
+        stream = self._stream()
+        try:
+            stream.write(f"{self.identifier}: {message}\n")  # type: ignore[attr-defined]
+            stream.flush()  # type: ignore[attr-defined]
+        except (OSError, ValueError):
+            pass
