@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Union
 
 __all__ = [
     "AddressList",
@@ -29,8 +29,8 @@ __all__ = [
     "parse_listen",
 ]
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: ``sizeof(sun_path)`` on Linux is 108; one byte is kept for the terminating NUL that
 #: filesystem paths need (and that abstract names do not have, but their leading NUL uses it).
@@ -141,7 +141,11 @@ def _parse_tcp(text: str, *, default_host: str | None, allow_zero: bool) -> Endp
         close = text.find("]")
         if close < 0:
             raise ValueError(f"missing ']' after IPv6 address in {text!r}")
-        host_text, sep, port_text = text[: close + 1], text[close + 1 : close + 2], text[close + 2 :]
+        host_text, sep, port_text = (
+            text[: close + 1],
+            text[close + 1 : close + 2],
+            text[close + 2 :],
+        )
         if sep != ":":
             raise ValueError(f"expected ':PORT' after {host_text!r}")
     else:
@@ -220,7 +224,9 @@ def _parse_item(word: str) -> tuple[IPNetwork, ...]:
     if _is_localhost(word):
         return _parse_item("localhost")
     if "%" in word:
-        raise ValueError(f"{word!r}: scoped addresses (%interface) are not supported in address lists")
+        raise ValueError(
+            f"{word!r}: scoped addresses (%interface) are not supported in address lists"
+        )
     try:
         # strict=False: like systemd, host bits below the prefix are masked off, not refused.
         return (ipaddress.ip_network(word, strict=False),)

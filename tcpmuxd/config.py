@@ -26,10 +26,11 @@ import pwd
 import re
 import shlex
 import stat
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from .addresses import AddressList, Endpoint, ip_address_of, parse_endpoint
 from .protocol import DEFAULT_MAX_NAME_LENGTH, HELP, is_valid_name, name_key
@@ -83,29 +84,34 @@ class ConfigError:
 
 @dataclass(frozen=True)
 class Service:
-    """A validated service; field meanings are documented in tcpmuxd.conf(5)."""
+    """One validated service (the keys are documented in tcpmuxd.conf(5)).
 
-    name: str
-    source: Path
-    exec_argv: tuple[str, ...] | None = None
-    forward: Endpoint | None = None
-    pass_to: Endpoint | None = None
-    acknowledge: bool = True
-    user: str | None = None
+    Exactly one of ``exec_argv``, ``forward``, ``pass_to`` is set. Users and groups are
+    resolved at load time, so a handler never looks anything up between fork and exec, and an
+    unknown user is a ``--check`` error rather than a failure on the first connection.
+    """
+
+    name: str  # as configured: what HELP lists and logs show
+    source: Path  # the file that defined it
+    exec_argv: tuple[str, ...] | None = None  # Exec=: argv, argv[0] absolute, no shell
+    forward: Endpoint | None = None  # Forward=: HOST:PORT or unix:PATH
+    pass_to: Endpoint | None = None  # PassTo=: unix:PATH of a daemon taking the fd
+    acknowledge: bool = True  # send "+" before the handler starts (else the handler does)
+    user: str | None = None  # User=, Group=, SupplementaryGroups= as written
     group: str | None = None
     supplementary_groups: tuple[str, ...] = ()
-    uid: int | None = None
-    gid: int | None = None
-    gids: tuple[int, ...] = ()
-    hidden: bool = False
-    max_connections: int = 0
-    max_connections_per_source: int = 0
+    uid: int | None = None  # None: keep tcpmuxd's
+    gid: int | None = None  # Group=, else User='s primary group; None: keep tcpmuxd's
+    gids: tuple[int, ...] = ()  # User='s groups (getgrouplist) + SupplementaryGroups=
+    hidden: bool = False  # not listed by HELP, still reachable by name
+    max_connections: int = 0  # concurrent connections of this service, 0 = no own limit
+    max_connections_per_source: int = 0  # per client IP address, 0 = no limit
     ip_allow: AddressList = field(default_factory=AddressList)
     ip_deny: AddressList = field(default_factory=AddressList)
-    standard_error: str = "journal"
-    environment: tuple[tuple[str, str], ...] = ()
+    standard_error: str = "journal"  # journal (tcpmuxd's stderr) | socket | null
+    environment: tuple[tuple[str, str], ...] = ()  # added to the handler's environment
     working_directory: str | None = None
-    connect_timeout: float = 5.0
+    connect_timeout: float = 5.0  # seconds, for Forward=/PassTo=
     description: str = ""
 
     @property
@@ -113,7 +119,7 @@ class Service:
         """``"exec"``, ``"forward"`` or ``"passto"``: which handler runs the connection."""
         kinds = [
             kind
-            for kind, value in zip(KINDS, (self.exec_argv, self.forward, self.pass_to))
+            for kind, value in zip(KINDS, (self.exec_argv, self.forward, self.pass_to), strict=True)
             if value is not None
         ]
         if len(kinds) != 1:
@@ -368,7 +374,7 @@ def _parse_groups(text: str) -> tuple[tuple[str, int], ...]:
 class _Key:
     """How one key is read: its parser, whether it is a list, which kinds it applies to."""
 
-    parse: Callable[[str], object]
+    parse: Callable[[str], Any]
     kinds: tuple[str, ...] = KINDS
     is_list: bool = False
 
@@ -424,6 +430,14 @@ class _Ini:
     errors: list[tuple[int | None, str]] = field(default_factory=list)
 
 
+@dataclass
+class _Cursor:
+    """Where configparser is reading: the line and section of the line it was just given."""
+
+    line: int = 0
+    section: str = ""
+
+
 _HEADER = re.compile(r"\[([^\[\]]+)\]")
 
 
@@ -438,7 +452,9 @@ def _logical_lines(text: str, errors: list[tuple[int | None, str]]) -> list[tupl
     out: list[tuple[int, str]] = []
     pending: str | None = None
     start = 0
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): form feeds, U+2028 and friends are not line breaks to an
+    # editor, so line numbers would stop matching what the admin sees.
+    for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
         if pending is not None:
             if line.startswith(("#", ";")):
@@ -470,16 +486,14 @@ def _read_ini(text: str) -> _Ini:
     """
     ini = _Ini()
     lines = _logical_lines(text, ini.errors)
-    where = {"line": 0, "section": ""}
+    where = _Cursor()
 
     class _Log(dict):  # type: ignore[type-arg]
         def __setitem__(self, key: str, value: object) -> None:
             # An option store (sections are stored as mappings); "=x" is reported as a
             # parsing error by configparser and then stored under "" anyway.
             if isinstance(value, list) and key:
-                ini.assignments.append(
-                    _Assignment(where["section"], key, value[0], where["line"])
-                )
+                ini.assignments.append(_Assignment(where.section, key, value[0], where.line))
             super().__setitem__(key, value)
 
     parser = configparser.ConfigParser(
@@ -496,15 +510,17 @@ def _read_ini(text: str) -> _Ini:
 
     def feed() -> Iterator[str]:
         for number, line in lines:
-            where["line"] = number
+            where.line = number
             header = _HEADER.fullmatch(line)
             if header:
-                where["section"] = header.group(1)
-                if header.group(1) in ini.sections:
-                    first = ini.sections[header.group(1)]
-                    ini.errors.append((number, f"duplicate [{header.group(1)}] section (first at line {first})"))
+                section = where.section = header.group(1)
+                if section in ini.sections:
+                    first = ini.sections[section]
+                    ini.errors.append(
+                        (number, f"duplicate [{section}] section (first at line {first})")
+                    )
                 else:
-                    ini.sections[header.group(1)] = number
+                    ini.sections[section] = number
             yield line + "\n"
 
     try:
@@ -599,12 +615,15 @@ def _parse_service(path: Path, text: str, max_name_length: int) -> _Parsed:
 
     for section, line in ini.sections.items():
         if section != SECTION:
-            err(line, f"unknown section [{section}]{_did_you_mean(section, [SECTION])}"
-                f"; a service file has one [{SECTION}] section")
+            err(
+                line,
+                f"unknown section [{section}]{_did_you_mean(section, [SECTION])}"
+                f"; a service file has one [{SECTION}] section",
+            )
     if SECTION not in ini.sections and not ini.errors:
         err(None, f"no [{SECTION}] section")
 
-    values: dict[str, object] = {}  # effective value of each key set (lists accumulated)
+    values: dict[str, Any] = {}  # effective value of each key set (lists accumulated)
     lines: dict[str, int] = {}  # line of the assignment that made the value what it is
     failed: set[str] = set()  # keys with a bad value (already reported)
     for a in ini.assignments:
@@ -625,7 +644,7 @@ def _parse_service(path: Path, text: str, max_name_length: int) -> _Parsed:
             failed.add(a.key)
             continue
         if spec.is_list:
-            values[a.key] = tuple(values.get(a.key, ())) + tuple(parsed)  # type: ignore[arg-type]
+            values[a.key] = values.get(a.key, ()) + parsed
         else:
             values[a.key] = parsed
         lines[a.key] = a.line
@@ -634,8 +653,11 @@ def _parse_service(path: Path, text: str, max_name_length: int) -> _Parsed:
     kind = None
     if len(handlers) > 1:
         first, second = handlers[0], handlers[1]
-        err(lines[second], f"{second}= conflicts with {first}= on line {lines[first]}: "
-            f"a service has exactly one of Exec=, Forward=, PassTo=")
+        err(
+            lines[second],
+            f"{second}= conflicts with {first}= on line {lines[first]}: "
+            f"a service has exactly one of Exec=, Forward=, PassTo=",
+        )
     elif not handlers:
         if SECTION in ini.sections and not failed & set(_HANDLER_KEYS):
             err(ini.sections[SECTION], "no handler: set one of Exec=, Forward= or PassTo=")
@@ -644,14 +666,19 @@ def _parse_service(path: Path, text: str, max_name_length: int) -> _Parsed:
         for key in values:
             if kind not in _KEYS[key].kinds:
                 wanted = " or ".join(f"{_KIND_KEY[k]}=" for k in _KEYS[key].kinds)
-                err(lines[key], f"{key}= only applies to {wanted} services, "
-                    f"not to {_KIND_KEY[kind]}= ones")
+                err(
+                    lines[key],
+                    f"{key}= only applies to {wanted} services, not to {_KIND_KEY[kind]}= ones",
+                )
 
     name = str(values.get("Name", path.name[: -len(SUFFIX)]))
     name_line = lines.get("Name") if "Name" in values else None
     problem = _name_problem(name, max_name_length)
     if problem:
-        err(name_line, problem if "Name" in values else f"{problem} (taken from the file name; set Name=)")
+        err(
+            name_line,
+            problem if "Name" in values else f"{problem} (taken from the file name; set Name=)",
+        )
 
     ids = _resolve_ids(values, lines, err)
     if errors or kind is None or ids is None:
@@ -661,20 +688,20 @@ def _parse_service(path: Path, text: str, max_name_length: int) -> _Parsed:
     service = Service(
         name=name,
         source=path,
-        exec_argv=values.get("Exec"),  # type: ignore[arg-type]
-        forward=values.get("Forward"),  # type: ignore[arg-type]
-        pass_to=values.get("PassTo"),  # type: ignore[arg-type]
-        acknowledge=values.get("Acknowledge", True),  # type: ignore[arg-type]
-        hidden=values.get("Hidden", False),  # type: ignore[arg-type]
-        max_connections=values.get("MaxConnections", 0),  # type: ignore[arg-type]
-        max_connections_per_source=values.get("MaxConnectionsPerSource", 0),  # type: ignore[arg-type]
-        ip_allow=AddressList.parse(values.get("IPAddressAllow", ())),  # type: ignore[arg-type]
-        ip_deny=AddressList.parse(values.get("IPAddressDeny", ())),  # type: ignore[arg-type]
-        standard_error=values.get("StandardError", "journal"),  # type: ignore[arg-type]
-        environment=_merge_environment(values.get("Environment", ())),  # type: ignore[arg-type]
-        working_directory=values.get("WorkingDirectory"),  # type: ignore[arg-type]
-        connect_timeout=values.get("ConnectTimeoutSec", 5.0),  # type: ignore[arg-type]
-        description=values.get("Description", ""),  # type: ignore[arg-type]
+        exec_argv=values.get("Exec"),
+        forward=values.get("Forward"),
+        pass_to=values.get("PassTo"),
+        acknowledge=values.get("Acknowledge", True),
+        hidden=values.get("Hidden", False),
+        max_connections=values.get("MaxConnections", 0),
+        max_connections_per_source=values.get("MaxConnectionsPerSource", 0),
+        ip_allow=AddressList.parse(values.get("IPAddressAllow", ())),
+        ip_deny=AddressList.parse(values.get("IPAddressDeny", ())),
+        standard_error=values.get("StandardError", "journal"),
+        environment=_merge_environment(values.get("Environment", ())),
+        working_directory=values.get("WorkingDirectory"),
+        connect_timeout=values.get("ConnectTimeoutSec", 5.0),
+        description=values.get("Description", ""),
         **ids,
     )
     return _Parsed(service, errors, name_line)
@@ -689,16 +716,16 @@ def _merge_environment(pairs: Sequence[tuple[str, str]]) -> tuple[tuple[str, str
 
 
 def _resolve_ids(
-    values: Mapping[str, object], lines: Mapping[str, int], err: Callable[[int | None, str], None]
-) -> dict[str, object] | None:
+    values: Mapping[str, Any], lines: Mapping[str, int], err: Callable[[int | None, str], None]
+) -> dict[str, Any] | None:
     """uid/gid/gids from User=, Group=, SupplementaryGroups= (already looked up by the parsers).
 
     A numeric User= that is not in the passwd database has no primary group, so Group= is then
     required: otherwise the handler would silently keep tcpmuxd's own group (root).
     """
-    user: _User | None = values.get("User")  # type: ignore[assignment]
-    group: tuple[str, int] | None = values.get("Group")  # type: ignore[assignment]
-    extra: tuple[tuple[str, int], ...] = values.get("SupplementaryGroups", ())  # type: ignore[assignment]
+    user: _User | None = values.get("User")
+    group: tuple[str, int] | None = values.get("Group")
+    extra: tuple[tuple[str, int], ...] = values.get("SupplementaryGroups", ())
     gid = group[1] if group else (user.gid if user else None)
     if user is not None and gid is None:
         err(lines["User"], f"User={user.configured} has no passwd entry, so Group= must be set too")
@@ -726,7 +753,7 @@ def _load_file(path: Path, max_name_length: int) -> _Parsed | None:
     except _Masked:
         return None
     except OSError as exc:
-        return _Parsed(None, [ConfigError(path, None, f"cannot read: {exc.strerror}")])
+        return _Parsed(None, [ConfigError(path, None, f"cannot read: {exc.strerror or exc}")])
     except ValueError as exc:
         return _Parsed(None, [ConfigError(path, None, str(exc))])
     except _LineError as exc:
@@ -770,7 +797,11 @@ def _discover(
             errors.append(ConfigError(directory, None, f"cannot read directory: {reason}"))
             # What was served from there keeps being served: see load().
             kept = previous.files if previous else ()
-            for name in [f.filename for f in kept if f.path.parent == directory and f.state in ("active", "kept")]:
+            for name in [
+                f.filename
+                for f in kept
+                if f.path.parent == directory and f.state in ("active", "kept")
+            ]:
                 candidates.setdefault(name, _Candidate(directory / name, unreadable_dir=True))
             continue
         for name in names:
@@ -810,10 +841,13 @@ def load(
         file_errors = parsed.errors if parsed else []
         if service is not None and service.key in services:
             other = services[service.key]
-            file_errors.append(ConfigError(
-                cand.path, parsed.name_line if parsed else None,
-                f"service name {service.name!r} is already defined in {_show(other.source)}",
-            ))
+            file_errors.append(
+                ConfigError(
+                    cand.path,
+                    parsed.name_line if parsed else None,
+                    f"service name {service.name!r} is already defined in {_show(other.source)}",
+                )
+            )
             service = None
         state = "active"
         if service is None:
@@ -860,17 +894,24 @@ def format_table(config: Configuration) -> str:
         file_state = status.get(service.source.name)
         if file_state is not None and file_state.state == "kept":
             source += " (kept: the file now has errors)"
-        rows.append((
-            name, service.kind, service.target, "yes" if service.acknowledge else "no",
-            _limits(service), _access(service), source,
-        ))
+        rows.append(
+            (
+                name,
+                service.kind,
+                service.target,
+                "yes" if service.acknowledge else "no",
+                _limits(service),
+                _access(service),
+                source,
+            )
+        )
     out: list[str] = []
     if len(rows) == 1:
         out.append("No services.")
     else:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
         for row in rows:
-            cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+            cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
             out.append("  ".join([*cells, row[-1]]).rstrip())
     masked = [f for f in config.files if f.state == "masked"]
     if masked:
@@ -887,4 +928,4 @@ def format_table(config: Configuration) -> str:
     if config.errors:
         out += ["", f"Errors ({len(config.errors)}):"]
         out += [str(e) for e in config.errors]
-    return "\n".join(out) + "\n"
+    return "\n".join(out)  # no final newline: the caller print()s it

@@ -59,8 +59,12 @@ def handler_environment(
     local: SocketAddress,
     base: Mapping[str, str],
 ) -> dict[str, str]:
-    """The environment of an exec'd handler: systemd's and UCSPI's names for the connection."""
-    extra = {"TCPMUX_SERVICE": service.name, "PROTO": remote.family}
+    """The environment of an exec'd handler: systemd's and UCSPI's names for the connection.
+
+    The connection's own variables are set last, so ``Environment=`` cannot fake them.
+    """
+    extra = dict(service.environment)
+    extra.update(TCPMUX_SERVICE=service.name, PROTO=remote.family)
     if remote.family == "TCP":
         extra.update(
             REMOTE_ADDR=remote.host,
@@ -78,7 +82,6 @@ def handler_environment(
         else:
             extra.update(USER=entry.pw_name, LOGNAME=entry.pw_name, HOME=entry.pw_dir,
                          SHELL=entry.pw_shell)
-    extra.update(dict(service.environment))
     return child_environment(base, extra)
 
 
