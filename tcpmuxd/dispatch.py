@@ -520,7 +520,8 @@ class Dispatcher:
         self.log.record(
             ", ".join(parts),
             priority=6 if conn.decision in ("accepted", "passed", "help") else 5,
-            TCPMUX_SERVICE=conn.name or None,
+            TCPMUX_SERVICE=conn.service.name if conn.service else (conn.name or None),
+            TCPMUX_REQUESTED=conn.name or None,
             TCPMUX_DECISION=conn.decision,
             TCPMUX_LISTENER=conn.listener,
             REMOTE_ADDR=conn.remote.host or None,
