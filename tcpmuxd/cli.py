@@ -18,7 +18,7 @@ import socket
 import sys
 from pathlib import Path
 
-from tcpmuxd import __version__, config, inetd, protocol, systemd
+from tcpmuxd import __version__, config, handlers, inetd, protocol, systemd
 from tcpmuxd.addresses import parse_listen
 from tcpmuxd.dispatch import Dispatcher, Limits
 
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print("tcpmuxd: nothing to serve: start it from tcpmuxd.socket (systemctl enable --now "
               "tcpmuxd.socket), or give --listen ADDR:PORT to run standalone", file=sys.stderr)
         return 2
+    handlers.reset_signals()
     return asyncio.run(_serve(listeners, cfg, search_path, limits, log, environ))
 
 
@@ -175,8 +176,8 @@ async def _serve(listeners, cfg, search_path, limits: Limits, log: systemd.Event
 
     if notifier.watchdog_interval:
         def feed_watchdog() -> None:
-            notifier.watchdog()
             loop.call_later(notifier.watchdog_interval, feed_watchdog)
+            notifier.watchdog()
         feed_watchdog()
 
     names = ", ".join(name for _sock, name in listeners)

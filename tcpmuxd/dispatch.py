@@ -228,7 +228,11 @@ class Dispatcher:
             self._start(sock, name)
 
     def _refuse_with_spare(self, listener: socket.socket, e: OSError) -> None:
-        """Use the spare descriptor to tell one waiting client why, instead of leaving it hanging."""
+        """Use the spare descriptor to tell one waiting client why, instead of leaving it hanging.
+
+        accept() fails with EMFILE even when nobody is waiting, so the spare is reopened on
+        every path; if the slot was taken meanwhile it is reopened when accepting resumes.
+        """
         if self._spare is None:
             return
         os.close(self._spare)
@@ -236,15 +240,18 @@ class Dispatcher:
         try:
             sock, _addr = listener.accept()
         except OSError:
-            return
-        with sock:
-            try:
-                sock.setblocking(False)
-                sock.send(protocol.negative(f"server out of resources: {os.strerror(e.errno)}"))
-            except OSError:
-                pass
-        self.counters.refused += 1
-        self._spare = self._open_spare()
+            sock = None
+        try:
+            if sock is not None:
+                with sock:
+                    sock.setblocking(False)
+                    sock.send(protocol.negative(
+                        f"server out of resources: {os.strerror(e.errno)}"))
+                self.counters.refused += 1
+        except OSError:
+            pass
+        finally:
+            self._spare = self._open_spare()
 
     # -- the name phase --------------------------------------------------------------------
 

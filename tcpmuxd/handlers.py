@@ -139,13 +139,7 @@ def exec_in_place(service: Service, sock: socket.socket, env: Mapping[str, str])
         os.setsid()
     except PermissionError:
         pass  # already a session leader, as systemd's instances are
-    for signum in signal.valid_signals():
-        if signum not in (signal.SIGKILL, signal.SIGSTOP):
-            try:
-                signal.signal(signum, signal.SIG_DFL)
-            except (OSError, ValueError):
-                pass
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    reset_signals(keep_ignored=())
     if service.working_directory:
         os.chdir(service.working_directory)
     if service.uid is not None or service.gids:
@@ -156,6 +150,26 @@ def exec_in_place(service: Service, sock: socket.socket, env: Mapping[str, str])
         os.setuid(service.uid)
     os.execve(service.exec_argv[0], list(service.exec_argv), dict(env))
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def reset_signals(keep_ignored: tuple[int, ...] = (signal.SIGPIPE, signal.SIGXFSZ)) -> None:
+    """Default dispositions and an empty mask, whatever the process was started with.
+
+    The daemon calls this at start-up, because vfork'd handlers inherit its ignored signals
+    and its mask (``nohup`` or a shell's ``&`` leave SIGHUP, SIGINT or SIGQUIT ignored).
+    Python's own SIGPIPE/SIGXFSZ ignores are kept there: subprocess restores those for the
+    child. Before an exec in place, nothing is kept.
+    """
+    for signum in signal.valid_signals():
+        if signum in (signal.SIGKILL, signal.SIGSTOP) or signum in keep_ignored:
+            continue
+        try:
+            if keep_ignored and signal.getsignal(signum) is not signal.SIG_IGN:
+                continue
+            signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 def describe_status(status: int) -> str:

@@ -20,18 +20,15 @@ from typing import Callable, Mapping
 from systemd import daemon as _daemon
 from systemd import journal as _journal
 
-#: Variables that belong to tcpmuxd's own relation with systemd and must not reach handlers.
-PRIVATE_VARIABLES = (
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_PID",
-    "WATCHDOG_USEC",
-    "JOURNAL_STREAM",
-    "INVOCATION_ID",
-    "MAINPID",
-)
+#: Variables of tcpmuxd's own relation with systemd, which must not reach handlers: whole
+#: families, since systemd adds members over time (LISTEN_FDNAMES came later than LISTEN_FDS).
+PRIVATE_PREFIXES = ("LISTEN_", "WATCHDOG_")
+PRIVATE_VARIABLES = frozenset({"NOTIFY_SOCKET", "MAINPID", "JOURNAL_STREAM"})
+
+
+def is_private(name: str) -> bool:
+    """True for a variable that describes tcpmuxd's process, not the handler's."""
+    return name in PRIVATE_VARIABLES or name.startswith(PRIVATE_PREFIXES)
 
 
 @dataclass
@@ -82,7 +79,7 @@ def stdin_connection() -> socket.socket | None:
 
 def child_environment(environ: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
     """A handler's environment: ours without systemd's private variables, plus ``extra``."""
-    env = {k: v for k, v in environ.items() if k not in PRIVATE_VARIABLES}
+    env = {k: v for k, v in environ.items() if not is_private(k)}
     env.update(extra)
     return env
 
@@ -107,8 +104,13 @@ class Notifier:
             return None
 
     def send(self, *lines: str) -> None:
+        """Best effort: a notification that cannot be sent (say, out of descriptors) must not
+        break the caller; the next one, or the watchdog's next ping, gets through."""
         if self.enabled:
-            _daemon.notify("\n".join(lines))
+            try:
+                _daemon.notify("\n".join(lines))
+            except OSError:
+                pass
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, ROOT, free_port, read_all, talk, wait_for_port, write_service
+from tcpmuxd_harness import PYTHON, ROOT, free_port, read_all, talk, wait_for_port, write_service
 from tcpmuxd import passfd
 
 ACTIVATE = shutil.which("systemd-socket-activate")

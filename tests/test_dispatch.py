@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_all, talk, write_service
+from tcpmuxd_harness import read_all, talk, write_service
 from tcpmuxd import passfd
 
 
@@ -206,7 +206,7 @@ def test_forward_relays_both_ways_with_half_close(services, daemon_factory, upst
 
 
 def test_forward_target_down_is_refused_with_reason(services, daemon_factory):
-    from conftest import free_port
+    from tcpmuxd_harness import free_port
     write_service(services, "fwd.conf", f"[Service]\nForward=127.0.0.1:{free_port()}\n")
     d = daemon_factory(services)
     assert d.talk(b"fwd\r\n") == b"-service unavailable: Connection refused\r\n"
@@ -264,7 +264,7 @@ def test_pass_to_missing_daemon_is_refused(services, daemon_factory, tmp_path):
 
 
 def test_ipv6_loopback(services, daemon_factory, tmp_path):
-    from conftest import Daemon, free_port
+    from tcpmuxd_harness import Daemon, free_port
     write_service(services, "a.conf", "[Service]\nExec=/bin/sh -c 'echo $REMOTE_ADDR'\n")
     port = free_port("::1")
     d = daemon_factory(services, "--listen", f"[::1]:{port}")

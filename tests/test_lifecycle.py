@@ -7,7 +7,7 @@ import signal
 import socket
 import time
 
-from conftest import read_all, write_service
+from tcpmuxd_harness import read_all, write_service
 
 
 def test_ready_with_status_and_mainpid(services, daemon_factory):

@@ -1,0 +1,168 @@
+"""Test helpers: a real tcpmuxd process on loopback, service files, a notify socket, a client.
+
+Everything here uses real processes and sockets on 127.0.0.1/::1 with ephemeral ports; every
+process started is stopped (and its process group killed) when the test ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def write_service(directory: Path, filename: str, body: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / filename
+    path.write_text(textwrap.dedent(body).lstrip())
+    return path
+
+
+def talk(port: int, data: bytes, host: str = "127.0.0.1", shut: bool = True,
+         timeout: float = 5.0) -> bytes:
+    """Connect, send ``data``, optionally half-close, read until EOF."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(data)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+        return read_all(s)
+
+
+def read_all(s: socket.socket) -> bytes:
+    out = bytearray()
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return bytes(out)
+        out += chunk
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+class NotifySocket:
+    """A real sd_notify datagram socket, to read what tcpmuxd tells systemd."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def wait_for(self, field: str, timeout: float = 10.0) -> str:
+        """Return the first message (old or new) that has the line ``field``."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for message in self.messages[seen:]:
+                if field in message.split("\n"):
+                    self.messages.remove(message)
+                    return message
+            seen = 0
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {field} within {timeout}s; got {self.messages}")
+            self.sock.settimeout(left)
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except socket.timeout:
+                continue
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Daemon:
+    """tcpmuxd running standalone on an ephemeral loopback port."""
+
+    def __init__(self, config_dir: Path, tmp: Path, args: list[str] | None = None,
+                 env: dict[str, str] | None = None, preexec_fn=None, notify: bool = True,
+                 port: int | None = None) -> None:
+        self.config_dir = config_dir
+        self.port = port or free_port()
+        self.log_path = tmp / f"tcpmuxd-{self.port}.log"
+        self.notify = NotifySocket(tmp / f"notify-{self.port}") if notify else None
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY"))}
+        if self.notify:
+            environ["NOTIFY_SOCKET"] = str(self.notify.path)
+        environ.update(env or {})
+        argv = [PYTHON, "-m", "tcpmuxd", "--config-dir", str(config_dir),
+                "--listen", f"127.0.0.1:{self.port}", *(args or [])]
+        self.log = open(self.log_path, "w+b")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=environ,
+                                     cwd=ROOT, start_new_session=True, preexec_fn=preexec_fn)
+        self.ready_message = ""
+        if self.notify:
+            self.ready_message = self.notify.wait_for("READY=1")
+        else:
+            wait_for_port(self.port)
+
+    def talk(self, data: bytes, **kw) -> bytes:
+        return talk(self.port, data, **kw)
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged within {timeout}s:\n{self.output()}")
+            time.sleep(0.02)
+        return self.output()
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def reload(self) -> None:
+        assert self.notify is not None, "reload() needs the notify socket to know when it is done"
+        self.signal(signal.SIGHUP)
+        self.notify.wait_for("RELOADING=1")
+        self.notify.wait_for("READY=1")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.log.close()
+        if self.notify:
+            self.notify.close()
+        return self.proc.returncode
+
+
