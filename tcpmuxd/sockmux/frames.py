@@ -1,0 +1,480 @@
+"""SockMux frames: the wire codec, sans-I/O.
+
+SockMux (DeleGate's "simple socket tunneling multiplexer protocol, version 0.3") moves frames over
+one byte stream. A frame is an 8-byte big-endian header and a payload::
+
+    offset  size  field
+    0       1     version   0x03 (0x83 once DeleGate's own cipher is on: never with us)
+    1       1     type      see the constants below; a reply is ``type | 0x40``
+    2       2     sender's stream id
+    4       2     receiver's stream id (0x00FF: none / control)
+    6       2     payload length
+
+This module knows frames and the small texts inside them, nothing about sessions (that is
+:mod:`tcpmuxd.sockmux.connection`). It does no I/O and keeps no clock.
+
+Encoding
+    :func:`encode_header` packs a header into an 8-byte ``bytes`` with a precompiled
+    :class:`struct.Struct`; payloads are never concatenated onto it by the connection. A frame
+    to send is a list of *chunks* (``[header, payload]``, the payload often a ``memoryview``
+    of the caller's data) meant for ``transport.writelines()``. :func:`encode_frame` gives a
+    single ``bytes`` for small control frames and tests.
+
+Decoding
+    :class:`FrameDecoder` is fed bytes as they arrive and hands out one :class:`Frame` at a
+    time, so that a caller can change the frame-size limit between two frames (SockMux
+    negotiates the frame size in-band). It raises :class:`RemoteProtocolError` for a version
+    other than 0x03 and for a frame longer than its current limit, as soon as the header is
+    complete. *Buffer bound*: between calls it holds at most ``limit - 1`` bytes (one
+    incomplete frame), plus, for the duration of one call, the chunk being fed.
+
+Texts
+    HELLO, CONNECT, SENT, CLOSE and ECHO carry NUL-terminated ASCII texts; SETOPT carries an
+    option byte and option data. ``*_payload`` functions build them, ``parse_*`` functions read
+    them and raise :class:`RemoteProtocolError` for anything malformed or longer than the limit
+    they are given. Building a text from bad local input raises :class:`LocalProtocolError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterator, Union
+
+__all__ = [
+    # errors
+    "SockMuxError", "LocalProtocolError", "RemoteProtocolError",
+    # header
+    "HEADER", "HEADER_SIZE", "VERSION", "VERSION_ENCRYPTED", "NO_STREAM", "REPLY_BIT",
+    "MAX_PAYLOAD", "MAX_FRAME_SIZE", "INITIAL_FRAME_SIZE", "PLAIN_FRAME_SIZE", "MIN_FRAME_SIZE",
+    "PLAIN_WINDOW", "CONNECT_TAG",
+    # types
+    "NOOP", "HELLO", "HELLOOK", "CONNECT", "CONNECTED", "BIND", "BINDOK", "SEND", "SENT",
+    "SENDOOB", "SENTOOB", "CLOSE", "CLOSED", "ECHO", "ECHOOK", "SETOPT", "CRYPTON",
+    "SHUT", "AUTH", "DELEGATE_TYPES", "EXTENSION_TYPES", "TYPE_NAMES", "type_name", "reply_type",
+    # options
+    "OPT_CONNDATA", "OPT_PACKSIZE", "OPT_AUTH", "OPT_EXTENSIONS", "OPTION_NAMES", "CONNDATA_ON",
+    # frames
+    "Frame", "Chunk", "encode_header", "encode_frame", "FrameDecoder", "decode_all",
+    # texts
+    "c_string", "split_c_string", "hello_text", "hello_payload", "parse_hello",
+    "Addresses", "connect_text", "parse_connect", "count_payload", "parse_count",
+    "reason_payload", "parse_reason", "echo_payload", "parse_echo",
+    "setopt_payload", "parse_setopt", "packsize_data", "parse_packsize", "parse_conndata",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors (shared by the whole sockmux package)
+
+
+class SockMuxError(Exception):
+    """Base class of every error raised by the sockmux protocol layer."""
+
+
+class LocalProtocolError(SockMuxError):
+    """The caller (the driver) asked for something the protocol or the state does not allow.
+
+    A bug or a race in the driver, never caused by the peer; the link itself is still usable.
+    """
+
+
+class RemoteProtocolError(SockMuxError):
+    """The peer broke the protocol (or a configured limit): the link must be closed.
+
+    ``events`` holds the events produced by the same ``receive_data`` call before the bad frame,
+    so that the driver can still act on them (deliver data, log) before closing.
+    """
+
+    def __init__(self, message: str, events: list | None = None) -> None:
+        super().__init__(message)
+        self.events: list = list(events or ())
+
+
+# ---------------------------------------------------------------------------------------------
+# Header and sizes
+
+HEADER = struct.Struct(">BBHHH")
+HEADER_SIZE = HEADER.size  # 8
+VERSION = 0x03
+#: DeleGate sets this version once its own cipher ("Credhy") is on. We never agree to that.
+VERSION_ENCRYPTED = 0x83
+#: Receiver id meaning "no stream / control" (CONNECT and control frames carry it).
+NO_STREAM = 0x00FF
+REPLY_BIT = 0x40
+MAX_PAYLOAD = 0xFFFF
+#: Sizes below are frame sizes, header included (as DeleGate's PACKSIZE counts them).
+MAX_FRAME_SIZE = HEADER_SIZE + MAX_PAYLOAD  # 65543
+#: What DeleGate sends until the frame size is negotiated.
+INITIAL_FRAME_SIZE = 512
+#: DeleGate's largest frame (its PACKSIZE).
+PLAIN_FRAME_SIZE = 16384
+#: Smallest frame size we accept in a PACKSIZE or configuration (room for texts).
+MIN_FRAME_SIZE = 512
+#: Unacknowledged SEND bytes per stream that a plain DeleGate peer sends / accepts.
+PLAIN_WINDOW = 65536
+#: The number DeleGate puts first in CONNECT / CONNECTED texts.
+CONNECT_TAG = 98304
+
+# ---------------------------------------------------------------------------------------------
+# Types. A reply is the request's type | 0x40, with the two stream ids swapped.
+
+NOOP = 0x00
+HELLO = 0x01
+HELLOOK = HELLO | REPLY_BIT  # 0x41
+CONNECT = 0x02
+CONNECTED = CONNECT | REPLY_BIT  # 0x42
+BIND = 0x04
+BINDOK = BIND | REPLY_BIT  # 0x44
+SEND = 0x06
+SENT = SEND | REPLY_BIT  # 0x46
+SENDOOB = 0x07
+SENTOOB = SENDOOB | REPLY_BIT  # 0x47
+CLOSE = 0x08
+CLOSED = CLOSE | REPLY_BIT  # 0x48
+ECHO = 0x09
+ECHOOK = ECHO | REPLY_BIT  # 0x49
+SETOPT = 0x0A
+CRYPTON = 0x0C
+
+# Extension types (tcpmuxd). Chosen so that a DeleGate peer can never mistake them for one of
+# its own: bit 0x40 (reply) and 0x80 clear; neither the type, nor type|0x40, nor its low nibble
+# (0x0D, 0x0E) is a DeleGate type. They are only ever sent to a peer that announced the
+# extensions (see connection.py), so a plain peer never even sees them.
+SHUT = 0x3D  # half-close: the sender sends no more data on this stream
+AUTH = 0x3E  # mutual authentication: op byte 'N' nonce / 'P' proof / 'F' failure + data
+
+DELEGATE_TYPES = frozenset(
+    {NOOP, HELLO, HELLOOK, CONNECT, CONNECTED, BIND, BINDOK, SEND, SENT, SENDOOB, SENTOOB,
+     CLOSE, CLOSED, ECHO, ECHOOK, SETOPT, CRYPTON}
+)
+EXTENSION_TYPES = frozenset({SHUT, AUTH})
+
+TYPE_NAMES = {
+    NOOP: "NOOP", HELLO: "HELLO", HELLOOK: "HELLOOK", CONNECT: "CONNECT",
+    CONNECTED: "CONNECTED", BIND: "BIND", BINDOK: "BINDOK", SEND: "SEND", SENT: "SENT",
+    SENDOOB: "SENDOOB", SENTOOB: "SENTOOB", CLOSE: "CLOSE", CLOSED: "CLOSED", ECHO: "ECHO",
+    ECHOOK: "ECHOOK", SETOPT: "SETOPT", CRYPTON: "CRYPTON", SHUT: "SHUT", AUTH: "AUTH",
+}
+
+
+def type_name(frame_type: int) -> str:
+    """``"CONNECT"``, or ``"0x5a"`` for a type we do not know."""
+    return TYPE_NAMES.get(frame_type, f"0x{frame_type:02x}")
+
+
+def reply_type(frame_type: int) -> int:
+    return frame_type | REPLY_BIT
+
+
+# SETOPT options (first payload byte). DeleGate's own use small numbers; it also has CRYPT,
+# whose number we never need (we never send it and ignore it).
+OPT_CONNDATA = 0x02
+OPT_PACKSIZE = 0x03
+OPT_AUTH = 0x04  # DeleGate's one-way "user:pass" (ignored by us)
+#: tcpmuxd's extension announcement: far from DeleGate's 1..4, body starts with a magic word.
+OPT_EXTENSIONS = 0x58
+OPTION_NAMES = {OPT_CONNDATA: "CONNDATA", OPT_PACKSIZE: "PACKSIZE", OPT_AUTH: "AUTH",
+                OPT_EXTENSIONS: "EXTENSIONS"}
+#: The option data DeleGate 9.9.11 sends with CONNDATA (``0a`` frame payload ``02 01 00``).
+CONNDATA_ON = b"\x01\x00"
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames
+
+Chunk = Union[bytes, memoryview]
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame. ``payload`` is an independent ``bytes`` (safe to keep)."""
+
+    type: int
+    sender: int
+    receiver: int
+    payload: bytes = b""
+    version: int = VERSION
+
+    @property
+    def name(self) -> str:
+        return type_name(self.type)
+
+    def encode(self) -> bytes:
+        return encode_frame(self.type, self.sender, self.receiver, self.payload, self.version)
+
+    def __repr__(self) -> str:  # short and readable in test failures and logs
+        body = self.payload if len(self.payload) <= 48 else self.payload[:45] + b"..."
+        return (f"Frame({self.name}, {self.sender:#06x}->{self.receiver:#06x}, "
+                f"{len(self.payload)}B {body!r})")
+
+
+def encode_header(frame_type: int, sender: int, receiver: int, length: int,
+                  version: int = VERSION) -> bytes:
+    """The 8 header bytes. Raises :class:`LocalProtocolError` for a field out of range."""
+    if not 0 <= length <= MAX_PAYLOAD:
+        raise LocalProtocolError(f"payload of {length} bytes does not fit a SockMux frame")
+    try:
+        return HEADER.pack(version, frame_type, sender, receiver, length)
+    except struct.error as exc:
+        raise LocalProtocolError(f"frame header field out of range: {exc}") from None
+
+
+def encode_frame(frame_type: int, sender: int, receiver: int, payload: bytes = b"",
+                 version: int = VERSION) -> bytes:
+    """Header and payload as one ``bytes`` (for small frames; data frames use chunks)."""
+    return encode_header(frame_type, sender, receiver, len(payload), version) + payload
+
+
+class FrameDecoder:
+    """Streaming decoder: :meth:`feed` bytes, then call :meth:`next_frame` until ``None``.
+
+    ``limit`` is the largest acceptable frame, header included; the owner may change it between
+    two frames (it must be within ``HEADER_SIZE + 1 .. MAX_FRAME_SIZE``). Errors are raised as
+    soon as a header is complete, so a bad length is refused before its payload is buffered.
+    After an error the decoder is unusable (the link must be closed anyway).
+
+    Buffer bound: after :meth:`next_frame` has returned ``None``, at most ``limit - 1`` bytes
+    are held.
+    """
+
+    __slots__ = ("_buf", "_pos", "_limit", "_failed")
+
+    def __init__(self, limit: int = MAX_FRAME_SIZE) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._failed = False
+        self.limit = limit
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @limit.setter
+    def limit(self, value: int) -> None:
+        if not HEADER_SIZE < value <= MAX_FRAME_SIZE:
+            raise ValueError(f"frame size limit {value} out of range")
+        self._limit = value
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as frames."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._failed:
+            raise LocalProtocolError("decoder already failed; the link must be closed")
+        self._compact()
+        self._buf += data
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or ``None`` when more bytes are needed."""
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < HEADER_SIZE:
+            return self._compact()
+        version, ftype, sender, receiver, length = HEADER.unpack_from(buf, pos)
+        if version != VERSION:
+            self._failed = True
+            if version == VERSION_ENCRYPTED:
+                raise RemoteProtocolError(
+                    "peer sent an encrypted frame (version 0x83): DeleGate's CRYPT is not "
+                    "supported, use TLS around the link instead")
+            raise RemoteProtocolError(f"bad SockMux version 0x{version:02x} (expected 0x03)")
+        if HEADER_SIZE + length > self._limit:
+            self._failed = True
+            raise RemoteProtocolError(
+                f"{type_name(ftype)} frame of {HEADER_SIZE + length} bytes exceeds the "
+                f"negotiated maximum of {self._limit}")
+        end = pos + HEADER_SIZE + length
+        if len(buf) < end:
+            return self._compact()
+        payload = bytes(buf[pos + HEADER_SIZE:end])
+        if end == len(buf):
+            buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end
+        return Frame(ftype, sender, receiver, payload, version)
+
+    def _compact(self) -> None:
+        """Drop consumed bytes so that only the incomplete frame stays held."""
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        return None
+
+    def __iter__(self) -> Iterator[Frame]:
+        while (frame := self.next_frame()) is not None:
+            yield frame
+
+
+def decode_all(data: bytes, limit: int = MAX_FRAME_SIZE) -> list[Frame]:
+    """Every frame in ``data``, which must end on a frame boundary (for tests and tools)."""
+    decoder = FrameDecoder(limit)
+    decoder.feed(data)
+    frames = list(decoder)
+    if decoder.buffered:
+        raise RemoteProtocolError(f"{decoder.buffered} bytes of a truncated frame at the end")
+    return frames
+
+
+# ---------------------------------------------------------------------------------------------
+# Texts
+
+
+def c_string(text: str) -> bytes:
+    """``text`` as NUL-terminated ASCII; :class:`LocalProtocolError` if that is impossible."""
+    try:
+        raw = text.encode("ascii")
+    except UnicodeEncodeError:
+        raise LocalProtocolError(f"SockMux texts are ASCII: {text!r}") from None
+    if b"\0" in raw:
+        raise LocalProtocolError(f"NUL inside a SockMux text: {text!r}")
+    return raw + b"\0"
+
+
+def split_c_string(payload: bytes, max_length: int, what: str = "text") -> tuple[str, bytes]:
+    """Split ``payload`` into its NUL-terminated text and the bytes after the NUL.
+
+    A missing NUL is tolerated (the whole payload is the text). A text longer than
+    ``max_length`` bytes is a :class:`RemoteProtocolError`. Non-ASCII bytes are replaced, so
+    the result is always printable-safe for logs.
+    """
+    end = payload.find(b"\0", 0, max_length + 1)
+    if end < 0:
+        if len(payload) > max_length:
+            raise RemoteProtocolError(f"{what} longer than {max_length} bytes")
+        end = len(payload)
+        rest = b""
+    else:
+        rest = payload[end + 1:]
+    return payload[:end].decode("ascii", "replace"), rest
+
+
+def hello_text(when: datetime, hostname: str) -> str:
+    """DeleGate's HELLO text: ``YYYYmmdd-HHMMSS.uuuuuu hostname``."""
+    return f"{when:%Y%m%d-%H%M%S.%f} {hostname}"
+
+
+def hello_payload(when: datetime, hostname: str) -> bytes:
+    return c_string(hello_text(when, hostname))
+
+
+def parse_hello(payload: bytes, max_length: int) -> str:
+    """The text of a HELLO or HELLOOK (both carry the sender's own hello text)."""
+    return split_c_string(payload, max_length, "HELLO text")[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Addresses:
+    """The text of CONNECT (``client``, ``entrance``) or CONNECTED (``server``, ``local``).
+
+    DeleGate writes ``98304 PEER LOCAL`` of the socket concerned: for CONNECT the accepted
+    client and the entrance it came in at, for CONNECTED the server connected to and the
+    local end of that connection. ``first`` and ``second`` are kept as the ``HOST:PORT`` texts.
+    """
+
+    first: str
+    second: str
+    tag: int = CONNECT_TAG
+
+
+def _check_address(addr: str, max_length: int) -> None:
+    if not addr or len(addr) > max_length or any(c <= " " or c > "~" for c in addr):
+        raise LocalProtocolError(
+            f"bad address for a SockMux text (visible ASCII, no spaces, 1..{max_length}): "
+            f"{addr!r}")
+
+
+def connect_text(first: str, second: str, tag: int = CONNECT_TAG,
+                 max_length: int = 512) -> bytes:
+    """NUL-terminated ``TAG FIRST SECOND`` for CONNECT / CONNECTED (first data goes after)."""
+    _check_address(first, max_length)
+    _check_address(second, max_length)
+    raw = c_string(f"{tag} {first} {second}")
+    if len(raw) - 1 > max_length:
+        raise LocalProtocolError(f"CONNECT text longer than {max_length} bytes")
+    return raw
+
+
+def parse_connect(payload: bytes, max_length: int) -> tuple[Addresses, bytes]:
+    """``(Addresses, first_data)`` from a CONNECT or CONNECTED payload."""
+    text, first_data = split_c_string(payload, max_length, "CONNECT text")
+    fields = text.split()
+    if len(fields) < 3:
+        raise RemoteProtocolError(f"malformed CONNECT text {text!r}")
+    try:
+        tag = int(fields[0])
+    except ValueError:
+        raise RemoteProtocolError(f"malformed CONNECT text {text!r}") from None
+    return Addresses(fields[1], fields[2], tag), first_data
+
+
+def count_payload(count: int) -> bytes:
+    """SENT / SENTOOB: the decimal byte count, NUL-terminated."""
+    return b"%d\0" % count
+
+
+def parse_count(payload: bytes) -> int:
+    text = payload.split(b"\0", 1)[0]
+    if not text.isdigit() or len(text) > 10:
+        raise RemoteProtocolError(f"malformed SENT count {payload[:20]!r}")
+    return int(text)
+
+
+def reason_payload(reason: str, max_length: int = 512) -> bytes:
+    """CLOSE / CLOSED reason, NUL-terminated (``DO close``, ``OK closed``, ``No server``...)."""
+    raw = c_string(reason)
+    if len(raw) - 1 > max_length:
+        raise LocalProtocolError(f"close reason longer than {max_length} bytes")
+    return raw
+
+
+def parse_reason(payload: bytes, max_length: int) -> str:
+    return split_c_string(payload, max_length, "CLOSE reason")[0]
+
+
+def echo_payload(clock_ms: int) -> bytes:
+    """ECHO: a decimal millisecond clock, NUL-terminated (DeleGate's may be negative)."""
+    return b"%d\0" % clock_ms
+
+
+def parse_echo(payload: bytes) -> int | None:
+    """The clock in an ECHO / ECHOOK, or ``None`` if it is not a number (not an error)."""
+    text = payload.split(b"\0", 1)[0]
+    try:
+        return int(text) if len(text) <= 24 else None
+    except ValueError:
+        return None
+
+
+def setopt_payload(option: int, data: bytes = b"") -> bytes:
+    return bytes((option,)) + data
+
+
+def parse_setopt(payload: bytes) -> tuple[int, bytes]:
+    if not payload:
+        raise RemoteProtocolError("empty SETOPT frame")
+    return payload[0], payload[1:]
+
+
+def packsize_data(size: int) -> bytes:
+    """PACKSIZE option data: the frame size as a big-endian u16 (``40 00`` = 16384)."""
+    if not MIN_FRAME_SIZE <= size <= 0xFFFF:
+        raise LocalProtocolError(f"PACKSIZE {size} out of range")
+    return size.to_bytes(2, "big")
+
+
+def parse_packsize(data: bytes) -> int:
+    if len(data) < 2:
+        raise RemoteProtocolError("truncated PACKSIZE option")
+    size = int.from_bytes(data[:2], "big")
+    if size < MIN_FRAME_SIZE:
+        raise RemoteProtocolError(f"PACKSIZE {size} is too small to carry SockMux texts")
+    return size
+
+
+def parse_conndata(data: bytes) -> bool:
+    """CONNDATA option data: DeleGate sends ``01 00``; a first byte of 0 would mean off."""
+    return bool(data[:1]) and data[0] != 0

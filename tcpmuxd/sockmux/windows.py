@@ -1,0 +1,134 @@
+"""Per-stream flow control for SockMux, as plain objects (in the manner of hyper-h2's windows).
+
+SockMux credit is per stream and per direction. The sender may have at most ``size`` bytes of
+SEND payload unacknowledged; the receiver answers with SENT frames carrying the number of bytes
+*written to the destination*, not merely received, so a destination that does not read stalls
+its own stream and nothing else. There is no link-wide window (DeleGate has none).
+
+* :class:`SendWindow`: our credit towards the peer for one stream.
+* :class:`ReceiveWindow`: what the peer may still send us on one stream, and the SENT replies we
+  owe it once the driver reports bytes written.
+
+DeleGate answers each SEND frame with one SENT carrying that frame's length, once it is written.
+:class:`ReceiveWindow` does the same (one SENT per SEND frame, in order), except that it merges
+the byte counts of consecutive frames once more than ``max_records`` frames are awaiting their
+SENT, which bounds its own memory against a peer sending one-byte frames.
+
+First data (carried inside CONNECT / CONNECTED) is outside the window: DeleGate neither counts
+it nor acknowledges it with SENT. :meth:`ReceiveWindow.grant_free` records it so that the
+driver can acknowledge every byte it writes without special cases.
+
+Memory bound: the bytes received on a stream and not yet acknowledged by the driver are at most
+``size`` plus the first data (one frame); a peer sending more is a RemoteProtocolError.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .frames import LocalProtocolError, RemoteProtocolError
+
+__all__ = ["SendWindow", "ReceiveWindow"]
+
+
+class SendWindow:
+    """Credit for sending on one stream: ``size`` minus bytes sent and not yet acknowledged."""
+
+    __slots__ = ("size", "unacknowledged")
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError("window size must be positive")
+        self.size = size
+        self.unacknowledged = 0
+
+    @property
+    def available(self) -> int:
+        return self.size - self.unacknowledged
+
+    def consume(self, n: int) -> None:
+        """Record ``n`` bytes sent. More than :attr:`available` is a local error."""
+        if n < 0 or n > self.available:
+            raise LocalProtocolError(f"sending {n} bytes with {self.available} bytes of credit")
+        self.unacknowledged += n
+
+    def acknowledge(self, n: int) -> int:
+        """Apply a SENT count; returns the bytes actually credited.
+
+        A count above what is outstanding is clamped rather than treated as an error: some
+        peers may acknowledge first data, which we never count (see the module docstring).
+        """
+        credited = min(n, self.unacknowledged)
+        self.unacknowledged -= credited
+        return credited
+
+    def __repr__(self) -> str:
+        return f"SendWindow({self.available}/{self.size})"
+
+
+class ReceiveWindow:
+    """The peer's credit on one stream, seen from our side, and the SENT replies we owe.
+
+    ``outstanding`` is what the peer believes is unacknowledged (received, no SENT sent yet);
+    ``acknowledged`` is the part of it the driver has already written out but that does not
+    complete a SENT record yet.
+    """
+
+    __slots__ = ("size", "outstanding", "acknowledged", "free", "max_records", "_records")
+
+    def __init__(self, size: int, max_records: int = 64) -> None:
+        if size < 1 or max_records < 1:
+            raise ValueError("window size and max_records must be positive")
+        self.size = size
+        self.outstanding = 0
+        self.acknowledged = 0
+        self.free = 0
+        self.max_records = max_records
+        self._records: deque[int] = deque()
+
+    @property
+    def available(self) -> int:
+        """How much more the peer may send before it has to wait for a SENT."""
+        return self.size - self.outstanding
+
+    @property
+    def unacknowledged(self) -> int:
+        """Bytes delivered to the driver and not yet reported written by it."""
+        return self.free + self.outstanding - self.acknowledged
+
+    def grant_free(self, n: int) -> None:
+        """Record first data: delivered, to be acknowledged by the driver, never by SENT."""
+        self.free += n
+
+    def receive(self, n: int) -> None:
+        """Record a SEND frame of ``n`` bytes; more than the window is the peer's fault."""
+        if n > self.available:
+            raise RemoteProtocolError(
+                f"flow control violated: {n} bytes sent with {self.available} bytes of credit "
+                f"(window {self.size})")
+        self.outstanding += n
+        if len(self._records) >= self.max_records:
+            self._records[-1] += n
+        else:
+            self._records.append(n)
+
+    def acknowledge(self, n: int) -> list[int]:
+        """The driver wrote ``n`` more bytes out; returns the SENT counts to send now."""
+        if n < 0 or n > self.unacknowledged:
+            raise LocalProtocolError(
+                f"acknowledging {n} bytes, but only {self.unacknowledged} are unacknowledged")
+        taken = min(n, self.free)
+        self.free -= taken
+        self.acknowledged += n - taken
+        sent: list[int] = []
+        records = self._records
+        while records and self.acknowledged >= records[0]:
+            count = records.popleft()
+            self.acknowledged -= count
+            self.outstanding -= count
+            sent.append(count)
+        return sent
+
+    def __repr__(self) -> str:
+        return (f"ReceiveWindow(outstanding={self.outstanding}/{self.size}, "
+                f"acknowledged={self.acknowledged}, free={self.free})")

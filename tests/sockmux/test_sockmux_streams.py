@@ -1,0 +1,536 @@
+"""Streams: open / accept / refuse / data / half-close / close, flow control, stream limits."""
+
+import pytest
+from sockmux_pair import (
+    ConnectionPair, ScriptedPeer, config, frames_of, of_type, open_plain, plain_config,
+)
+
+from tcpmuxd.sockmux import (
+    DataReceived, LocalProtocolError, RemoteProtocolError, SockMuxConnection, StreamAccepted,
+    StreamClosed, StreamClosedError, StreamEnded, StreamRefused, StreamRequested, StreamState,
+    TooManyStreams, WindowUpdated, LinkClosed,
+)
+from tcpmuxd.sockmux import frames as F
+from tcpmuxd.sockmux.windows import ReceiveWindow, SendWindow
+
+PLAIN = plain_config()
+NOAUTH_EXT = config(secret=None, require_auth=False)
+
+
+def ready_pair(a_cfg=None, b_cfg=None, **kw) -> ConnectionPair:
+    pair = ConnectionPair(a_cfg, b_cfg, **kw)
+    pair.connect()
+    assert pair.a.is_ready and pair.b.is_ready
+    return pair
+
+
+def data_of(events, sid=None) -> bytes:
+    return b"".join(e.data for e in of_type(events, DataReceived)
+                    if sid is None or e.stream_id == sid)
+
+
+def deliver_and_ack(pair, receiver, events, sid):
+    """Play the driver: write everything received on ``sid`` and acknowledge it."""
+    got = data_of(events, sid)
+    if got:
+        receiver.acknowledge(sid, len(got))
+    return got
+
+
+# -- open / accept / refuse ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfgs", [(None, None), (PLAIN, PLAIN), (NOAUTH_EXT, PLAIN)],
+                         ids=["ext", "plain", "mixed"])
+def test_open_accept_exchange_close(cfgs):
+    pair = ready_pair(*cfgs)
+    sid = pair.a.open_stream("10.0.0.1:40000", "10.0.0.2:2323", b"GET / HTTP/1.0\r\n")
+    a_ev, b_ev = pair.pump()
+    (req,) = of_type(b_ev, StreamRequested)
+    assert (req.client_addr, req.entrance_addr, req.first_data) == (
+        "10.0.0.1:40000", "10.0.0.2:2323", b"GET / HTTP/1.0\r\n")
+    assert pair.a.stream_state(sid) is StreamState.CONNECTING
+    assert pair.b.stream_state(req.stream_id) is StreamState.REQUESTED
+    pair.b.accept_stream(req.stream_id, b"220 hello\r\n", server_addr="10.0.0.9:23",
+                         local_addr="10.0.0.2:51515")
+    a_ev, b_ev = pair.pump()
+    assert a_ev == [StreamAccepted(sid, b"220 hello\r\n", "10.0.0.9:23", "10.0.0.2:51515")]
+    assert pair.a.send_data(sid, b"ping") == 4
+    pair.b.send_data(req.stream_id, b"pong")
+    a_ev, b_ev = pair.pump()
+    assert data_of(b_ev) == b"ping" and data_of(a_ev) == b"pong"
+    pair.a.close_stream(sid)
+    a_ev, b_ev = pair.pump()
+    assert b_ev == [StreamClosed(req.stream_id, "DO close")] and a_ev == []
+    assert pair.a.stream_count == pair.b.stream_count == 0
+    closes = [f for f in frames_of(bytes(pair.wire_ab)) if f.type == F.CLOSE]
+    closeds = [f for f in frames_of(bytes(pair.wire_ba)) if f.type == F.CLOSED]
+    assert closes[0].payload == b"DO close\0" and closeds[0].payload == b"OK closed\0"
+    assert (closeds[0].sender, closeds[0].receiver) == (closes[0].receiver, closes[0].sender)
+
+
+def test_refusal_reaches_the_opener_with_its_reason():
+    pair = ready_pair()
+    sid = pair.a.open_stream("1.1.1.1:1", "2.2.2.2:99")
+    _, b_ev = pair.pump()
+    pair.b.refuse_stream(of_type(b_ev, StreamRequested)[0].stream_id, "No server")
+    a_ev, b_ev = pair.pump()
+    assert a_ev == [StreamClosed(sid, "No server")] and b_ev == []
+    assert pair.a.stream_count == pair.b.stream_count == 0
+
+
+def test_first_data_without_conndata_follows_connected():
+    conn = SockMuxConnection(PLAIN)
+    open_plain(conn, conndata=False)
+    conn.receive_data(F.encode_frame(F.NOOP, 0, 0))  # ends the peer's setup
+    sid = conn.open_stream("a:1", "b:2", b"early bytes")
+    (connect,) = frames_of(conn.bytes_to_send())
+    assert connect.payload == F.connect_text("a:1", "b:2")  # no data inside CONNECT
+    conn.receive_data(ScriptedPeer.connected(0x30, sid))
+    (send,) = frames_of(conn.bytes_to_send())
+    assert (send.type, send.sender, send.receiver, send.payload) == (
+        F.SEND, sid, 0x30, b"early bytes")
+    assert conn.send_window(sid) == 65536 - 11  # a SEND counts against the window
+
+
+def test_first_data_without_conndata_is_bounded_by_one_frame():
+    conn = SockMuxConnection(PLAIN)
+    open_plain(conn, conndata=False)
+    conn.receive_data(F.encode_frame(F.NOOP, 0, 0))
+    with pytest.raises(LocalProtocolError, match="window"):
+        conn.open_stream("a:1", "b:2", bytes(16384))
+    assert conn.stream_count == 0 and conn.bytes_to_send() == b""
+
+
+def test_first_data_is_outside_the_window_and_never_acknowledged():
+    pair = ready_pair(PLAIN, PLAIN)
+    sid, peer_sid = pair.open(pair.a, b"x" * 1000, b"y" * 500)
+    assert pair.a.send_window(sid) == 65536 and pair.b.send_window(peer_sid) == 65536
+    pair.a.acknowledge(sid, 500)
+    pair.b.acknowledge(peer_sid, 1000)
+    assert pair.a.bytes_to_send() == b"" and pair.b.bytes_to_send() == b""
+    with pytest.raises(LocalProtocolError):
+        pair.b.acknowledge(peer_sid, 1)  # nothing left to acknowledge
+
+
+def test_first_data_too_large_is_a_local_error():
+    pair = ready_pair(PLAIN, PLAIN)
+    limit = pair.a.max_first_data
+    assert 15000 < limit < 16384
+    with pytest.raises(LocalProtocolError):
+        pair.a.open_stream("a:1", "b:2", b"x" * 16384)
+    pair.a.open_stream("a:1", "b:2", b"x" * limit)
+
+
+def test_cancel_while_connecting_closes_after_connected():
+    pair = ready_pair()
+    sid = pair.a.open_stream("a:1", "b:2")
+    _, b_ev = pair.pump()
+    pair.a.close_stream(sid)  # b has not answered: a does not know b's id yet
+    assert pair.a.stream_state(sid) is StreamState.CANCELLING
+    assert pair.a.bytes_to_send() == b""  # so the CLOSE waits for CONNECTED
+    req = of_type(b_ev, StreamRequested)[0]
+    pair.b.accept_stream(req.stream_id)
+    a_ev, b_ev = pair.pump()
+    assert a_ev == [] and b_ev == [StreamClosed(req.stream_id, "DO close")]
+    (close,) = [f for f in frames_of(bytes(pair.wire_ab)) if f.type == F.CLOSE]
+    assert (close.sender, close.receiver) == (sid, req.stream_id)
+    assert pair.a.stream_count == pair.b.stream_count == 0
+
+
+def test_cancel_while_connecting_then_refused():
+    pair = ready_pair()
+    sid = pair.a.open_stream("a:1", "b:2")
+    _, b_ev = pair.pump()
+    pair.a.close_stream(sid)
+    pair.b.refuse_stream(of_type(b_ev, StreamRequested)[0].stream_id)
+    a_ev, b_ev = pair.pump()
+    assert a_ev == [] and b_ev == []
+    assert pair.a.stream_count == pair.b.stream_count == 0
+
+
+def test_peer_cancelling_before_our_answer_addresses_no_stream():
+    conn = SockMuxConnection(PLAIN)
+    open_plain(conn)
+    (req,) = conn.receive_data(ScriptedPeer.connect(0x44))
+    events = conn.receive_data(ScriptedPeer.close(0x44, F.NO_STREAM))
+    assert events == [StreamClosed(req.stream_id, "DO close")]
+    (closed,) = frames_of(conn.bytes_to_send())
+    assert (closed.type, closed.sender, closed.receiver) == (F.CLOSED, req.stream_id, 0x44)
+    assert conn.stream_count == 0
+
+
+def test_simultaneous_close():
+    pair = ready_pair()
+    sid, peer_sid = pair.open(pair.a)
+    pair.a.close_stream(sid)
+    pair.b.close_stream(peer_sid)
+    a_ev, b_ev = pair.pump()
+    assert a_ev == b_ev == []
+    assert pair.a.stream_count == pair.b.stream_count == 0
+
+
+def test_close_for_an_unknown_stream_is_still_answered():
+    conn = SockMuxConnection(PLAIN)
+    open_plain(conn)
+    assert conn.receive_data(ScriptedPeer.close(0x50, 0x1234)) == []
+    (closed,) = frames_of(conn.bytes_to_send())
+    assert (closed.type, closed.sender, closed.receiver) == (F.CLOSED, 0x1234, 0x50)
+
+
+def test_driver_misuse_is_a_local_error():
+    pair = ready_pair()
+    sid, peer_sid = pair.open(pair.a)
+    with pytest.raises(LocalProtocolError):
+        pair.a.accept_stream(sid)  # not REQUESTED
+    pair.b.close_stream(peer_sid)
+    pair.pump()
+    with pytest.raises(StreamClosedError):
+        pair.a.send_data(sid, b"late")
+    with pytest.raises(StreamClosedError):
+        pair.a.end_stream(sid)
+    pair.a.acknowledge(sid, 10)  # a write finishing after the close: ignored
+    pair.a.close_stream(sid)  # idempotent
+    with pytest.raises(StreamClosedError):
+        pair.a.send_data(999, b"x")
+
+
+def test_send_on_connecting_stream_takes_nothing_until_accepted():
+    pair = ready_pair()
+    sid = pair.a.open_stream("a:1", "b:2")
+    assert pair.a.send_data(sid, b"too early") == 0
+    _, b_ev = pair.pump()
+    pair.b.accept_stream(of_type(b_ev, StreamRequested)[0].stream_id)
+    a_ev, _ = pair.pump()
+    assert of_type(a_ev, StreamAccepted) and pair.a.send_data(sid, b"now") == 3
+
+
+def test_duplicate_peer_stream_id_kills_the_link():
+    conn = SockMuxConnection(PLAIN)
+    open_plain(conn)
+    conn.receive_data(ScriptedPeer.connect(7))
+    with pytest.raises(RemoteProtocolError, match="reuses"):
+        conn.receive_data(ScriptedPeer.connect(7))
+
+
+def test_stream_ids_skip_0xff_and_are_not_reused_while_open():
+    conn = SockMuxConnection(PLAIN, first_stream_id=0xFD)
+    open_plain(conn)
+    ids = [conn.open_stream("a:1", "b:2") for _ in range(4)]
+    assert ids == [0xFD, 0xFE, 0x100, 0x101]
+    conn2 = SockMuxConnection(PLAIN, first_stream_id=0xFFFF)
+    open_plain(conn2)
+    first = conn2.open_stream("a:1", "b:2")
+    second = conn2.open_stream("a:1", "b:2")
+    assert (first, second) == (0xFFFF, 1)  # wraps, never 0
+
+
+# -- half-close ------------------------------------------------------------------------------------
+
+def test_half_close_keeps_the_other_direction_open():
+    pair = ready_pair()
+    sid, peer_sid = pair.open(pair.a, b"request")
+    pair.a.end_stream(sid)
+    a_ev, b_ev = pair.pump()
+    assert b_ev == [StreamEnded(peer_sid)]
+    assert pair.a.stream_state(sid) is StreamState.LOCAL_ENDED
+    with pytest.raises(LocalProtocolError):
+        pair.a.send_data(sid, b"more")
+    assert pair.b.send_data(peer_sid, b"response after the request ended") > 0
+    a_ev, _ = pair.pump()
+    assert data_of(a_ev, sid) == b"response after the request ended"
+    pair.a.acknowledge(sid, len(data_of(a_ev, sid)))
+    pair.b.end_stream(peer_sid)
+    a_ev, b_ev = pair.pump()
+    assert a_ev == [StreamClosed(sid, "DO close")]
+    assert b_ev == []  # a's SENT for the response reached b after b closed: dropped
+    assert [f.payload for f in frames_of(bytes(pair.wire_ab)) if f.type == F.SENT] == [b"32\0"]
+    assert pair.a.stream_count == pair.b.stream_count == 0
+
+
+def test_simultaneous_half_close():
+    pair = ready_pair()
+    sid, peer_sid = pair.open(pair.a)
+    pair.a.end_stream(sid)
+    pair.b.end_stream(peer_sid)
+    a_ev, b_ev = pair.pump()
+    assert a_ev == [StreamEnded(sid)] and b_ev == [StreamEnded(peer_sid)]
+    assert pair.a.stream_count == pair.b.stream_count == 0
+
+
+def test_end_while_connecting_is_sent_after_connected():
+    pair = ready_pair()
+    sid = pair.a.open_stream("a:1", "b:2", b"one-shot request")
+    pair.a.end_stream(sid)
+    _, b_ev = pair.pump()
+    pair.b.accept_stream(of_type(b_ev, StreamRequested)[0].stream_id)
+    a_ev, b_ev = pair.pump()
+    assert of_type(b_ev, StreamEnded)
+    assert pair.a.stream_state(sid) is StreamState.LOCAL_ENDED
+
+
+def test_without_half_close_end_stream_closes():
+    pair = ready_pair(PLAIN, NOAUTH_EXT)
+    sid, peer_sid = pair.open(pair.a)
+    pair.a.end_stream(sid)
+    a_ev, b_ev = pair.pump()
+    assert b_ev == [StreamClosed(peer_sid, "DO close")]
+    assert F.SHUT not in [f.type for f in frames_of(bytes(pair.wire_ab))]
+
+
+def test_data_after_shut_is_a_remote_error():
+    pair = ready_pair()
+    sid, peer_sid = pair.open(pair.a)
+    pair.a.end_stream(sid)
+    pair.pump()
+    rogue = F.encode_frame(F.SEND, sid, peer_sid, b"x")
+    with pytest.raises(RemoteProtocolError, match="after the peer ended"):
+        pair.b.receive_data(rogue)
+
+
+def test_urgent_data_is_acknowledged_at_once_and_outside_the_window():
+    conn = SockMuxConnection(PLAIN)
+    open_plain(conn)
+    (req,) = conn.receive_data(ScriptedPeer.connect(3))
+    conn.accept_stream(req.stream_id)
+    conn.data_to_send()
+    events = conn.receive_data(F.encode_frame(F.SENDOOB, 3, req.stream_id, b"\xff\xf4"))
+    assert events == [DataReceived(req.stream_id, b"\xff\xf4", urgent=True)]
+    (sentoob,) = frames_of(conn.bytes_to_send())
+    assert (sentoob.type, sentoob.receiver, sentoob.payload) == (F.SENTOOB, 3, b"2\0")
+    conn.acknowledge(req.stream_id, 2)  # the driver acknowledges everything it wrote
+    assert conn.bytes_to_send() == b""
+
+
+def test_urgent_data_flood_is_bounded():
+    conn = SockMuxConnection(PLAIN)
+    open_plain(conn)
+    (req,) = conn.receive_data(ScriptedPeer.connect(3))
+    conn.accept_stream(req.stream_id)
+    urgent = F.encode_frame(F.SENDOOB, 3, req.stream_id, bytes(16376))
+    conn.receive_data(urgent * 2)  # two frames unwritten: still fine
+    conn.acknowledge(req.stream_id, 16376)
+    conn.receive_data(urgent)  # the driver keeps up: fine
+    with pytest.raises(RemoteProtocolError, match="urgent"):
+        conn.receive_data(F.encode_frame(F.SENDOOB, 3, req.stream_id, b"!"))
+
+
+def test_shut_is_ignored_when_half_close_was_not_negotiated():
+    conn = SockMuxConnection(PLAIN)
+    open_plain(conn)
+    (req,) = conn.receive_data(ScriptedPeer.connect(3))
+    conn.accept_stream(req.stream_id)
+    events = conn.receive_data(F.encode_frame(F.SHUT, 3, req.stream_id))
+    assert events[0].frame_type == F.SHUT and conn.stream_state(req.stream_id) is StreamState.OPEN
+
+
+# -- flow control -----------------------------------------------------------------------------------
+
+def test_window_exhaustion_and_credit_return_towards_a_plain_peer():
+    pair = ready_pair(PLAIN, PLAIN)
+    sid, peer_sid = pair.open(pair.a)
+    payload = bytes(100_000)
+    taken = pair.a.send_data(sid, payload)
+    assert taken == 65536
+    assert pair.a.send_data(sid, payload[taken:]) == 0
+    _, b_ev = pair.pump()
+    assert len(data_of(b_ev)) == 65536
+    assert all(len(e.data) <= 16384 - 8 for e in of_type(b_ev, DataReceived))
+    assert pair.b.unacknowledged(peer_sid) == 65536
+    # a partial write returns no credit yet: one SENT per SEND frame, once written
+    pair.b.acknowledge(peer_sid, 1000)
+    a_ev, _ = pair.pump()
+    assert a_ev == []
+    pair.b.acknowledge(peer_sid, 16376 - 1000)
+    a_ev, _ = pair.pump()
+    assert a_ev == [WindowUpdated(sid, 16376)]
+    sent = [f for f in frames_of(bytes(pair.wire_ba)) if f.type == F.SENT]
+    assert sent[-1].payload == b"16376\0" and (sent[-1].sender, sent[-1].receiver) == (
+        peer_sid, sid)
+    assert pair.a.send_data(sid, payload[taken:]) == 16376
+
+
+def test_a_stalled_reader_stalls_only_its_own_stream():
+    pair = ready_pair(PLAIN, PLAIN)
+    stalled, stalled_peer = pair.open(pair.a)
+    flowing, flowing_peer = pair.open(pair.a)
+    pair.a.send_data(stalled, bytes(65536))  # its destination never reads: never acknowledged
+    pair.pump()
+    total = 0
+    blob = bytes(range(256)) * 4096  # 1 MiB
+    pos = 0
+    while pos < len(blob):
+        pos += pair.a.send_data(flowing, blob[pos:])
+        a_ev, b_ev = pair.pump()
+        total += len(deliver_and_ack(pair, pair.b, b_ev, flowing_peer))
+        a_ev2, _ = pair.pump()
+    assert total == len(blob)
+    assert pair.a.send_window(stalled) == 0
+    assert pair.b.unacknowledged(stalled_peer) == 65536
+
+
+def test_peer_exceeding_the_window_kills_the_link():
+    conn = SockMuxConnection(PLAIN)
+    open_plain(conn)
+    (req,) = conn.receive_data(ScriptedPeer.connect(3))
+    conn.accept_stream(req.stream_id)
+    flood = ScriptedPeer.send(3, req.stream_id, bytes(16376)) * 4
+    events = conn.receive_data(flood)
+    assert sum(len(e.data) for e in events) == 65504
+    with pytest.raises(RemoteProtocolError, match="flow control") as info:
+        conn.receive_data(ScriptedPeer.send(3, req.stream_id, bytes(100))
+                          + ScriptedPeer.send(3, req.stream_id, b"x"))
+    assert [type(e) for e in info.value.events] == []  # the 100-byte frame was the violation
+
+
+def test_remote_error_keeps_earlier_events_and_close_link_lists_streams():
+    conn = SockMuxConnection(PLAIN)
+    open_plain(conn)
+    (req,) = conn.receive_data(ScriptedPeer.connect(3))
+    conn.accept_stream(req.stream_id)
+    conn.data_to_send()
+    with pytest.raises(RemoteProtocolError) as info:
+        conn.receive_data(ScriptedPeer.send(3, req.stream_id, b"last words") + b"\x07" * 8)
+    assert info.value.events == [DataReceived(req.stream_id, b"last words")]
+    assert conn.receive_data(b"more") == []  # CLOSED: input ignored
+    with pytest.raises(StreamClosedError, match="link is closed"):
+        conn.send_data(req.stream_id, b"x")
+    conn.close_stream(req.stream_id)
+    conn.acknowledge(req.stream_id, 10)
+    assert conn.bytes_to_send() == b""  # nothing is queued onto a dead link
+    assert conn.close_link("protocol error") == [LinkClosed("protocol error", (req.stream_id,))]
+
+
+def test_larger_windows_and_frames_with_the_extension():
+    cfg = config(stream_window=1 << 20)
+    pair = ready_pair(cfg, cfg)
+    sid, peer_sid = pair.open(pair.a)
+    assert pair.a.send_data(sid, bytes(2 << 20)) == 1 << 20
+    _, b_ev = pair.pump()
+    sizes = [len(e.data) for e in of_type(b_ev, DataReceived)]
+    assert max(sizes) == F.MAX_PAYLOAD and sum(sizes) == 1 << 20
+
+
+def test_send_data_does_not_copy_bytes():
+    pair = ready_pair(PLAIN, PLAIN)
+    sid, _ = pair.open(pair.a)
+    blob = bytes(40000)
+    pair.a.send_data(sid, blob)
+    chunks = pair.a.data_to_send()
+    views = [c for c in chunks if isinstance(c, memoryview)]
+    assert len(views) == 3 and all(v.obj is blob for v in views)
+    assert sum(len(c) for c in chunks) == 40000 + 3 * 8
+
+
+def test_mutable_buffers_are_copied():
+    pair = ready_pair(PLAIN, PLAIN)
+    sid, peer_sid = pair.open(pair.a)
+    buf = bytearray(b"original")
+    pair.a.send_data(sid, buf)
+    buf[:] = b"mutated!"
+    _, b_ev = pair.pump()
+    assert data_of(b_ev) == b"original"
+
+
+def test_windows_unit():
+    w = SendWindow(10)
+    w.consume(7)
+    assert w.available == 3
+    with pytest.raises(LocalProtocolError):
+        w.consume(4)
+    assert w.acknowledge(100) == 7 and w.available == 10  # over-acknowledgement is clamped
+    r = ReceiveWindow(100, max_records=3)
+    for n in (10, 10, 10, 10, 10):  # the 4th and 5th merge into the 3rd record
+        r.receive(n)
+    assert r.available == 50
+    assert r.acknowledge(25) == [10, 10]
+    assert r.acknowledge(5) == []
+    assert r.acknowledge(20) == [30]
+    with pytest.raises(RemoteProtocolError):
+        r.receive(101)
+    r.grant_free(5)
+    assert r.unacknowledged == 5 and r.acknowledge(5) == []
+
+
+def test_memory_bound_per_stream_is_the_window():
+    pair = ready_pair(PLAIN, PLAIN)
+    sid, peer_sid = pair.open(pair.a, b"f" * 100)
+    for _ in range(10):  # the sender keeps trying; nothing is acknowledged
+        pair.a.send_data(sid, bytes(50000))
+        pair.pump()
+    assert pair.b.unacknowledged(peer_sid) == 65536 + 100
+    assert pair.a.outgoing_bytes == 0
+
+
+# -- stream limits -----------------------------------------------------------------------------------
+
+def test_open_stream_at_the_negotiated_limit():
+    cfg = config(max_streams=5)
+    pair = ready_pair(cfg, config(max_streams=50))
+    for _ in range(5):
+        pair.open(pair.a)
+    with pytest.raises(TooManyStreams):
+        pair.a.open_stream("a:1", "b:2")
+    assert pair.b.max_streams == 5  # the smaller limit applies to both
+    with pytest.raises(TooManyStreams):
+        pair.b.open_stream("a:1", "b:2")  # the limit counts both directions
+
+
+@pytest.mark.parametrize("limit", [1, 5, 59])
+def test_incoming_streams_past_the_limit_are_refused_cleanly(limit):
+    # a believes it may open 60 streams (a plain peer's table); b is configured for fewer
+    pair = ready_pair(PLAIN, plain_config(plain_max_streams=limit))
+    opened = []
+    for _ in range(limit):  # exactly at the limit: all accepted
+        opened.append(pair.open(pair.a))
+    sid = pair.a.open_stream("a:1", "b:2", b"one too many")  # limit + 1
+    a_ev, b_ev = pair.pump()
+    assert a_ev == [StreamClosed(sid, f"Too many streams (limit {limit})")]
+    assert [type(e) for e in b_ev] == [StreamRefused]
+    assert pair.b.stream_count == limit and pair.a.stream_count == limit
+    # the link is intact: existing streams work, and a slot freed is usable again
+    mine, theirs = opened[0]
+    pair.a.send_data(mine, b"still fine")
+    _, b_ev = pair.pump()
+    assert data_of(b_ev, theirs) == b"still fine"
+    pair.a.close_stream(mine)
+    pair.pump()
+    pair.open(pair.a)
+    assert pair.b.stream_count == limit
+
+
+def test_plain_peer_gets_at_most_60_streams_by_default():
+    pair = ready_pair(NOAUTH_EXT, PLAIN)
+    for _ in range(60):
+        pair.a.open_stream("a:1", "b:2")
+    with pytest.raises(TooManyStreams):
+        pair.a.open_stream("a:1", "b:2")
+
+
+def test_thousands_of_streams():
+    cfg = config(max_streams=5000)
+    pair = ready_pair(cfg, cfg)
+    n = 3000
+    ids = [pair.a.open_stream(f"10.0.{i // 250}.{i % 250}:{1024 + i}", "10.9.9.9:80",
+                              b"hello %d" % i) for i in range(n)]
+    assert len(set(ids)) == n and F.NO_STREAM not in ids and 0 not in ids
+    _, b_ev = pair.pump()
+    requests = of_type(b_ev, StreamRequested)
+    assert len(requests) == n
+    for i, req in enumerate(requests):
+        assert req.first_data == b"hello %d" % i
+        pair.b.accept_stream(req.stream_id, b"welcome %d" % i)
+    a_ev, _ = pair.pump()
+    assert len(of_type(a_ev, StreamAccepted)) == n
+    for i, sid in enumerate(ids):
+        pair.a.send_data(sid, b"payload %d" % i)
+    _, b_ev = pair.pump()
+    by_stream = {e.stream_id: e.data for e in of_type(b_ev, DataReceived)}
+    assert [by_stream[r.stream_id] for r in requests] == [b"payload %d" % i for i in range(n)]
+    assert pair.a.stream_count == pair.b.stream_count == n
+    for sid in ids:
+        pair.a.close_stream(sid)
+    _, b_ev = pair.pump()
+    assert len(of_type(b_ev, StreamClosed)) == n
+    assert pair.a.stream_count == pair.b.stream_count == 0
+    stats = pair.a.stats()
+    assert stats.streams_opened == n and stats.bytes_sent == pair.b.stats().bytes_received
