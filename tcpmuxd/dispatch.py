@@ -255,6 +255,13 @@ class Dispatcher:
 
     # -- the name phase --------------------------------------------------------------------
 
+    def serve_socket(self, sock: socket.socket, remote: SocketAddress, local: SocketAddress,
+                     listener: str) -> None:
+        """Serve a connection that did not come from our listeners, such as a sockmuxd stream
+        (a socketpair end): ``remote`` is who the client really is, for access rules and logs."""
+        sock.setblocking(False)
+        self._serve(sock, remote, local, listener)
+
     def _start(self, sock: socket.socket, listener: str) -> None:
         sock.setblocking(False)
         try:
@@ -262,6 +269,10 @@ class Dispatcher:
         except OSError:
             sock.close()
             return
+        self._serve(sock, remote, local, listener)
+
+    def _serve(self, sock: socket.socket, remote: SocketAddress, local: SocketAddress,
+               listener: str) -> None:
         conn = _Connection(sock, remote, local, listener, self.limits.max_name_length)
         self.counters.active += 1
         if self.counters.active > self.limits.max_connections:
