@@ -39,6 +39,11 @@ from tcpmuxd.handlers import SocketAddress
 from tcpmuxd.systemd import EventLog
 
 
+#: While out of descriptors, accepting pauses and resumes four times a second: say so in the log
+#: once in a while, not every time.
+PAUSE_LOG_INTERVAL = 10.0
+
+
 @dataclass(frozen=True)
 class Limits:
     """The multiplexer-wide limits (per-service ones are in the service files)."""
@@ -125,7 +130,7 @@ class _Connection:
     """A connection from accept to its log record."""
 
     __slots__ = ("sock", "remote", "local", "started", "reader", "timer", "name", "service",
-                 "decision", "pid", "status", "listener")
+                 "decision", "pid", "status", "listener", "ended")
 
     def __init__(self, sock: socket.socket, remote: SocketAddress, local: SocketAddress,
                  listener: str, max_name_length: int) -> None:
@@ -141,6 +146,7 @@ class _Connection:
         self.decision = ""
         self.pid: int | None = None
         self.status = ""
+        self.ended = False
 
 
 class Dispatcher:
@@ -157,6 +163,7 @@ class Dispatcher:
         self._loop = asyncio.get_running_loop()
         self._listeners: dict[int, tuple[socket.socket, str]] = {}
         self._paused = False
+        self._pause_logged = -PAUSE_LOG_INTERVAL
         self._spare: int | None = self._open_spare()
         self._children: dict[int, tuple[subprocess.Popen, _Connection]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -196,7 +203,11 @@ class Dispatcher:
         if self._paused:
             return
         self._paused = True
-        self.log.record(f"accepting paused for {self.limits.accept_backoff}s: {why}", priority=4)
+        now = time.monotonic()
+        if now - self._pause_logged >= PAUSE_LOG_INTERVAL:
+            self._pause_logged = now
+            self.log.record(f"accepting paused for {self.limits.accept_backoff}s: {why} "
+                            f"(logged at most every {PAUSE_LOG_INTERVAL:.0f}s)", priority=4)
         for fd in self._listeners:
             self._loop.remove_reader(fd)
         self._loop.call_later(self.limits.accept_backoff, self._resume_accepting)
@@ -328,7 +339,7 @@ class Dispatcher:
             self._refuse(conn, decision.reason)
         elif isinstance(decision, Help):
             conn.decision = "help"
-            self._spawn_task(self._send_and_close(conn, decision.listing))
+            self._spawn_task(conn, self._send_and_close(conn, decision.listing))
         else:
             service = decision.service
             conn.service = service
@@ -336,14 +347,25 @@ class Dispatcher:
             if service.kind == "exec":
                 self._exec(conn, service)
             elif service.kind == "forward":
-                self._spawn_task(self._forward(conn, service))
+                self._spawn_task(conn, self._forward(conn, service))
             else:
-                self._spawn_task(self._pass(conn, service))
+                self._spawn_task(conn, self._pass(conn, service))
 
-    def _spawn_task(self, coro) -> None:
+    def _spawn_task(self, conn: _Connection, coro) -> None:
         task = self._loop.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: self._task_done(t, conn))
+
+    def _task_done(self, task: asyncio.Task, conn: _Connection) -> None:
+        """Whatever escapes a connection's task still ends it: its slots are given back and it
+        gets its log record (never a connection that counts forever)."""
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None or conn.ended:
+            return
+        e = task.exception()
+        if conn.service is not None:
+            self.counters.end(conn.service, conn.remote.host)
+        self._end(conn, f"internal error: {e!r}")
 
     def _refuse(self, conn: _Connection, reason: str) -> None:
         """Send ``-reason`` and close so that the client can read it (shutdown, then drain)."""
@@ -494,7 +516,11 @@ class Dispatcher:
                 self._service_refuse(conn, service, f"cannot resolve service address: {e}")
                 return None
             family, address = infos[0][0], infos[0][4]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:  # EMFILE/ENFILE: out of descriptors for the upstream side
+            self._service_refuse(conn, service, f"server out of resources: {_oserror_text(e)}")
+            return None
         sock.setblocking(False)
         try:
             await asyncio.wait_for(self._loop.sock_connect(sock, address), service.connect_timeout)
@@ -517,6 +543,9 @@ class Dispatcher:
 
     def _end(self, conn: _Connection, decision: str | None = None) -> None:
         """Close what is left and write the one record of this connection."""
+        if conn.ended:
+            return
+        conn.ended = True
         if conn.sock is not None:
             conn.sock.close()
             conn.sock = None

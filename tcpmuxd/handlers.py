@@ -135,10 +135,7 @@ def exec_in_place(service: Service, sock: socket.socket, env: Mapping[str, str])
     elif err != 2:
         os.dup2(fd, 2)
     os.closerange(3, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0 else 65536)
-    try:
-        os.setsid()
-    except PermissionError:
-        pass  # already a session leader, as systemd's instances are
+    _own_session()
     reset_signals(keep_ignored=())
     if service.working_directory:
         os.chdir(service.working_directory)
@@ -150,6 +147,32 @@ def exec_in_place(service: Service, sock: socket.socket, env: Mapping[str, str])
         os.setuid(service.uid)
     os.execve(service.exec_argv[0], list(service.exec_argv), dict(env))
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _own_session() -> None:
+    """Make the process that will exec the handler lead its own session.
+
+    systemd starts instances as session leaders already. A process-group leader that is not one
+    (started by a shell or a launcher) cannot call setsid(), so it forks once: the child goes
+    on to exec the handler, the parent only waits for it and exits with its status.
+    """
+    if os.getsid(0) == os.getpid():
+        return
+    try:
+        os.setsid()
+        return
+    except PermissionError:
+        pass
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)  # the connection is the handler's alone: its close must reach the peer
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    os._exit(code if code >= 0 else 128 - code)
 
 
 def reset_signals(keep_ignored: tuple[int, ...] = (signal.SIGPIPE, signal.SIGXFSZ)) -> None:

@@ -1,0 +1,568 @@
+"""Running out of resources, and the connection limits, against a real daemon.
+
+The issue: "Running out of file descriptors or processes must not kill the daemon or spin the
+CPU: it refuses or delays new connections and recovers by itself." dispatch.py documents how:
+on EMFILE/ENFILE a spare descriptor is given up so that one waiting client can be told
+``-server out of resources: ...``, then accepting pauses for 0.25 s and resumes by itself; on
+EAGAIN from fork the connection is refused (Acknowledge=no) or, after ``+``, closed, and logged.
+
+Limits: ``--max-connections N`` for everything together, MaxConnections= and
+MaxConnectionsPerSource= per service, each refused with its reason at limit+1 and accepting again
+once a slot is free.
+
+Every socket has a timeout, every wait is bounded, the daemon is started by conftest's
+``daemon_factory`` (stopped and its process group killed at teardown) and every helper server or
+client socket here is closed in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from tcpmuxd_harness import Daemon, read_all, talk, write_service
+
+pytestmark = pytest.mark.timeout(120)
+
+IO_TIMEOUT = 5.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: CPU the daemon may use, in seconds per second, while it is starved; a spinning accept loop
+#: or a retry loop without back-off uses a whole core (1.0).
+MAX_CPU_WHILE_STARVED = 0.25
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_use(pid: int, seconds: float, during: Callable[[], None] = lambda: None) -> float:
+    """Fraction of one core ``pid`` used over ``seconds`` while ``during`` is called repeatedly."""
+    before, start = cpu_seconds(pid), time.monotonic()
+    while time.monotonic() - start < seconds:
+        during()
+        time.sleep(0.05)
+    return (cpu_seconds(pid) - before) / (time.monotonic() - start)
+
+
+def recv_line(s: socket.socket, timeout: float = IO_TIMEOUT) -> bytes:
+    """One reply line, byte by byte (nothing behind it is taken); b"" on EOF or reset.
+
+    Raises AssertionError when nothing complete arrives in time: a client left hanging.
+    """
+    s.settimeout(timeout)
+    line = bytearray()
+    deadline = time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            b = s.recv(1)
+        except socket.timeout:
+            raise AssertionError(f"client left hanging: got {bytes(line)!r} in {timeout}s")
+        except ConnectionResetError:
+            return bytes(line)
+        if not b:
+            return bytes(line)
+        line += b
+    return bytes(line)
+
+
+def connect(port: int, source: str = "127.0.0.1") -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT,
+                                    source_address=(source, 0))
+
+
+def hold_cat(port: int, name: str, source: str = "127.0.0.1") -> socket.socket:
+    """A connection to an Exec=/bin/cat service, proved to have its handler running."""
+    s = connect(port, source)
+    try:
+        s.sendall(name.encode() + b"\r\n")
+        assert recv_line(s) == b"+\r\n"
+        s.sendall(b"ping\n")
+        assert recv_line(s) == b"ping\n", "the handler did not echo"
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def hold_cat_when_free(port: int, name: str, timeout: float = 5.0) -> socket.socket:
+    """hold_cat, retried while handlers that just ended still count (until they are reaped):
+    a slot, or for RLIMIT_NPROC a process, is only free once the daemon has reaped them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = connect(port)
+        try:
+            s.sendall(name.encode() + b"\r\n")
+            line = recv_line(s)
+            if line == b"+\r\n":
+                try:
+                    s.sendall(b"ping\n")
+                    echo = recv_line(s)
+                except OSError as e:
+                    echo = repr(e).encode()
+                if echo == b"ping\n":
+                    return s
+                line += echo
+        except BaseException:
+            s.close()
+            raise
+        s.close()
+        assert time.monotonic() < deadline, f"no free slot for {name} in {timeout}s: {line!r}"
+        time.sleep(0.05)
+
+
+def talk_from(port: int, data: bytes, source: str) -> bytes:
+    with connect(port, source) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        return read_all(s)
+
+
+def eventually(what: Callable[[], bytes], expected: bytes, timeout: float = 5.0) -> bytes:
+    """Retry ``what`` until it returns ``expected`` (a daemon recovering by itself)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = what()
+        except OSError as e:
+            got = repr(e).encode()
+        if got == expected or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def close_all(socks) -> None:
+    for s in socks:
+        s.close()
+
+
+class Holder:
+    """A TCP server that accepts connections and keeps them open until released."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(512)
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                time.sleep(0.1)
+                continue
+            self.conns.append(conn)
+
+    def release(self) -> None:
+        conns, self.conns = self.conns, []
+        close_all(conns)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.release()
+        self.listener.close()
+
+
+@pytest.fixture
+def holder() -> Iterator[Holder]:
+    h = Holder()
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def clients() -> Iterator[list[socket.socket]]:
+    """Client sockets a test holds open; all closed at the end whatever happened."""
+    socks: list[socket.socket] = []
+    yield socks
+    close_all(socks)
+
+
+# --- file descriptors -----------------------------------------------------------------------
+
+
+def nofile(limit: int) -> Callable[[], None]:
+    def preexec() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    return preexec
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def wait_fd_count(pid: int, at_least: int, timeout: float = IO_TIMEOUT) -> int:
+    deadline = time.monotonic() + timeout
+    while (n := fd_count(pid)) < at_least:
+        assert time.monotonic() < deadline, f"daemon holds {n} fds, expected {at_least}"
+        time.sleep(0.005)
+    return n
+
+
+def hold_forward(daemon: Daemon, clients: list[socket.socket], name: str = "fwd") -> bytes:
+    """One Forward= connection, left open; returns the reply line (b"" when closed)."""
+    s = daemon.connect()
+    clients.append(s)
+    s.sendall(name.encode() + b"\r\n")
+    try:
+        return recv_line(s)
+    except AssertionError as e:
+        raise AssertionError(f"{e}: a forwarded connection with the daemon at "
+                             f"{fd_count(daemon.proc.pid)} fds; log:\n{daemon.output()}") from None
+
+
+def fill_fds(daemon: Daemon, clients: list[socket.socket], limit: int, free: int,
+             forward: bool = True) -> None:
+    """Hold connections until exactly ``free`` descriptors are left under ``limit``.
+
+    Forwarded connections cost two descriptors (client and upstream), clients that have not
+    sent a name yet cost one: the latter make the count exact. The daemon runs without a
+    NOTIFY_SOCKET, so no descriptor comes and goes behind the test's back.
+    """
+    pid = daemon.proc.pid
+    if daemon.notify is None:
+        # Daemon() made sure the port is open with a connection of its own: let it go first
+        daemon.wait_for_log("connection closed before a service name was sent")
+        wait_fd_count(pid, 0)
+    while forward and fd_count(pid) + 2 <= limit - free:
+        assert hold_forward(daemon, clients) == b"+\r\n", daemon.output()
+    while (n := fd_count(pid)) < limit - free:
+        clients.append(daemon.connect())  # no name: one descriptor until --name-timeout
+        wait_fd_count(pid, n + 1)
+    assert fd_count(pid) == limit - free
+
+
+def is_clear_refusal(line: bytes) -> bool:
+    return line == b"" or (line.startswith(b"-server out of resources") and line.endswith(b"\r\n"))
+
+
+LIMIT = 64
+
+
+def test_out_of_fds_refuses_stays_calm_and_recovers(services: Path, daemon_factory,
+                                                   holder: Holder, clients):
+    write_service(services, "fwd.conf", f"[Service]\nForward=127.0.0.1:{holder.port}\n")
+    write_service(services, "echo.conf", "[Service]\nExec=/bin/cat\n")
+    daemon: Daemon = daemon_factory(services, "--name-timeout", "60", notify=False,
+                                    preexec_fn=nofile(LIMIT))
+    fill_fds(daemon, clients, LIMIT, free=2)
+    assert hold_forward(daemon, clients) == b"+\r\n"  # takes the last two descriptors
+    assert fd_count(daemon.proc.pid) == LIMIT
+
+    # The client that finds the table full is told why, within a bounded time.
+    with daemon.connect() as s:
+        s.sendall(b"echo\r\n")
+        assert recv_line(s) == b"-server out of resources: Too many open files\r\n", \
+            daemon.output()
+    assert daemon.proc.poll() is None, daemon.output()
+    daemon.wait_for_log("accepting paused")
+
+    # Still starved, more clients keep coming: each gets the refusal (or a close) in bounded
+    # time, and the daemon neither dies nor spins.
+    knocked: list[bytes] = []
+
+    def knock() -> None:
+        if len(knocked) < 6:
+            with daemon.connect() as k:
+                k.sendall(b"echo\r\n")
+                knocked.append(recv_line(k))
+
+    use = cpu_use(daemon.proc.pid, 1.5, knock)
+    assert use < MAX_CPU_WHILE_STARVED, f"daemon used {use:.0%} of a core while out of fds"
+    assert daemon.proc.poll() is None, daemon.output()
+    assert len(knocked) == 6 and all(map(is_clear_refusal, knocked)), knocked
+
+    # Release everything: the daemon serves normally again by itself.
+    close_all(clients)
+    clients.clear()
+    holder.release()
+    got = eventually(lambda: daemon.talk(b"echo\r\nback to normal"), b"+\r\nback to normal")
+    assert got == b"+\r\nback to normal", f"{got!r}\n{daemon.output()}"
+    assert hold_forward(daemon, clients) == b"+\r\n"
+    assert daemon.proc.poll() is None
+
+
+def exhaust_at_accept(services: Path, daemon_factory, holder: Holder,
+                      clients: list[socket.socket]) -> tuple[Daemon, bytes, int, bytes]:
+    """Bring the daemon to one free descriptor, then connect to ``fwd1`` (MaxConnections=1):
+    accept() takes the very last descriptor, nothing is left for the upstream connection.
+    Then one more client comes. Returns the daemon, both replies and the first client's port."""
+    write_service(services, "fwd.conf", f"[Service]\nForward=127.0.0.1:{holder.port}\n")
+    write_service(services, "fwd1.conf",
+                  f"[Service]\nForward=127.0.0.1:{holder.port}\nMaxConnections=1\n")
+    daemon: Daemon = daemon_factory(services, "--name-timeout", "60", notify=False,
+                                    preexec_fn=nofile(LIMIT))
+    fill_fds(daemon, clients, LIMIT, free=1)
+    first = hold_forward(daemon, clients, "fwd1")
+    first_port = clients[-1].getsockname()[1]
+    with daemon.connect() as s:
+        s.sendall(b"fwd\r\n")
+        try:
+            second = recv_line(s)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; the daemon holds {fd_count(daemon.proc.pid)} fds"
+                                 f"; log:\n{daemon.output()}") from None
+    return daemon, first, first_port, second
+
+
+def test_out_of_fds_when_accept_takes_the_last_descriptor(services: Path, daemon_factory,
+                                                         holder: Holder, clients):
+    """The other parity: the connection that exhausts the table is accepted into the very last
+    descriptor. It must get a clear answer ('+' or a refusal or a close), and so must the next
+    client: accept() fails with EMFILE even when nobody waits, which must not use up the spare
+    descriptor for good."""
+    daemon, first, _port, second = exhaust_at_accept(services, daemon_factory, holder, clients)
+    assert first == b"+\r\n" or is_clear_refusal(first), first
+    assert is_clear_refusal(second), second
+    assert daemon.proc.poll() is None
+
+
+def test_out_of_fds_for_the_upstream_frees_the_slot_and_logs(services: Path, daemon_factory,
+                                                             holder: Holder, clients):
+    daemon, first, port, _second = exhaust_at_accept(services, daemon_factory, holder, clients)
+    close_all(clients)
+    clients.clear()
+    holder.release()
+
+    def fwd1() -> bytes:
+        with daemon.connect() as s:
+            s.sendall(b"fwd1\r\n")
+            return recv_line(s)
+
+    got = eventually(fwd1, b"+\r\n")
+    assert got == b"+\r\n", f"{got!r}; log:\n{daemon.output()}"
+    log = daemon.output()
+    assert "Traceback" not in log, log
+    assert f"127.0.0.1:{port} fwd1: " in log, f"no record of the connection; log:\n{log}"
+
+
+def test_idle_clients_exhausting_fds_get_the_resources_line(services: Path, daemon_factory,
+                                                            clients):
+    """Clients that never send a name hold one descriptor each until the name deadline; the
+    one that finds the table full is told so, and the daemon serves again once they go."""
+    write_service(services, "echo.conf", "[Service]\nExec=/bin/cat\n")
+    daemon: Daemon = daemon_factory(services, "--name-timeout", "60", notify=False,
+                                    preexec_fn=nofile(48))
+    fill_fds(daemon, clients, 48, free=0, forward=False)
+    with daemon.connect() as s:
+        assert recv_line(s) == b"-server out of resources: Too many open files\r\n"
+    assert daemon.proc.poll() is None
+    close_all(clients)
+    clients.clear()
+    got = eventually(lambda: daemon.talk(b"echo\r\nok"), b"+\r\nok")
+    assert got == b"+\r\nok", daemon.output()
+
+
+def test_watchdog_keeps_being_fed_after_fd_exhaustion(services: Path, daemon_factory, clients):
+    """sd_notify needs a socket: a ping that fails for want of a descriptor must not stop the
+    pings for good, or systemd (WatchdogSec=) kills a daemon that has recovered."""
+    write_service(services, "echo.conf", "[Service]\nExec=/bin/cat\n")
+    daemon: Daemon = daemon_factory(services, "--name-timeout", "60",
+                                    env={"WATCHDOG_USEC": "300000"}, preexec_fn=nofile(48))
+    assert daemon.notify is not None
+    daemon.notify.wait_for("WATCHDOG=1", timeout=2)
+    for _ in range(48 + 8):  # more clients than descriptors: surely exhausted
+        clients.append(daemon.connect())
+    time.sleep(1.0)  # several watchdog intervals (0.15 s) with no descriptor to spare
+    assert daemon.proc.poll() is None
+    close_all(clients)
+    clients.clear()
+    got = eventually(lambda: daemon.talk(b"echo\r\nok"), b"+\r\nok")
+    assert got == b"+\r\nok", daemon.output()
+    # forget what was sent before, then expect fresh pings
+    daemon.notify.sock.setblocking(False)
+    try:
+        while daemon.notify.sock.recv(4096):
+            pass
+    except BlockingIOError:
+        pass
+    daemon.notify.messages.clear()
+    try:
+        daemon.notify.wait_for("WATCHDOG=1", timeout=2)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nlog:\n{daemon.output()}") from None
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def unused_uid() -> int:
+    """A uid with no account and no process: RLIMIT_NPROC counts per real uid, and nobody's
+    count could include processes of other test runs on this machine."""
+    import pwd
+
+    in_use = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            in_use.add(os.stat(f"/proc/{pid}").st_uid)
+        except OSError:
+            pass
+    for uid in range(61000 + os.getpid() % 3000, 65000):
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            if uid not in in_use:
+                return uid
+    pytest.skip("no free uid")
+
+
+def unprivileged(uid: int, nproc: int) -> Callable[[], None]:
+    def preexec() -> None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    return preexec
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A config directory an unprivileged daemon can read (tmp_path is root's, mode 0700)."""
+    d = Path(tempfile.mkdtemp(prefix="tcpmuxd-res-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+NPROC = 4
+
+
+def test_out_of_processes_refuses_stays_calm_and_recovers(public_dir: Path, daemon_factory,
+                                                          clients):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the daemon as another user")
+    write_service(public_dir, "cat.conf", "[Service]\nExec=/bin/cat\n")
+    write_service(public_dir, "cat-noack.conf", "[Service]\nExec=/bin/cat\nAcknowledge=no\n")
+    uid = unused_uid()
+    daemon: Daemon = daemon_factory(public_dir, notify=False, preexec_fn=unprivileged(uid, NPROC))
+    assert os.stat(f"/proc/{daemon.proc.pid}").st_uid == uid
+
+    # Fill the process table of this uid with running handlers until fork fails.
+    failed = None
+    for _ in range(NPROC + 2):
+        s = daemon.connect()
+        clients.append(s)
+        s.sendall(b"cat\r\n")
+        assert recv_line(s) == b"+\r\n", daemon.output()  # Acknowledge=yes: '+' before fork
+        s.sendall(b"ping\n")
+        echo = recv_line(s)
+        if echo != b"ping\n":
+            failed = echo
+            break
+    assert failed is not None, f"{NPROC + 2} handlers ran under RLIMIT_NPROC={NPROC}"
+    # Acknowledge=yes: the documented outcome is '+' and then the connection closed.
+    assert failed == b"", failed
+    assert len(clients) - 1 <= NPROC - 1
+    assert daemon.proc.poll() is None, daemon.output()
+    daemon.wait_for_log("handler failed to start: Resource temporarily unavailable")
+
+    # Acknowledge=no: tcpmuxd can still refuse, with the reason.
+    assert talk(daemon.port, b"cat-noack\r\n") == \
+        b"-handler failed to start: Resource temporarily unavailable\r\n"
+
+    # Still starved: more clients come; no spinning, no death.
+    answers: list[bytes] = []
+
+    def knock() -> None:
+        if len(answers) < 6:
+            answers.append(talk(daemon.port, b"cat-noack\r\nx"))
+
+    use = cpu_use(daemon.proc.pid, 1.5, knock)
+    assert use < MAX_CPU_WHILE_STARVED, f"daemon used {use:.0%} of a core while out of processes"
+    assert answers and set(answers) == \
+        {b"-handler failed to start: Resource temporarily unavailable\r\n"}, answers
+    assert daemon.proc.poll() is None, daemon.output()
+
+    # The held handlers see EOF and exit; the daemon serves again without help.
+    close_all(clients)
+    clients.clear()
+    got = eventually(lambda: talk(daemon.port, b"cat\r\nrecovered"), b"+\r\nrecovered")
+    assert got == b"+\r\nrecovered", daemon.output()
+    assert talk(daemon.port, b"cat-noack\r\nno ack") == b"no ack"
+    for _ in range(NPROC - 1):  # the whole quota is back, not just one slot
+        clients.append(hold_cat_when_free(daemon.port, "cat"))
+    assert daemon.proc.poll() is None
+
+
+# --- connection limits ----------------------------------------------------------------------
+
+
+def test_global_max_connections(services: Path, daemon_factory, clients):
+    write_service(services, "cat.conf", "[Service]\nExec=/bin/cat\n")
+    write_service(services, "other.conf", "[Service]\nExec=/bin/cat\n")
+    daemon: Daemon = daemon_factory(services, "--max-connections", "3")
+    clients.append(hold_cat(daemon.port, "cat"))
+    clients.append(hold_cat(daemon.port, "other"))
+    clients.append(hold_cat(daemon.port, "cat"))  # exactly the limit: accepted
+    # one more, for any service: refused with the reason
+    assert daemon.talk(b"other\r\n") == b"-too many connections (3)\r\n"
+    assert daemon.talk(b"cat\r\n") == b"-too many connections (3)\r\n"
+    daemon.wait_for_log("refused: too many connections (3)")
+    # a handler exits: its slot is free again
+    clients.pop(0).close()
+    got = eventually(lambda: daemon.talk(b"cat\r\nagain"), b"+\r\nagain")
+    assert got == b"+\r\nagain", daemon.output()
+    clients.append(hold_cat_when_free(daemon.port, "other"))
+    assert daemon.talk(b"cat\r\n") == b"-too many connections (3)\r\n"
+
+
+def test_service_max_connections(services: Path, daemon_factory, clients):
+    write_service(services, "limited.conf", "[Service]\nExec=/bin/cat\nMaxConnections=2\n")
+    write_service(services, "other.conf", "[Service]\nExec=/bin/cat\n")
+    daemon: Daemon = daemon_factory(services)
+    clients.append(hold_cat(daemon.port, "limited"))
+    clients.append(hold_cat(daemon.port, "LIMITED"))  # the limit is per service, not per name spelling
+    assert daemon.talk(b"limited\r\n") == b"-service busy (2 connections)\r\n"
+    # the limit belongs to the requested service only
+    clients.append(hold_cat(daemon.port, "other"))
+    # from another address too: it is a per-service total
+    assert talk_from(daemon.port, b"limited\r\n", "127.0.0.2") == \
+        b"-service busy (2 connections)\r\n"
+    clients.pop(0).close()
+    got = eventually(lambda: daemon.talk(b"limited\r\nslot freed"), b"+\r\nslot freed")
+    assert got == b"+\r\nslot freed", daemon.output()
+    clients.append(hold_cat_when_free(daemon.port, "limited"))
+    assert daemon.talk(b"limited\r\n") == b"-service busy (2 connections)\r\n"
+
+
+def test_service_max_connections_per_source(services: Path, daemon_factory, clients):
+    write_service(services, "persrc.conf",
+                  "[Service]\nExec=/bin/cat\nMaxConnectionsPerSource=2\n")
+    daemon: Daemon = daemon_factory(services)
+    clients.append(hold_cat(daemon.port, "persrc"))
+    clients.append(hold_cat(daemon.port, "persrc"))  # exactly the limit: accepted
+    assert daemon.talk(b"persrc\r\n") == b"-too many connections from 127.0.0.1 (2)\r\n"
+    # another source address has its own count
+    clients.append(hold_cat(daemon.port, "persrc", source="127.0.0.2"))
+    clients.append(hold_cat(daemon.port, "persrc", source="127.0.0.2"))
+    assert talk_from(daemon.port, b"persrc\r\n", "127.0.0.2") == \
+        b"-too many connections from 127.0.0.2 (2)\r\n"
+    clients.pop(0).close()
+    got = eventually(lambda: daemon.talk(b"persrc\r\nfreed"), b"+\r\nfreed")
+    assert got == b"+\r\nfreed", daemon.output()
+    assert talk_from(daemon.port, b"persrc\r\n", "127.0.0.2") == \
+        b"-too many connections from 127.0.0.2 (2)\r\n"
