@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     listeners = list(passed.listeners)
     try:
         for spec in args.listen:
-            listeners.append((_bind(spec), spec))
+            sock = _bind(spec)
+            listeners.append((sock, _bound_name(sock)))
     except (OSError, ValueError) as e:
         print(f"tcpmuxd: {e}", file=sys.stderr)
         return 1
@@ -116,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handlers.reset_signals()
     return asyncio.run(_serve(listeners, cfg, search_path, limits, log, environ))
+
+
+def _bound_name(sock: socket.socket) -> str:
+    """The address as bound (port 0 becomes the port the kernel chose), for logs."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _bind(spec: str) -> socket.socket:

@@ -6,7 +6,9 @@ process started is stopped (and its process group killed) when the test ends.
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -98,15 +100,22 @@ class NotifySocket:
 
 
 class Daemon:
-    """tcpmuxd running standalone on an ephemeral loopback port."""
+    """tcpmuxd running standalone on loopback.
+
+    Without ``port`` it binds port 0 and reads the port the kernel chose from its start-up line,
+    so no other process can take the port between choosing and binding it.
+    """
+
+    _ids = itertools.count()
 
     def __init__(self, config_dir: Path, tmp: Path, args: list[str] | None = None,
                  env: dict[str, str] | None = None, preexec_fn=None, notify: bool = True,
                  port: int | None = None) -> None:
         self.config_dir = config_dir
-        self.port = port or free_port()
-        self.log_path = tmp / f"tcpmuxd-{self.port}.log"
-        self.notify = NotifySocket(tmp / f"notify-{self.port}") if notify else None
+        self.port = port or 0
+        ident = f"{os.getpid()}-{next(self._ids)}"
+        self.log_path = tmp / f"tcpmuxd-{ident}.log"
+        self.notify = NotifySocket(tmp / f"notify-{ident}") if notify else None
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY"))}
         if self.notify:
             environ["NOTIFY_SOCKET"] = str(self.notify.path)
@@ -117,10 +126,15 @@ class Daemon:
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=environ,
                                      cwd=ROOT, start_new_session=True, preexec_fn=preexec_fn)
         self.ready_message = ""
-        if self.notify:
-            self.ready_message = self.notify.wait_for("READY=1")
-        else:
-            wait_for_port(self.port)
+        try:
+            if self.notify:
+                self.ready_message = self.notify.wait_for("READY=1")
+            started = self.wait_for_log(" services on ", timeout=10)
+            if not self.port:
+                self.port = int(re.search(r" services on 127\.0\.0\.1:(\d+)", started).group(1))
+        except BaseException:
+            self.stop()
+            raise
 
     def talk(self, data: bytes, **kw) -> bytes:
         return talk(self.port, data, **kw)

@@ -244,10 +244,6 @@ def fill_fds(daemon: Daemon, clients: list[socket.socket], limit: int, free: int
     NOTIFY_SOCKET, so no descriptor comes and goes behind the test's back.
     """
     pid = daemon.proc.pid
-    if daemon.notify is None:
-        # Daemon() made sure the port is open with a connection of its own: let it go first
-        daemon.wait_for_log("connection closed before a service name was sent")
-        wait_fd_count(pid, 0)
     while forward and fd_count(pid) + 2 <= limit - free:
         assert hold_forward(daemon, clients) == b"+\r\n", daemon.output()
     while (n := fd_count(pid)) < limit - free:
