@@ -6,6 +6,10 @@ an empty file or a symlink to ``/dev/null`` masks it. Files are INI read with
 :mod:`configparser`, with the keys, booleans, lists and time spans of systemd unit files, because
 that is what the people writing them already know.
 
+The machinery that is not about services (discovery, reading, the INI reader, the key table,
+the systemd value parsers) is in :mod:`tcpmuxd.dropins`, shared with sockmuxd's tunnel files;
+this module holds the ``[Service]`` schema and what a set of services means (names, reloads).
+
 A broken file never takes the daemon or the other services down: it yields a
 :class:`ConfigError` with file and line and no service. On reload (``previous``), a file that
 now fails keeps serving its last good definition, so a typo in an edit does not turn a running
@@ -17,22 +21,38 @@ global state. The dispatcher and ``tcpmuxd --check`` decide what to do with the 
 
 from __future__ import annotations
 
-import configparser
-import difflib
-import errno
 import grp
 import os
 import pwd
-import re
 import shlex
-import stat
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from .addresses import AddressList, Endpoint, ip_address_of, parse_endpoint
+from .dropins import (
+    MAX_FILE_SIZE,
+    SUFFIX,
+    ConfigError,
+    DropInError,
+    KeySpec,
+    did_you_mean,
+    discover,
+    merge_environment,
+    parse_absolute_path,
+    parse_addresses,
+    parse_bool,
+    parse_count,
+    parse_environment,
+    parse_exec,
+    parse_timeout,
+    parse_timespan,
+    read_drop_in,
+    read_settings,
+    show_path,
+)
 from .protocol import DEFAULT_MAX_NAME_LENGTH, HELP, is_valid_name, name_key
 
 __all__ = [
@@ -54,32 +74,11 @@ DEFAULT_SEARCH_PATH: tuple[Path, ...] = (
     Path("/usr/local/lib/tcpmuxd/conf.d"),
     Path("/usr/lib/tcpmuxd/conf.d"),
 )
-SUFFIX = ".conf"
 SECTION = "Service"
-#: A service file is a few lines; anything bigger is a mistake (or a wrong symlink), not config.
-MAX_FILE_SIZE = 64 * 1024
-_MAX_COUNT = 2**31 - 1
 KINDS = ("exec", "forward", "passto")
 _HANDLER_KEYS = {"Exec": "exec", "Forward": "forward", "PassTo": "passto"}
 _STANDARD_ERROR = ("journal", "socket", "null")
-
-
-def _show(path: Path | str) -> str:
-    """A path for humans: undecodable file-name bytes become escapes instead of crashing print."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-@dataclass(frozen=True)
-class ConfigError:
-    """One problem in one file (or directory), with the line when there is one."""
-
-    path: Path
-    line: int | None
-    message: str
-
-    def __str__(self) -> str:
-        where = _show(self.path) if self.line is None else f"{_show(self.path)}:{self.line}"
-        return f"{where}: {self.message}"
+_show = show_path
 
 
 @dataclass(frozen=True)
@@ -185,103 +184,9 @@ class Configuration:
 
 # --------------------------------------------------------------------------- value parsers
 #
-# Each takes the stripped value of one assignment and returns the parsed value or raises
-# ValueError with a message that is shown after "path:line: Key=: ".
-
-_TRUE = ("1", "yes", "y", "true", "t", "on")
-_FALSE = ("0", "no", "n", "false", "f", "off")
-
-
-def _parse_bool(text: str) -> bool:
-    """systemd's parse_boolean(): case-insensitive."""
-    if text.lower() in _TRUE:
-        return True
-    if text.lower() in _FALSE:
-        return False
-    raise ValueError(f"{text!r} is not a boolean (use yes or no)")
-
-
-def _parse_count(text: str) -> int:
-    if not re.fullmatch(r"[0-9]+", text):
-        raise ValueError(f"{text!r} is not a non-negative integer")
-    value = int(text)
-    if value > _MAX_COUNT:
-        raise ValueError(f"{value} is too large (limit {_MAX_COUNT})")
-    return value
-
-
-# systemd's time units (src/basic/time-util.c), in seconds; "m" is minutes, "M" months.
-_TIME_UNITS: dict[str, float] = {
-    **dict.fromkeys(("usec", "us", "µs", "μs"), 1e-6),
-    **dict.fromkeys(("msec", "ms"), 1e-3),
-    **dict.fromkeys(("seconds", "second", "sec", "s", ""), 1.0),
-    **dict.fromkeys(("minutes", "minute", "min", "m"), 60.0),
-    **dict.fromkeys(("hours", "hour", "hr", "h"), 3600.0),
-    **dict.fromkeys(("days", "day", "d"), 86400.0),
-    **dict.fromkeys(("weeks", "week", "w"), 7 * 86400.0),
-    **dict.fromkeys(("months", "month", "M"), 30.44 * 86400.0),
-    **dict.fromkeys(("years", "year", "y"), 365.25 * 86400.0),
-}
-_TIME_PART = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([^\s0-9.]*)")
-
-
-def parse_timespan(text: str) -> float:
-    """A systemd time span in seconds: ``5``, ``500ms``, ``2s``, ``1min 30s``, ``1.5h``."""
-    text = text.strip()
-    if text == "infinity":
-        raise ValueError("'infinity' is not allowed here, give a finite time span")
-    if not text:
-        raise ValueError("empty time span")
-    total, pos = 0.0, 0
-    while pos < len(text):
-        match = _TIME_PART.match(text, pos)
-        if not match:
-            raise ValueError(f"{text!r} is not a time span (examples: 5, 500ms, 2s, 1min)")
-        number, unit = match.groups()
-        if unit not in _TIME_UNITS:
-            hint = _did_you_mean(unit, [u for u in _TIME_UNITS if u])
-            raise ValueError(f"unknown time unit {unit!r} in {text!r}{hint}")
-        total += float(number) * _TIME_UNITS[unit]
-        pos = match.end()
-    return total
-
-
-def _parse_timeout(text: str) -> float:
-    value = parse_timespan(text)
-    if value <= 0:
-        raise ValueError(f"{text!r}: the timeout must be greater than zero")
-    return value
-
-
-def _split(text: str) -> list[str]:
-    """systemd-style word splitting with quotes (shlex, POSIX mode, no comments)."""
-    try:
-        return shlex.split(text)
-    except ValueError as exc:  # "No closing quotation", "No escaped character"
-        raise ValueError(f"bad quoting: {str(exc).lower()}") from None
-
-
-def _parse_exec(text: str) -> tuple[str, ...]:
-    argv = _split(text)
-    if not argv:
-        raise ValueError("empty command line")
-    program = argv[0]
-    if not program.startswith("/"):
-        if program[:1] in ("-", "@", ":", "+", "!") and program[1:2] == "/":
-            raise ValueError(
-                f"systemd's ExecStart= prefixes are not supported, "
-                f"write the program as {program.lstrip('-@:+!')!r}"
-            )
-        raise ValueError(f"the program must be an absolute path, got {program!r}")
-    try:
-        st = os.stat(program)
-    except OSError as exc:
-        raise ValueError(f"{program}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{program}: not a regular file")
-    if not os.access(program, os.X_OK):
-        raise ValueError(f"{program}: not executable")
-    return tuple(argv)
+# The tcpmuxd-specific ones; the systemd spellings shared with sockmuxd are in dropins.py. Each
+# takes the stripped value of one assignment and returns the parsed value or raises ValueError
+# with a message that is shown after "path:line: Key=: ".
 
 
 def _parse_forward(text: str) -> Endpoint:
@@ -292,37 +197,11 @@ def _parse_pass_to(text: str) -> Endpoint:
     return parse_endpoint(text, allow_tcp=False)
 
 
-def _parse_addresses(text: str) -> tuple[str, ...]:
-    AddressList.parse([text])  # validation only: the list is built once all lines are in
-    return tuple(text.split())
-
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _parse_environment(text: str) -> tuple[tuple[str, str], ...]:
-    pairs = []
-    for word in _split(text):
-        name, sep, value = word.partition("=")
-        if not sep:
-            raise ValueError(f"{word!r} is not a NAME=VALUE assignment")
-        if not _ENV_NAME.fullmatch(name):
-            raise ValueError(f"{name!r} is not a valid environment variable name")
-        pairs.append((name, value))
-    return tuple(pairs)
-
-
-def _parse_absolute_dir(text: str) -> str:
-    if not text.startswith("/"):
-        raise ValueError(f"must be an absolute path, got {text!r}")
-    return text
-
-
 def _parse_standard_error(text: str) -> str:
     if text not in _STANDARD_ERROR:
         raise ValueError(
             f"{text!r} is not one of {', '.join(_STANDARD_ERROR)}"
-            f"{_did_you_mean(text, _STANDARD_ERROR)}"
+            f"{did_you_mean(text, _STANDARD_ERROR)}"
         )
     return text
 
@@ -370,169 +249,28 @@ def _parse_groups(text: str) -> tuple[tuple[str, int], ...]:
     return tuple(_parse_group(word) for word in text.split())
 
 
-@dataclass(frozen=True)
-class _Key:
-    """How one key is read: its parser, whether it is a list, which kinds it applies to."""
-
-    parse: Callable[[str], Any]
-    kinds: tuple[str, ...] = KINDS
-    is_list: bool = False
-
-
 _EXEC = ("exec",)
 _SOCKET = ("forward", "passto")
-_KEYS: dict[str, _Key] = {
-    "Name": _Key(str),
-    "Description": _Key(str),
-    "Exec": _Key(_parse_exec, _EXEC),
-    "Forward": _Key(_parse_forward, ("forward",)),
-    "PassTo": _Key(_parse_pass_to, ("passto",)),
-    "Acknowledge": _Key(_parse_bool),
-    "Hidden": _Key(_parse_bool),
-    "MaxConnections": _Key(_parse_count),
-    "MaxConnectionsPerSource": _Key(_parse_count),
-    "IPAddressAllow": _Key(_parse_addresses, is_list=True),
-    "IPAddressDeny": _Key(_parse_addresses, is_list=True),
-    "User": _Key(_parse_user, _EXEC),
-    "Group": _Key(_parse_group, _EXEC),
-    "SupplementaryGroups": _Key(_parse_groups, _EXEC, is_list=True),
-    "StandardError": _Key(_parse_standard_error, _EXEC),
-    "Environment": _Key(_parse_environment, _EXEC, is_list=True),
-    "WorkingDirectory": _Key(_parse_absolute_dir, _EXEC),
-    "ConnectTimeoutSec": _Key(_parse_timeout, _SOCKET),
+_KEYS: dict[str, KeySpec] = {
+    "Name": KeySpec(str),
+    "Description": KeySpec(str),
+    "Exec": KeySpec(parse_exec, _EXEC),
+    "Forward": KeySpec(_parse_forward, ("forward",)),
+    "PassTo": KeySpec(_parse_pass_to, ("passto",)),
+    "Acknowledge": KeySpec(parse_bool),
+    "Hidden": KeySpec(parse_bool),
+    "MaxConnections": KeySpec(parse_count),
+    "MaxConnectionsPerSource": KeySpec(parse_count),
+    "IPAddressAllow": KeySpec(parse_addresses, is_list=True),
+    "IPAddressDeny": KeySpec(parse_addresses, is_list=True),
+    "User": KeySpec(_parse_user, _EXEC),
+    "Group": KeySpec(_parse_group, _EXEC),
+    "SupplementaryGroups": KeySpec(_parse_groups, _EXEC, is_list=True),
+    "StandardError": KeySpec(_parse_standard_error, _EXEC),
+    "Environment": KeySpec(parse_environment, _EXEC, is_list=True),
+    "WorkingDirectory": KeySpec(parse_absolute_path, _EXEC),
+    "ConnectTimeoutSec": KeySpec(parse_timeout, _SOCKET),
 }
-_KIND_KEY = {"exec": "Exec", "forward": "Forward", "passto": "PassTo"}
-
-
-def _did_you_mean(word: str, choices: Sequence[str]) -> str:
-    folded = {c.lower(): c for c in choices}
-    if word.lower() in folded:
-        return f" (did you mean {folded[word.lower()]!r}?)"
-    close = difflib.get_close_matches(word.lower(), list(folded), n=1, cutoff=0.6)
-    return f" (did you mean {folded[close[0]]!r}?)" if close else ""
-
-
-# --------------------------------------------------------------------------- INI reading
-
-
-@dataclass(frozen=True)
-class _Assignment:
-    section: str
-    key: str
-    value: str
-    line: int
-
-
-@dataclass
-class _Ini:
-    assignments: list[_Assignment] = field(default_factory=list)
-    sections: dict[str, int] = field(default_factory=dict)  # first header line of each
-    errors: list[tuple[int | None, str]] = field(default_factory=list)
-
-
-@dataclass
-class _Cursor:
-    """Where configparser is reading: the line and section of the line it was just given."""
-
-    line: int = 0
-    section: str = ""
-
-
-_HEADER = re.compile(r"\[([^\[\]]+)\]")
-
-
-def _logical_lines(text: str, errors: list[tuple[int | None, str]]) -> list[tuple[int, str]]:
-    """Lines as systemd reads them, each with the number of its first physical line.
-
-    Leading whitespace is stripped (systemd ignores it; configparser would take an indented
-    line as the continuation of the previous value), and a line ending in a backslash is joined
-    with the next one, the backslash becoming a space, comment lines in between skipped. Bad
-    section headers are reported here and dropped.
-    """
-    out: list[tuple[int, str]] = []
-    pending: str | None = None
-    start = 0
-    # split("\n"), not splitlines(): form feeds, U+2028 and friends are not line breaks to an
-    # editor, so line numbers would stop matching what the admin sees.
-    for number, raw in enumerate(text.split("\n"), start=1):
-        line = raw.strip()
-        if pending is not None:
-            if line.startswith(("#", ";")):
-                continue
-            line = pending + line
-        else:
-            start = number
-        trailing = len(line) - len(line.rstrip("\\"))
-        if trailing % 2 == 1:
-            pending = line[:-1] + " "
-            continue
-        pending = None
-        if line.startswith("[") and not _HEADER.fullmatch(line):
-            errors.append((start, f"invalid section header {line!r}"))
-            continue
-        out.append((start, line))
-    if pending is not None:
-        out.append((start, pending.rstrip()))
-    return out
-
-
-def _read_ini(text: str) -> _Ini:
-    """Parse with configparser, keeping every assignment in order with its line number.
-
-    configparser keeps only the last value of a repeated key and no line numbers. Both are
-    recovered without a second parser: lines are fed one at a time through a generator that
-    notes which line configparser is reading, and the mapping type it stores options in
-    (``dict_type``) logs each ``key = [value]`` store as it happens.
-    """
-    ini = _Ini()
-    lines = _logical_lines(text, ini.errors)
-    where = _Cursor()
-
-    class _Log(dict):  # type: ignore[type-arg]
-        def __setitem__(self, key: str, value: object) -> None:
-            # An option store (sections are stored as mappings); "=x" is reported as a
-            # parsing error by configparser and then stored under "" anyway.
-            if isinstance(value, list) and key:
-                ini.assignments.append(_Assignment(where.section, key, value[0], where.line))
-            super().__setitem__(key, value)
-
-    parser = configparser.ConfigParser(
-        dict_type=_Log,
-        strict=False,  # repeated keys are systemd lists; duplicate sections are caught below
-        interpolation=None,
-        delimiters=("=",),
-        comment_prefixes=("#", ";"),
-        inline_comment_prefixes=None,
-        empty_lines_in_values=False,
-        default_section="\0",  # no [DEFAULT] magic: it is an unknown section like any other
-    )
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
-
-    def feed() -> Iterator[str]:
-        for number, line in lines:
-            where.line = number
-            header = _HEADER.fullmatch(line)
-            if header:
-                section = where.section = header.group(1)
-                if section in ini.sections:
-                    first = ini.sections[section]
-                    ini.errors.append(
-                        (number, f"duplicate [{section}] section (first at line {first})")
-                    )
-                else:
-                    ini.sections[section] = number
-            yield line + "\n"
-
-    try:
-        parser.read_file(feed())
-    except configparser.MissingSectionHeaderError as exc:
-        number, line = lines[exc.lineno - 1]
-        ini.errors.append((number, f"{line!r} comes before the [{SECTION}] section header"))
-    except configparser.ParsingError as exc:
-        for lineno, _ in exc.errors:
-            number, line = lines[lineno - 1]
-            ini.errors.append((number, f"not a Key=Value line: {line}"))
-    return ini
 
 
 # --------------------------------------------------------------------------- one file
@@ -543,54 +281,6 @@ class _Parsed:
     service: Service | None
     errors: list[ConfigError]
     name_line: int | None = None
-
-
-class _Masked(Exception):
-    pass
-
-
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes; raises _Masked for an empty file or a device node (/dev/null), and
-    OSError or ValueError (with a message) for what cannot be a service file."""
-    # O_NONBLOCK: a FIFO named x.conf must not hang the daemon; it is refused below.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-            raise _Masked()  # systemd's null_or_empty(): a device node counts as masking
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file")
-        if st.st_size == 0:
-            raise _Masked()
-        if st.st_size > MAX_FILE_SIZE:
-            raise ValueError(f"file too large ({st.st_size} bytes, the limit is 64 KiB)")
-        with os.fdopen(os.dup(fd), "rb") as stream:
-            data = stream.read(MAX_FILE_SIZE + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_FILE_SIZE:
-        raise ValueError("file too large (the limit is 64 KiB)")
-    if not data:
-        raise _Masked()
-    return data
-
-
-def _decode(data: bytes) -> str:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise _LineError(line, f"not valid UTF-8 (byte 0x{data[exc.start]:02x})") from None
-    if "\0" in text:
-        raise _LineError(text.count("\n", 0, text.index("\0")) + 1, "contains a NUL byte")
-    return text.removeprefix("\ufeff")
-
-
-class _LineError(Exception):
-    def __init__(self, line: int | None, message: str) -> None:
-        super().__init__(message)
-        self.line = line
-        self.message = message
 
 
 def _name_problem(name: str, max_length: int) -> str | None:
@@ -607,69 +297,15 @@ def _name_problem(name: str, max_length: int) -> str | None:
 
 
 def _parse_service(path: Path, text: str, max_name_length: int) -> _Parsed:
-    ini = _read_ini(text)
-    errors = [ConfigError(path, line, message) for line, message in ini.errors]
-
-    def err(line: int | None, message: str) -> None:
-        errors.append(ConfigError(path, line, message))
-
-    for section, line in ini.sections.items():
-        if section != SECTION:
-            err(
-                line,
-                f"unknown section [{section}]{_did_you_mean(section, [SECTION])}"
-                f"; a service file has one [{SECTION}] section",
-            )
-    if SECTION not in ini.sections and not ini.errors:
-        err(None, f"no [{SECTION}] section")
-
-    values: dict[str, Any] = {}  # effective value of each key set (lists accumulated)
-    lines: dict[str, int] = {}  # line of the assignment that made the value what it is
-    failed: set[str] = set()  # keys with a bad value (already reported)
-    for a in ini.assignments:
-        if a.section != SECTION:
-            continue  # reported as an unknown section already
-        spec = _KEYS.get(a.key)
-        if spec is None:
-            err(a.line, f"unknown key {a.key}={_did_you_mean(a.key, list(_KEYS))}")
-            continue
-        if a.value == "":  # systemd: an empty assignment resets to the default
-            values.pop(a.key, None)
-            lines[a.key] = a.line
-            continue
-        try:
-            parsed = spec.parse(a.value)
-        except ValueError as exc:
-            err(a.line, f"{a.key}=: {exc}")
-            failed.add(a.key)
-            continue
-        if spec.is_list:
-            values[a.key] = values.get(a.key, ()) + parsed
-        else:
-            values[a.key] = parsed
-        lines[a.key] = a.line
-
-    handlers = sorted((k for k in _HANDLER_KEYS if k in values), key=lambda k: lines[k])
-    kind = None
-    if len(handlers) > 1:
-        first, second = handlers[0], handlers[1]
-        err(
-            lines[second],
-            f"{second}= conflicts with {first}= on line {lines[first]}: "
-            f"a service has exactly one of Exec=, Forward=, PassTo=",
-        )
-    elif not handlers:
-        if SECTION in ini.sections and not failed & set(_HANDLER_KEYS):
-            err(ini.sections[SECTION], "no handler: set one of Exec=, Forward= or PassTo=")
-    else:
-        kind = _HANDLER_KEYS[handlers[0]]
-        for key in values:
-            if kind not in _KEYS[key].kinds:
-                wanted = " or ".join(f"{_KIND_KEY[k]}=" for k in _KEYS[key].kinds)
-                err(
-                    lines[key],
-                    f"{key}= only applies to {wanted} services, not to {_KIND_KEY[kind]}= ones",
-                )
+    settings = read_settings(path, text, section=SECTION, keys=_KEYS, what="a service file")
+    values, lines, errors = settings.values, settings.lines, settings.errors
+    err = settings.error
+    kind = settings.select_kind(
+        _HANDLER_KEYS,
+        conflict="a service has exactly one of Exec=, Forward=, PassTo=",
+        missing="no handler: set one of Exec=, Forward= or PassTo=",
+        plural="services",
+    )
 
     name = str(values.get("Name", path.name[: -len(SUFFIX)]))
     name_line = lines.get("Name") if "Name" in values else None
@@ -682,8 +318,7 @@ def _parse_service(path: Path, text: str, max_name_length: int) -> _Parsed:
 
     ids = _resolve_ids(values, lines, err)
     if errors or kind is None or ids is None:
-        errors.sort(key=lambda e: e.line or 0)
-        return _Parsed(None, errors, name_line)
+        return _Parsed(None, settings.sorted_errors(), name_line)
 
     service = Service(
         name=name,
@@ -698,21 +333,13 @@ def _parse_service(path: Path, text: str, max_name_length: int) -> _Parsed:
         ip_allow=AddressList.parse(values.get("IPAddressAllow", ())),
         ip_deny=AddressList.parse(values.get("IPAddressDeny", ())),
         standard_error=values.get("StandardError", "journal"),
-        environment=_merge_environment(values.get("Environment", ())),
+        environment=merge_environment(values.get("Environment", ())),
         working_directory=values.get("WorkingDirectory"),
         connect_timeout=values.get("ConnectTimeoutSec", 5.0),
         description=values.get("Description", ""),
         **ids,
     )
     return _Parsed(service, errors, name_line)
-
-
-def _merge_environment(pairs: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-    """A later assignment of the same variable wins, as in systemd."""
-    merged: dict[str, str] = {}
-    for name, value in pairs:
-        merged[name] = value
-    return tuple(merged.items())
 
 
 def _resolve_ids(
@@ -749,67 +376,12 @@ def _resolve_ids(
 def _load_file(path: Path, max_name_length: int) -> _Parsed | None:
     """Read and validate one winning file; ``None`` when it masks its name."""
     try:
-        text = _decode(_read_bytes(path))
-    except _Masked:
+        text = read_drop_in(path)
+    except DropInError as exc:
+        return _Parsed(None, [exc.error])
+    if text is None:
         return None
-    except OSError as exc:
-        return _Parsed(None, [ConfigError(path, None, f"cannot read: {exc.strerror or exc}")])
-    except ValueError as exc:
-        return _Parsed(None, [ConfigError(path, None, str(exc))])
-    except _LineError as exc:
-        return _Parsed(None, [ConfigError(path, exc.line, exc.message)])
     return _parse_service(path, text, max_name_length)
-
-
-# --------------------------------------------------------------------------- discovery
-
-
-@dataclass
-class _Candidate:
-    path: Path
-    shadowed: list[Path] = field(default_factory=list)
-    unreadable_dir: bool = False
-
-
-def _is_drop_in(entry: os.DirEntry[str]) -> bool:
-    """``*.conf`` regular files and symlinks, no dotfiles (UAPI rules; ``x.conf~`` is not)."""
-    if entry.name.startswith(".") or not entry.name.endswith(SUFFIX):
-        return False
-    return entry.is_symlink() or entry.is_file(follow_symlinks=False)
-
-
-def _discover(
-    search_path: Sequence[Path], previous: Configuration | None, errors: list[ConfigError]
-) -> dict[str, _Candidate]:
-    candidates: dict[str, _Candidate] = {}
-    seen: set[Path] = set()
-    for directory in map(Path, search_path):
-        if directory in seen:
-            continue
-        seen.add(directory)
-        try:
-            with os.scandir(directory) as it:
-                names = sorted(entry.name for entry in it if _is_drop_in(entry))
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            reason = "not a directory" if exc.errno == errno.ENOTDIR else exc.strerror
-            errors.append(ConfigError(directory, None, f"cannot read directory: {reason}"))
-            # What was served from there keeps being served: see load().
-            kept = previous.files if previous else ()
-            for name in [
-                f.filename
-                for f in kept
-                if f.path.parent == directory and f.state in ("active", "kept")
-            ]:
-                candidates.setdefault(name, _Candidate(directory / name, unreadable_dir=True))
-            continue
-        for name in names:
-            if name in candidates:
-                candidates[name].shadowed.append(directory / name)
-            else:
-                candidates[name] = _Candidate(directory / name)
-    return candidates
 
 
 def load(
@@ -826,7 +398,10 @@ def load(
     ``"kept"``); a file that was deleted or masked drops it, as intended.
     """
     errors: list[ConfigError] = []
-    candidates = _discover(search_path, previous, errors)
+    # What was served from a directory that cannot be listed now keeps being served (below).
+    kept = previous.files if previous else ()
+    remembered = [f.path for f in kept if f.state in ("active", "kept")]
+    candidates = discover(search_path, errors, remembered=remembered)
     old = {s.source.name: s for s in previous.services.values()} if previous else {}
     services: dict[str, Service] = {}
     files: list[FileStatus] = []
