@@ -114,28 +114,31 @@ def _exec(sock: socket.socket, service: Service, remote, local, environ, record)
         return 1
 
 
-def _open(target, timeout: float) -> socket.socket:
-    if target.is_unix:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        try:
-            s.connect(target.path)
-        except OSError:
-            s.close()
-            raise
-        return s
-    s = socket.create_connection((target.host, target.port), timeout=timeout)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return s
-
-
-def _forward(sock: socket.socket, service: Service, record) -> int:
+def _open(sock: socket.socket, service: Service, target, record) -> socket.socket | None:
+    """Connect to a Forward=/PassTo= target before ``+``; on failure refuse the client."""
     try:
-        upstream = _open(service.forward, service.connect_timeout)
+        if target.is_unix:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(service.connect_timeout)
+            try:
+                s.connect(target.path)
+            except OSError:
+                s.close()
+                raise
+            return s
+        s = socket.create_connection((target.host, target.port), timeout=service.connect_timeout)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
     except OSError as e:
         reason = f"service unavailable: {e.strerror or e}"
         record(f"refused: {reason}")
         _reply(sock, protocol.negative(reason))
+        return None
+
+
+def _forward(sock: socket.socket, service: Service, record) -> int:
+    upstream = _open(sock, service, service.forward, record)
+    if upstream is None:
         return 0
     if service.acknowledge:
         sock.sendall(protocol.positive())
@@ -147,12 +150,8 @@ def _forward(sock: socket.socket, service: Service, record) -> int:
 
 
 def _pass(sock: socket.socket, service: Service, remote, local, record) -> int:
-    try:
-        channel = _open(service.pass_to, service.connect_timeout)
-    except OSError as e:
-        reason = f"service unavailable: {e.strerror or e}"
-        record(f"refused: {reason}")
-        _reply(sock, protocol.negative(reason))
+    channel = _open(sock, service, service.pass_to, record)
+    if channel is None:
         return 0
     with channel:
         if service.acknowledge:
