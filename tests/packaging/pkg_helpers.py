@@ -1,0 +1,264 @@
+"""Helpers for the packaging tests (tests/packaging/test_pkg_*.py): real builds of the Debian,
+RPM and Arch packages and of the man pages, from the repository tree, offline.
+
+A named module, not a conftest.py, so that it cannot shadow tests/conftest.py. Test modules in
+this directory import it directly (pytest puts their directory on sys.path). A test elsewhere
+(e.g. an installed end-to-end test in tests/e2e) gets the .deb of this run, built at most once
+per pytest session, with::
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packaging"))
+    from pkg_helpers import built_deb
+
+    @pytest.fixture(scope="session")
+    def deb(tmp_path_factory) -> Path:
+        return built_deb(tmp_path_factory)
+
+Builds run with the system PATH and a clean environment (``SYSTEM_ENV``): a pyenv or
+virtualenv Python first on PATH would otherwise be used by pybuild, rpmbuild's scripts or the
+PKGBUILD instead of /usr/bin/python3. A missing build tool skips the test with the exact
+``apt-get install`` line (script/bootstrap installs them in CI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGING = REPO / "packaging"
+DOCS = REPO / "docs"
+UNITS = REPO / "units"
+
+#: The environment of every build: system tools only, nothing from the test process.
+SYSTEM_ENV = {
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": os.environ.get("HOME", "/root"),
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+}
+
+#: What each tool comes from on Debian 12, for the skip message.
+DEBIAN_PACKAGE_OF = {
+    "dpkg-buildpackage": "dpkg-dev",
+    "dh": "debhelper",
+    "dh_python3": "dh-python",
+    "lintian": "lintian",
+    "scdoc": "scdoc",
+    "man": "man-db",
+    "rpmbuild": "rpm",
+    "rpm": "rpm",
+    "bash": "bash",
+}
+
+#: Packages a Debian build needs besides the tools (Build-Depends of packaging/debian/control).
+DEB_BUILD_DEPENDS = (
+    "dpkg-dev",
+    "debhelper",
+    "dh-python",
+    "pybuild-plugin-pyproject",
+    "python3-all",
+    "python3-setuptools",
+    "scdoc",
+)
+
+#: How long each build took in this run (label -> seconds), shown at the end of the run by
+#: tests/packaging/conftest.py.
+TIMINGS: dict[str, float] = {}
+
+
+@contextlib.contextmanager
+def timed(label: str):
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        TIMINGS[label] = TIMINGS.get(label, 0.0) + time.monotonic() - start
+
+
+def apt_install_line(packages) -> str:
+    return "apt-get install --no-install-recommends " + " ".join(sorted(set(packages)))
+
+
+def require_tools(*tools: str) -> None:
+    """Skip the test, saying exactly what to install, when a tool is not on the system PATH."""
+    missing = [t for t in tools if shutil.which(t, path=SYSTEM_ENV["PATH"]) is None]
+    if missing:
+        pytest.skip(
+            f"{', '.join(missing)} not installed: {apt_install_line(DEBIAN_PACKAGE_OF.get(t, t) for t in missing)}"
+            " (script/bootstrap should install it)"
+        )
+
+
+def require_debian_packages(*packages: str) -> None:
+    """Skip the test, saying exactly what to install, when a Debian package is not installed."""
+    missing = []
+    for p in packages:
+        r = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True, env=SYSTEM_ENV
+        )
+        if "install ok installed" not in r.stdout:
+            missing.append(p)
+    if missing:
+        pytest.skip(
+            f"Debian packages missing: {' '.join(missing)}: {apt_install_line(missing)}"
+            " (script/bootstrap should install them)"
+        )
+
+
+def run(cmd, *, env=None, cwd=None, check=True, timeout=600) -> subprocess.CompletedProcess:
+    """Run a command with the clean system environment (plus ``env``), output captured."""
+    full_env = dict(SYSTEM_ENV)
+    full_env.update(env or {})
+    r = subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and r.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} exited with {r.returncode}\n"
+            f"--- stdout (tail)\n{r.stdout[-6000:]}\n--- stderr (tail)\n{r.stderr[-6000:]}"
+        )
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# What the project consists of, read from the tree: the expected contents of every package.
+
+
+def project() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def version() -> str:
+    return project()["version"]
+
+
+def commands() -> list[str]:
+    """The console scripts, as installed into /usr/bin."""
+    return sorted(project()["scripts"])
+
+
+def man_sources() -> list[Path]:
+    """docs/NAME.SECTION.scd, the man page sources."""
+    return sorted(DOCS.glob("*.[1-9].scd"))
+
+
+def man_pages() -> list[str]:
+    """NAME.SECTION of every man page built from docs/."""
+    return [p.name.removesuffix(".scd") for p in man_sources()]
+
+
+def unit_files() -> list[str]:
+    return sorted(p.name for p in UNITS.iterdir() if p.suffix in (".service", ".socket"))
+
+
+def template_units() -> list[str]:
+    return [u for u in unit_files() if "@." in u]
+
+
+def plain_units() -> list[str]:
+    return [u for u in unit_files() if "@." not in u]
+
+
+def example_files() -> list[str]:
+    return sorted([p.name for p in (REPO / "conf.d").glob("*.conf")] + ["upper-daemon.py"])
+
+
+def python_modules() -> list[str]:
+    """Paths of the package's modules relative to site-packages (tcpmuxd/..., .py only)."""
+    return sorted(
+        str(p.relative_to(REPO))
+        for p in (REPO / "tcpmuxd").rglob("*.py")
+        if "__pycache__" not in p.parts
+    )
+
+
+#: Directories every package ships empty (the administrator's, and the vendor services').
+EMPTY_DIRS = ("/etc/tcpmuxd/conf.d", "/etc/tcpmuxd/sockmux.d", "/usr/lib/tcpmuxd/conf.d")
+
+
+def expected_files(*, unitdir: str, sitelib: str, docdir: str, man_suffix: str = "") -> set[str]:
+    """Every regular file a package must install (not directories; bytecode not included)."""
+    files = {f"/usr/bin/{c}" for c in commands()}
+    files |= {f"{sitelib}/{m}" for m in python_modules()}
+    files |= {f"{unitdir}/{u}" for u in unit_files()}
+    for page in man_pages():
+        files.add(f"/usr/share/man/man{page.rsplit('.', 1)[1]}/{page}{man_suffix}")
+    files |= {f"{docdir}/examples/{e}" for e in example_files()}
+    return files
+
+
+def dist_info(sitelib: str) -> str:
+    return f"{sitelib}/tcpmuxd-{version()}.dist-info"
+
+
+# ---------------------------------------------------------------------------------------------
+# The Debian package, built once per pytest session.
+
+
+@dataclass
+class DebBuild:
+    deb: Path
+    changes: Path
+    seconds: float
+    log: str
+
+
+_deb_cache: dict[str, object] = {}
+
+
+def build_deb(tmp_path_factory) -> DebBuild:
+    """Build the .deb (packaging/build-deb) once per session; later calls return the same one.
+
+    A failed build is remembered too: every test that needs it fails at once with its log.
+    """
+    if "build" in _deb_cache:
+        return _deb_cache["build"]  # type: ignore[return-value]
+    if "error" in _deb_cache:
+        raise AssertionError(_deb_cache["error"])
+    require_tools("dpkg-buildpackage", "dh", "dh_python3", "scdoc")
+    require_debian_packages(*DEB_BUILD_DEPENDS)
+    out = tmp_path_factory.mktemp("deb")
+    start = time.monotonic()
+    with timed("Debian package (packaging/build-deb)"):
+        r = run(["sh", PACKAGING / "build-deb", out], check=False, timeout=900)
+    seconds = time.monotonic() - start
+    log = r.stdout + r.stderr
+    debs = sorted(out.glob("tcpmuxd_*_all.deb"))
+    changes = sorted(out.glob("tcpmuxd_*.changes"))
+    if r.returncode != 0 or len(debs) != 1 or len(changes) != 1:
+        _deb_cache["error"] = (
+            f"packaging/build-deb failed (exit {r.returncode}, {seconds:.1f} s)\n{log[-12000:]}"
+        )
+        raise AssertionError(_deb_cache["error"])
+    _deb_cache["build"] = DebBuild(debs[0], changes[0], seconds, log)
+    return _deb_cache["build"]  # type: ignore[return-value]
+
+
+def built_deb(tmp_path_factory) -> Path:
+    """The tcpmuxd .deb of this pytest run (built on first use, then reused)."""
+    return build_deb(tmp_path_factory).deb
+
+
+# ---------------------------------------------------------------------------------------------
+# Man pages.
+
+
+def build_man(out: Path, source_date_epoch: int | None) -> dict[str, bytes]:
+    """packaging/build-man into ``out``; returns page name -> roff bytes."""
+    require_tools("scdoc")
+    env = {} if source_date_epoch is None else {"SOURCE_DATE_EPOCH": str(source_date_epoch)}
+    with timed("man pages (packaging/build-man)"):
+        run(["sh", PACKAGING / "build-man", out], env=env)
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+TH_LINE = re.compile(rb'^\.TH "([^"]+)" "([0-9])" "([^"]*)"', re.M)
