@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Union
 
 from tcpmuxd import handlers, passfd, protocol, relay
+from tcpmuxd.addresses import Endpoint, ip_address_of
 from tcpmuxd.config import Configuration, Service
 from tcpmuxd.handlers import SocketAddress
 from tcpmuxd.systemd import EventLog
@@ -130,7 +131,7 @@ class _Connection:
     """A connection from accept to its log record."""
 
     __slots__ = ("sock", "remote", "local", "started", "reader", "timer", "name", "service",
-                 "decision", "pid", "status", "listener", "ended")
+                 "decision", "pid", "status", "listener", "ended", "upstream")
 
     def __init__(self, sock: socket.socket, remote: SocketAddress, local: SocketAddress,
                  listener: str, max_name_length: int) -> None:
@@ -147,6 +148,7 @@ class _Connection:
         self.pid: int | None = None
         self.status = ""
         self.ended = False
+        self.upstream: socket.socket | None = None  # while a Forward=/PassTo= connect is under way
 
 
 class Dispatcher:
@@ -167,6 +169,7 @@ class Dispatcher:
         self._spare: int | None = self._open_spare()
         self._children: dict[int, tuple[subprocess.Popen, _Connection]] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._relays: set[relay.Relay] = set()
         self._loop.add_signal_handler(signal.SIGCHLD, self._reap)
 
     # -- listeners -------------------------------------------------------------------------
@@ -185,6 +188,8 @@ class Dispatcher:
         self._listeners.clear()
         for task in self._tasks:
             task.cancel()
+        for r in list(self._relays):
+            r.abort()
         self._loop.remove_signal_handler(signal.SIGCHLD)
 
     def status(self) -> str:
@@ -347,9 +352,11 @@ class Dispatcher:
             if service.kind == "exec":
                 self._exec(conn, service)
             elif service.kind == "forward":
-                self._spawn_task(conn, self._forward(conn, service))
+                assert service.forward is not None
+                self._connect_target(conn, service, service.forward, self._forward_connected)
             else:
-                self._spawn_task(conn, self._pass(conn, service))
+                assert service.pass_to is not None
+                self._connect_target(conn, service, service.pass_to, self._pass_connected)
 
     def _spawn_task(self, conn: _Connection, coro) -> None:
         task = self._loop.create_task(coro)
@@ -465,36 +472,100 @@ class Dispatcher:
             assert conn.service is not None
             self._service_end(conn, conn.service)
 
-    async def _forward(self, conn: _Connection, service: Service) -> None:
-        target = service.forward
-        assert target is not None and conn.sock is not None
-        upstream = await self._connect(conn, service, target)
-        if upstream is None:
+    # Forward= and PassTo= run on callbacks, not tasks: the per-connection cost of a Task,
+    # wait_for and two transports was most of the Forward= path (bench/dispatch.py).
+
+    def _connect_target(self, conn: _Connection, service: Service, target: Endpoint,
+                        then: Callable[[_Connection, Service, socket.socket], None]) -> None:
+        """Connect to a Forward=/PassTo= target before ``+`` (so failure can still be refused),
+        then call ``then``. Literal addresses connect at once; names are resolved first."""
+        if target.is_unix:
+            self._start_connect(conn, service, socket.AF_UNIX, target.path, then)
             return
+        literal = ip_address_of(target.host)
+        if literal is not None:
+            family = socket.AF_INET6 if literal.version == 6 else socket.AF_INET
+            self._start_connect(conn, service, family, (str(literal), target.port), then)
+            return
+        self._spawn_task(conn, self._resolve_then_connect(conn, service, target, then))
+
+    async def _resolve_then_connect(self, conn: _Connection, service: Service, target: Endpoint,
+                                    then) -> None:
+        try:
+            infos = await self._loop.getaddrinfo(target.host, target.port,
+                                                 type=socket.SOCK_STREAM)
+        except OSError as e:
+            self._service_refuse(conn, service, f"cannot resolve service address: {e}")
+            return
+        self._start_connect(conn, service, infos[0][0], infos[0][4], then)
+
+    def _start_connect(self, conn: _Connection, service: Service, family: int, address,
+                       then) -> None:
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:  # EMFILE/ENFILE: out of descriptors for the upstream side
+            self._service_refuse(conn, service, f"server out of resources: {_oserror_text(e)}")
+            return
+        sock.setblocking(False)
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(address)
+        if err == 0:
+            then(conn, service, sock)
+        elif err == errno.EINPROGRESS:
+            fd = sock.fileno()
+            timer = self._loop.call_later(service.connect_timeout, self._connect_done,
+                                          conn, service, sock, then, "timed out")
+            self._loop.add_writer(fd, self._connect_done, conn, service, sock, then, timer)
+            conn.upstream = sock
+        else:
+            sock.close()
+            self._service_refuse(conn, service, f"service unavailable: {os.strerror(err)}")
+
+    def _connect_done(self, conn: _Connection, service: Service, sock: socket.socket, then,
+                      outcome: asyncio.TimerHandle | str) -> None:
+        """The connect finished (writable) or timed out (``outcome`` is the reason)."""
+        self._loop.remove_writer(sock.fileno())
+        conn.upstream = None
+        if isinstance(outcome, str):
+            why = outcome
+        else:
+            outcome.cancel()
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err == 0:
+                then(conn, service, sock)
+                return
+            why = os.strerror(err)
+        sock.close()
+        self._service_refuse(conn, service, f"service unavailable: {why}")
+
+    def _forward_connected(self, conn: _Connection, service: Service,
+                           upstream: socket.socket) -> None:
         if not self._acknowledge(conn, service):
             upstream.close()
             self._service_end(conn, service)
             return
         conn.decision = "accepted"
         client, conn.sock = conn.sock, None
-        try:
-            sent, received = await relay.relay(client, upstream)
+        assert client is not None
+
+        def done(sent: int, received: int, error: OSError | None) -> None:
+            self._relays.discard(r)
             conn.status = f"{sent} bytes in, {received} bytes out"
-        except OSError as e:
-            conn.status = f"relay error: {_oserror_text(e)}"
-        finally:
+            if error is not None:
+                conn.status += f", ended by {_oserror_text(error)}"
             self._service_end(conn, service)
 
-    async def _pass(self, conn: _Connection, service: Service) -> None:
-        target = service.pass_to
-        assert target is not None and conn.sock is not None
-        channel = await self._connect(conn, service, target)
-        if channel is None:
-            return
+        r = relay.Relay(self._loop, client, upstream, done)
+        self._relays.add(r)
+
+    def _pass_connected(self, conn: _Connection, service: Service,
+                        channel: socket.socket) -> None:
         with channel:
             if not self._acknowledge(conn, service):
                 self._service_end(conn, service)
                 return
+            assert conn.sock is not None
             info = passfd.handover_info(service, conn.remote, conn.local)
             try:
                 conn.sock.setblocking(True)  # the receiver gets it as accept() would give it
@@ -503,35 +574,6 @@ class Dispatcher:
             except OSError as e:
                 conn.decision = f"hand-over failed: {_oserror_text(e)}"
         self._service_end(conn, service)
-
-    async def _connect(self, conn: _Connection, service: Service, target) -> socket.socket | None:
-        """Connect to a Forward=/PassTo= target before ``+``, so failure can still be refused."""
-        if target.is_unix:
-            family, address = socket.AF_UNIX, target.path
-        else:
-            try:
-                infos = await self._loop.getaddrinfo(target.host, target.port,
-                                                     type=socket.SOCK_STREAM)
-            except OSError as e:
-                self._service_refuse(conn, service, f"cannot resolve service address: {e}")
-                return None
-            family, address = infos[0][0], infos[0][4]
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as e:  # EMFILE/ENFILE: out of descriptors for the upstream side
-            self._service_refuse(conn, service, f"server out of resources: {_oserror_text(e)}")
-            return None
-        sock.setblocking(False)
-        try:
-            await asyncio.wait_for(self._loop.sock_connect(sock, address), service.connect_timeout)
-        except (OSError, asyncio.TimeoutError) as e:
-            sock.close()
-            why = "timed out" if isinstance(e, asyncio.TimeoutError) else _oserror_text(e)
-            self._service_refuse(conn, service, f"service unavailable: {why}")
-            return None
-        if family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
 
     def _service_refuse(self, conn: _Connection, service: Service, reason: str) -> None:
         self.counters.end(service, conn.remote.host)

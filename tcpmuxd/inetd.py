@@ -142,10 +142,12 @@ def _forward(sock: socket.socket, service: Service, record) -> int:
         return 0
     if service.acknowledge:
         sock.sendall(protocol.positive())
-    record("accepted")
-    sock.setblocking(False)
-    upstream.setblocking(False)
-    asyncio.run(relay.relay(sock, upstream))
+    try:
+        sent, received = asyncio.run(relay.relay(sock, upstream))
+    except OSError as e:
+        record("accepted", f"relay ended by {e.strerror or e}")
+        return 0
+    record("accepted", f"{sent} bytes in, {received} bytes out")
     return 0
 
 

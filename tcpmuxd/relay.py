@@ -1,131 +1,146 @@
 """Moving bytes between two sockets inside the event loop, for Forward= services.
 
-Protocol-style code (no Streams): each side's ``data_received`` writes straight into the other
-transport, and the transports' own flow control is wired across (when one side's write buffer
-passes its high-water mark, the other side stops reading), so memory per relay is bounded by two
-write buffers. EOF is passed on as a half-close, the way systemd-socket-proxyd does it, and the
-relay ends when both directions have ended or either side fails.
+Plain callbacks on raw non-blocking sockets (``add_reader``/``add_writer``), not asyncio
+transports: a Forward= connection is mostly set-up and tear-down, and two transports plus their
+protocol objects cost more than the whole relay below (measured with bench/dispatch.py; see the
+note on the issue). Each direction reads a chunk and writes it straight on; what the destination
+does not take at once waits, with reading from the source stopped, until the destination is
+writable again, so memory per relay is bounded by one chunk per direction. EOF is passed on as
+a half-close, the way systemd-socket-proxyd does it; the relay ends when both directions have
+ended, or at the first error on either side (then both sockets are closed at once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Callable
 
-#: Per-direction write buffer bound; reading from the other side pauses above it.
-WRITE_BUFFER_HIGH = 256 * 1024
+#: Bytes read at once, and so the most a direction holds while its destination is full.
+CHUNK = 256 * 1024
 
 
-class _Side(asyncio.Protocol):
-    """One socket of the pair; ``other`` is the side its bytes go to.
+class _Direction:
+    """Bytes from ``src`` to ``dst``."""
 
-    The two transports are made one after the other, so a side may hear from its socket before
-    the other side exists: those bytes (and an EOF) wait in ``early`` with reading paused, and
-    are passed on from the other side's ``connection_made``. (Pausing in ``connection_made``
-    itself is ignored by CPython 3.11's selector transport, hence this.)
-    """
+    __slots__ = ("src", "dst", "pending", "eof", "done", "count")
 
-    def __init__(self, done: asyncio.Future[int]) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.other: _Side | None = None
-        self.done = done
-        self.received = 0
+    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+        self.src = src
+        self.dst = dst
+        self.pending: memoryview | None = None
         self.eof = False
-        self.early: list[bytes] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport) and self.other is not None
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
-        other = self.other
-        if other.transport is not None and (other.early or other.eof):
-            for chunk in other.early:
-                transport.write(chunk)
-            other.early.clear()
-            if other.eof:
-                other._pass_eof()
-            elif not other.transport.is_closing():
-                other.transport.resume_reading()
-
-    def data_received(self, data: bytes) -> None:
-        self.received += len(data)
-        assert self.other is not None and self.transport is not None
-        if self.other.transport is None:
-            self.early.append(data)
-            self.transport.pause_reading()
-            return
-        self.other.transport.write(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        assert self.other is not None
-        if self.other.transport is None:
-            return True  # passed on when the other side is made
-        return self._pass_eof()
-
-    def _pass_eof(self) -> bool:
-        """Half-close the other side; close both once both directions have ended."""
-        other = self.other
-        assert other is not None and other.transport is not None and self.transport is not None
-        if other.eof or not other.transport.can_write_eof():
-            other.transport.close()
-            self.transport.close()
-            return False
-        other.transport.write_eof()
-        return True
-
-    def pause_writing(self) -> None:
-        assert self.other is not None and self.other.transport is not None
-        self.other.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        assert self.other is not None and self.other.transport is not None
-        if not self.other.transport.is_closing():
-            self.other.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        other = self.other
-        if other is not None and other.transport is not None:
-            if exc is None:
-                other.transport.close()
-            else:
-                other.transport.abort()
-        if not self.done.done() and (other is None or other.transport is None
-                                     or other.transport.is_closing()):
-            self.done.set_result(0)
+        self.done = False
+        self.count = 0
 
 
-async def relay(client: socket.socket, upstream: socket.socket) -> tuple[int, int]:
-    """Relay between two connected sockets until both directions end.
+class Relay:
+    """Both directions of one connection pair; ``on_done(a_to_b, b_to_a, error)`` at the end.
 
-    Returns (bytes from client, bytes from upstream). Ownership of both sockets passes here.
+    Ownership of both sockets passes to the relay, which closes them.
     """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, a: socket.socket, b: socket.socket,
+                 on_done: Callable[[int, int, OSError | None], None]) -> None:
+        self._loop = loop
+        self._on_done = on_done
+        self._finished = False
+        a.setblocking(False)
+        b.setblocking(False)
+        self._forth = _Direction(a, b)
+        self._back = _Direction(b, a)
+        for d in (self._forth, self._back):
+            loop.add_reader(d.src.fileno(), self._readable, d)
+
+    def _readable(self, d: _Direction) -> None:
+        try:
+            data = d.src.recv(CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._finish(e)
+            return
+        if not data:
+            self._loop.remove_reader(d.src.fileno())
+            d.eof = True
+            self._end_direction(d)
+            return
+        d.count += len(data)
+        try:
+            sent = d.dst.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            self._finish(e)
+            return
+        if sent < len(data):
+            d.pending = memoryview(data)[sent:]
+            self._loop.remove_reader(d.src.fileno())
+            self._loop.add_writer(d.dst.fileno(), self._writable, d)
+
+    def _writable(self, d: _Direction) -> None:
+        assert d.pending is not None
+        try:
+            sent = d.dst.send(d.pending)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._finish(e)
+            return
+        d.pending = d.pending[sent:] if sent < len(d.pending) else None
+        if d.pending is not None:
+            return
+        self._loop.remove_writer(d.dst.fileno())
+        if d.eof:
+            self._end_direction(d)
+        else:
+            self._loop.add_reader(d.src.fileno(), self._readable, d)
+
+    def _end_direction(self, d: _Direction) -> None:
+        """The source said EOF: once its bytes are out, half-close the destination."""
+        if d.pending is not None:
+            return  # _writable comes back here when the rest is sent
+        d.done = True
+        try:
+            d.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the other side is gone already; its own direction will say so
+        if self._forth.done and self._back.done:
+            self._finish(None)
+
+    def _finish(self, error: OSError | None) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        for d in (self._forth, self._back):
+            fd = d.src.fileno()
+            if fd >= 0:
+                self._loop.remove_reader(fd)
+                self._loop.remove_writer(fd)
+        for d in (self._forth, self._back):
+            d.src.close()
+        self._on_done(self._forth.count, self._back.count, error)
+
+    def abort(self) -> None:
+        """Close both sides now (daemon shutting down)."""
+        self._finish(None)
+
+
+async def relay(a: socket.socket, b: socket.socket) -> tuple[int, int]:
+    """Relay until both directions end; (bytes a->b, bytes b->a). Raises the first OSError."""
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[int] = loop.create_future()
-    a, b = _Side(done), _Side(done)
-    a.other, b.other = b, a
+    done: asyncio.Future[tuple[int, int]] = loop.create_future()
+
+    def on_done(forth: int, back: int, error: OSError | None) -> None:
+        if not done.done():
+            if error is None:
+                done.set_result((forth, back))
+            else:
+                done.set_exception(error)
+
+    r = Relay(loop, a, b, on_done)
     try:
-        await loop.connect_accepted_socket(lambda: a, sock=client)
-    except BaseException:
-        client.close()
-        upstream.close()
-        raise
-    try:
-        await loop.connect_accepted_socket(lambda: b, sock=upstream)
-    except BaseException:
-        assert a.transport is not None
-        a.transport.abort()
-        upstream.close()
-        raise
-    try:
-        await done
-        # Both transports are closing; let them finish flushing before reporting.
-        for side in (a, b):
-            assert side.transport is not None
-            side.transport.close()
+        return await done
     except asyncio.CancelledError:
-        for side in (a, b):
-            assert side.transport is not None
-            side.transport.abort()
+        r.abort()
         raise
-    return a.received, b.received
