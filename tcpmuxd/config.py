@@ -15,8 +15,9 @@ A broken file never takes the daemon or the other services down: it yields a
 now fails keeps serving its last good definition, so a typo in an edit does not turn a running
 service off.
 
-Everything here is a pure function of the files and the user/group databases: no logging, no
-global state. The dispatcher and ``tcpmuxd --check`` decide what to do with the result.
+Everything here is a pure function of the files, the user/group databases and whether this
+process may switch users (:func:`can_switch_users`, or ``load(switch_users=...)``): no logging,
+no global state. The dispatcher and ``tcpmuxd --check`` decide what to do with the result.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ __all__ = [
     "Configuration",
     "FileStatus",
     "Service",
+    "can_switch_users",
     "format_table",
     "load",
     "parse_timespan",
@@ -79,6 +81,16 @@ KINDS = ("exec", "forward", "passto")
 _HANDLER_KEYS = {"Exec": "exec", "Forward": "forward", "PassTo": "passto"}
 _STANDARD_ERROR = ("journal", "socket", "null")
 _show = show_path
+#: CAP_SETGID (6) and CAP_SETUID (7): what setgroups/setgid/setuid to a service's user need.
+_SWITCH_CAPABILITIES = 1 << 6 | 1 << 7
+_USER_KEYS = ("User", "Group", "SupplementaryGroups")
+#: Why a service with User=/Group= is not served, and the one setting that changes that.
+_CANNOT_SWITCH = (
+    "tcpmuxd cannot switch users here (it lacks CAP_SETUID/CAP_SETGID: the shipped units run it "
+    "as a dynamic user); to run handlers as other users, add DynamicUser=no in a drop-in "
+    "(systemctl edit tcpmuxd.service, or tcpmuxd-inetd@.service in Accept=yes mode; see "
+    "README.units.md, \"Handlers as other users\")"
+)
 
 
 @dataclass(frozen=True)
@@ -296,7 +308,21 @@ def _name_problem(name: str, max_length: int) -> str | None:
     return f"the service name {name!r} contains {bad!r}: names are visible ASCII, no spaces"
 
 
-def _parse_service(path: Path, text: str, max_name_length: int) -> _Parsed:
+def can_switch_users() -> bool:
+    """Whether this process may run a handler as another user: CAP_SETUID and CAP_SETGID are
+    in its effective set (root outside the units' sandbox has them, a dynamic user does not)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    effective = int(line.split()[1], 16)
+                    return effective & _SWITCH_CAPABILITIES == _SWITCH_CAPABILITIES
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
+def _parse_service(path: Path, text: str, max_name_length: int, switch_users: bool) -> _Parsed:
     settings = read_settings(path, text, section=SECTION, keys=_KEYS, what="a service file")
     values, lines, errors = settings.values, settings.lines, settings.errors
     err = settings.error
@@ -317,6 +343,11 @@ def _parse_service(path: Path, text: str, max_name_length: int) -> _Parsed:
         )
 
     ids = _resolve_ids(values, lines, err)
+    user_keys = [key for key in _USER_KEYS if key in values]
+    if user_keys and not switch_users:
+        # An error, so the service is not served: running its handler as tcpmuxd's own user
+        # instead would be a surprise, and the switch would fail after the "+" anyway.
+        err(min(lines[key] for key in user_keys), f"{'=, '.join(user_keys)}=: {_CANNOT_SWITCH}")
     if errors or kind is None or ids is None:
         return _Parsed(None, settings.sorted_errors(), name_line)
 
@@ -373,7 +404,7 @@ def _resolve_ids(
     }
 
 
-def _load_file(path: Path, max_name_length: int) -> _Parsed | None:
+def _load_file(path: Path, max_name_length: int, switch_users: bool) -> _Parsed | None:
     """Read and validate one winning file; ``None`` when it masks its name."""
     try:
         text = read_drop_in(path)
@@ -381,7 +412,7 @@ def _load_file(path: Path, max_name_length: int) -> _Parsed | None:
         return _Parsed(None, [exc.error])
     if text is None:
         return None
-    return _parse_service(path, text, max_name_length)
+    return _parse_service(path, text, max_name_length, switch_users)
 
 
 def load(
@@ -389,6 +420,7 @@ def load(
     previous: Configuration | None = None,
     *,
     max_name_length: int = DEFAULT_MAX_NAME_LENGTH,
+    switch_users: bool | None = None,
 ) -> Configuration:
     """Discover, read and validate every service file on ``search_path`` (highest first).
 
@@ -396,7 +428,13 @@ def load(
     later one is the error. With ``previous`` (a reload), a file whose name had a service
     before and that now yields none because of an error keeps that old service (state
     ``"kept"``); a file that was deleted or masked drops it, as intended.
+
+    A service with ``User=``, ``Group=`` or ``SupplementaryGroups=`` is an error when this
+    process cannot switch users (``switch_users``, default :func:`can_switch_users`): the
+    error says which unit setting to relax.
     """
+    if switch_users is None:
+        switch_users = can_switch_users()
     errors: list[ConfigError] = []
     # What was served from a directory that cannot be listed now keeps being served (below).
     kept = previous.files if previous else ()
@@ -408,7 +446,8 @@ def load(
     for filename in sorted(candidates):
         cand = candidates[filename]
         shadowed = tuple(cand.shadowed)
-        parsed = None if cand.unreadable_dir else _load_file(cand.path, max_name_length)
+        parsed = (None if cand.unreadable_dir
+                  else _load_file(cand.path, max_name_length, switch_users))
         if parsed is None and not cand.unreadable_dir:
             files.append(FileStatus(filename, cand.path, "masked", shadowed))
             continue

@@ -3,17 +3,22 @@
 A container boots systemd (nspawn.py) with this project bound read-only at /opt/tcpmuxd and a
 network namespace of its own, so port 1 in there is the container's. The four units from
 ``units/`` are installed unchanged, plus a drop-in that runs the project from the bind mount
-instead of /usr/bin/tcpmuxd; so every sandbox setting of the shipped units is in force while an
-exec handler (also one switching to User=nobody) and a forward run under it.
+instead of /usr/bin/tcpmuxd; so every sandbox setting of the shipped units is in force while
+exec handlers and a forward run under it.
+
+Both states of units/README.md are exercised: as shipped (``DynamicUser=yes``), tcpmuxd and its
+handlers run as a dynamic user and the ``User=nobody`` service is not served (the journal says
+which drop-in would allow it); with that drop-in (``DynamicUser=no``), tcpmuxd is root with
+CAP_SETUID/CAP_SETGID and the handler runs as nobody.
 
 Phases (timings are printed; run with ``-s`` to see them):
 
 1. Accept=no (tcpmuxd.socket + tcpmuxd.service): HELP over IPv4 and IPv6, exec services,
    bytes sent right after the name reaching the handler, a forward, an unknown name, a service
-   added by ``systemctl reload``, one journal record per connection, READY and the watchdog,
-   a clean stop.
+   added by ``systemctl reload``, one journal record per connection, READY and the watchdog;
+   then the relaxed drop-in and a restart, the same requests plus User=nobody; a clean stop.
 2. Accept=yes (tcpmuxd-inetd.socket + tcpmuxd-inetd@.service): the same requests, each served
-   by an instance that execs the handler in place.
+   by an instance that execs the handler in place, as shipped and relaxed.
 3. The conflict: starting either socket stops the other side, and port 1 keeps working.
 """
 
@@ -47,6 +52,11 @@ ExecStart=/usr/bin/python3 -m tcpmuxd
 Environment=PYTHONPATH={PROJECT} PYTHONDONTWRITEBYTECODE=1
 """
 WATCHDOG_DROPIN = f"[Service]\nWatchdogSec={WATCHDOG_SEC}s\n"
+#: units/README.md's one setting for handlers as other users (tests/test_units.py checks the
+#: README shows exactly this).
+RELAX_DROPIN = "[Service]\nDynamicUser=no\n"
+#: systemd's range for dynamic users (DynamicUser=yes).
+DYNAMIC_UIDS = range(61184, 65520)
 
 
 def services(forward_port: int) -> dict[str, str]:
@@ -55,12 +65,13 @@ def services(forward_port: int) -> dict[str, str]:
         "greeting.conf": "[Service]\nName=greet\nExec=/bin/echo hi there\n",
         "cat.conf": "[Service]\nExec=/bin/cat\n",
         "whoami.conf": "[Service]\nExec=/usr/bin/id -un\nUser=nobody\n",
+        "uid.conf": "[Service]\nExec=/usr/bin/id -u\n",
         "fwd.conf": f"[Service]\nForward=127.0.0.1:{forward_port}\n",
         "secret.conf": "[Service]\nExec=/bin/echo secret\nHidden=yes\n",
     }
 
 
-LISTED = {"echo", "greet", "cat", "whoami", "fwd"}
+LISTED = {"echo", "greet", "cat", "uid", "fwd"}
 
 
 def report(line: str) -> None:
@@ -157,13 +168,14 @@ def check_records(c: Container, cursor: str, mode: str, *matches: str) -> None:
     assert {"127.0.0.1" in m for m in messages} == {True, False}, f"one per peer: {messages}"
 
 
-def exercise(box: Box, mode: str) -> None:
-    """The requests both modes must serve the same way."""
+def exercise(box: Box, mode: str, *, relaxed: bool) -> None:
+    """The requests both modes must serve the same way; ``relaxed``: with RELAX_DROPIN."""
     c = box.c
     for host in HOSTS:
         names = help_names(c, host)
         assert LISTED <= {n.lower() for n in names}, f"HELP over [{host}]: {names}"
         assert "secret" not in {n.lower() for n in names}, "Hidden=yes service listed"
+        assert ("whoami" in names) == relaxed, f"{mode}: User=nobody service listed: {names}"
 
         line, rest = request(c, host, b"echo\r\n")
         assert (line[:1], rest) == (b"+", b"hello\n"), f"{mode} echo over [{host}]"
@@ -173,9 +185,20 @@ def exercise(box: Box, mode: str) -> None:
     line, rest = request(c, "127.0.0.1", b"secret\r\n")
     assert (line[:1], rest) == (b"+", b"secret\n"), "a hidden service still works"
 
-    # User=: the switch to another user works inside the capability bounding set.
+    # Handlers without User= run as tcpmuxd does: the dynamic user, or root when relaxed.
+    line, rest = request(c, "127.0.0.1", b"uid\r\n")
+    assert line[:1] == b"+", f"{mode} uid: {line!r}"
+    uid = int(rest)
+    report(f"{mode}{' relaxed' if relaxed else ''}: handler without User= runs as uid {uid}")
+    assert uid == 0 if relaxed else uid in DYNAMIC_UIDS, f"{mode}: handler uid {uid}"
+
+    # User=: the switch to another user works inside the capability bounding set (relaxed);
+    # as shipped, the service is refused rather than run as the dynamic user.
     line, rest = request(c, "127.0.0.1", b"whoami\r\n")
-    assert (line[:1], rest) == (b"+", b"nobody\n"), f"{mode} User=nobody handler"
+    if relaxed:
+        assert (line[:1], rest) == (b"+", b"nobody\n"), f"{mode} User=nobody handler"
+    else:
+        assert (line, rest) == (b"-unknown service whoami", b""), f"{mode} User=nobody handler"
 
     # Bytes sent in the same segment as the name belong to the handler.
     line, rest = request(c, "::1", b"cat\r\nright after the name", shut_wr=True)
@@ -228,6 +251,28 @@ def box(nspawn_available):
 # --- the tests ------------------------------------------------------------------------------
 
 
+def relax(c: Container, unit: str) -> None:
+    c.write_file(f"/etc/systemd/system/{unit}.d/70-users.conf", RELAX_DROPIN)
+    c.systemctl("daemon-reload")
+
+
+def check_cannot_switch(c: Container, cursor: str, *matches: str) -> None:
+    """The journal names the User= service and the drop-in that would allow it."""
+    def records():
+        entries = c.journal_since(cursor, "SYSLOG_IDENTIFIER=tcpmuxd", *matches)
+        return [e for e in entries if "whoami.conf" in str(e.get("MESSAGE"))]
+    entries = c.wait_until(records, timeout=10, what="the configuration error for whoami.conf")
+    message = str(entries[0]["MESSAGE"])
+    report(f"journal: {message}")
+    assert "User=: tcpmuxd cannot switch users" in message and "DynamicUser=no" in message
+
+
+def main_uid(c: Container, unit: str) -> int:
+    pid = show(c, unit, "MainPID")["MainPID"]
+    status = c.read_file(f"/proc/{pid}/status").decode()
+    return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+
+
 def test_accept_no(box):
     c = box.c
     with phase("Accept=no: enable --now tcpmuxd.socket"):
@@ -246,7 +291,10 @@ def test_accept_no(box):
         assert (first["ActiveState"], first["SubState"]) == ("active", "running")
         assert first["StatusText"], "no STATUS= sent"
         assert first["WatchdogUSec"] == f"{WATCHDOG_SEC}s"
-        exercise(box, "Accept=no")
+        exercise(box, "Accept=no", relaxed=False)
+        uid = main_uid(c, "tcpmuxd.service")
+        assert uid in DYNAMIC_UIDS, f"tcpmuxd.service runs as uid {uid}"
+        check_cannot_switch(c, cursor, "_SYSTEMD_UNIT=tcpmuxd.service")
 
     with phase("Accept=no: reload with a new service"):
         c.write_file(f"{CONF_D}/late.conf", "[Service]\nExec=/bin/echo late\n")
@@ -275,6 +323,12 @@ def test_accept_no(box):
         last_ping = int(now["WatchdogTimestampMonotonic"])
         assert time.monotonic() * 1e6 - last_ping < WATCHDOG_SEC * 1e6, f"no recent ping: {now}"
 
+    with phase("Accept=no: relaxed (DynamicUser=no), restart, requests"):
+        relax(c, "tcpmuxd.service")
+        c.systemctl("restart", "tcpmuxd.service")
+        assert main_uid(c, "tcpmuxd.service") == 0
+        exercise(box, "Accept=no", relaxed=True)
+
     with phase("Accept=no: stop"):
         c.systemctl("stop", "tcpmuxd.socket", "tcpmuxd.service")
         assert is_active(c, "tcpmuxd.socket") == "inactive"
@@ -295,13 +349,14 @@ def test_accept_yes(box):
         assert is_active(c, "tcpmuxd-inetd.socket") == "active"
 
     with phase("Accept=yes: requests"):
-        exercise(box, "Accept=yes")
+        exercise(box, "Accept=yes", relaxed=False)
+        check_cannot_switch(c, cursor)
         # Instances read conf.d when they start: no reload needed.
         c.write_file(f"{CONF_D}/later.conf", "[Service]\nExec=/bin/echo later\n")
         line, rest = request(c, "127.0.0.1", b"later\r\n")
         assert (line[:1], rest) == (b"+", b"later\n")
         accepted = int(show(c, "tcpmuxd-inetd.socket", "NAccepted")["NAccepted"])
-        assert accepted >= 11, f"NAccepted={accepted}: were these served by instances?"
+        assert accepted >= 12, f"NAccepted={accepted}: were these served by instances?"
 
     with phase("Accept=yes: journal"):
         # Matched by field, not by unit: an instance that exec'd /bin/echo may be gone before
@@ -309,6 +364,10 @@ def test_accept_yes(box):
         check_records(c, cursor, "Accept=yes")
         failed = c.systemctl("list-units", "--failed", "--plain", "--no-legend").stdout
         assert "tcpmuxd" not in failed, failed
+
+    with phase("Accept=yes: relaxed (DynamicUser=no), requests"):
+        relax(c, "tcpmuxd-inetd@.service")
+        exercise(box, "Accept=yes", relaxed=True)
 
 
 def test_modes_conflict(box):

@@ -1,0 +1,103 @@
+"""A container whose root is a writable copy of the host's, for installing packages in it.
+
+:class:`OverlayRootContainer` boots the host's own root file system (``/``, with /usr, /etc and
+/var/lib/dpkg) as the lower layer of an overlayfs whose upper layer is a tmpfs, so that ``dpkg
+-i``, ``dpkg --purge`` and everything a package's maintainer scripts do can write anywhere in
+the container while the host stays untouched. ``systemd-nspawn --volatile=overlay`` would be the
+obvious way, but nspawn refuses it for the host's root; ``--volatile=yes`` keeps /usr read-only
+and /var/lib/dpkg empty, so no package could be installed.
+
+The overlay is mounted by the process that becomes ``systemd-nspawn``, in a mount namespace of
+its own (``unshare --mount --propagation private``): the host never sees it, and it disappears
+with the container however the test ends (no unmounting, nothing to clean up after a SIGKILL).
+Booting takes a few seconds instead of half a second, because it is a whole system.
+
+Before the boot, in the overlay only, the copy is made neutral, whatever the host has:
+
+- The host's enabled units (``/etc/systemd/system/*.wants``, ``*.requires``: sshd, databases,
+  apt's timers, gettys, ...) are disabled, so that only what the test enables runs.
+- ``/usr/sbin/policy-rc.d`` is removed: Debian's maintainer scripts ask it before starting or
+  restarting anything (``deb-systemd-invoke``), and build and CI machines often have one that
+  denies everything (exit 101, as in Docker images), which would hide what the package does.
+
+Everything else is :class:`~.nspawn.Container` (readiness, cgroups, diagnostics, exec, netns).
+Pass ``presets=None`` to keep the distribution's presets: on Debian, enabling a unit on first
+installation goes through ``systemctl preset``, which the harness's default ``disable *`` would
+turn down.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from .nspawn import Container
+
+__all__ = ["OverlayRootContainer", "link_veth"]
+
+#: Runs as the process that then execs nspawn: $1 the layer directory, $2 the merged root.
+_PREPARE = r"""
+set -eu
+layers=$1 root=$2
+shift 3
+mount -t tmpfs -o mode=0755 tcpmuxd-e2e-upper "$layers"
+mkdir "$layers/upper" "$layers/work"
+mount -t overlay -o "lowerdir=/,upperdir=$layers/upper,workdir=$layers/work" \
+    tcpmuxd-e2e-root "$root"
+# An overlay sees one file system: directories the host mounts separately get their own.
+for d in usr var etc opt srv; do
+    if mountpoint -q "/$d"; then
+        mkdir "$layers/$d.upper" "$layers/$d.work"
+        mount -t overlay -o "lowerdir=/$d,upperdir=$layers/$d.upper,workdir=$layers/$d.work" \
+            "tcpmuxd-e2e-$d" "$root/$d"
+    fi
+done
+# The host's enabled units stay the host's.
+find "$root/etc/systemd/system" -mindepth 2 -maxdepth 2 -type l \
+    \( -path '*.wants/*' -o -path '*.requires/*' \) -delete
+rm -f "$root/usr/sbin/policy-rc.d"
+exec "$@"
+"""
+
+
+class OverlayRootContainer(Container):
+    """A :class:`Container` booting a private, writable overlay of the host's root."""
+
+    def __init__(self, **kwargs):
+        if "directory" in kwargs or "volatile" in kwargs:
+            raise TypeError("OverlayRootContainer makes its own root: no directory=/volatile=")
+        super().__init__(directory="/", volatile=None, **kwargs)
+        self._layers: str | None = None
+
+    def _start(self, t0: float) -> None:
+        # Called by start() once the temporary directory exists: the mount points go there.
+        self._layers, self.directory = f"{self._tmp}/layers", f"{self._tmp}/root"
+        os.mkdir(self._layers)
+        os.mkdir(self.directory)
+        super()._start(t0)
+
+    def command_line(self) -> list[str]:
+        argv = super().command_line()
+        if self._layers is None:
+            return argv
+        return ["unshare", "--mount", "--propagation", "private", "--",
+                "/bin/sh", "-c", _PREPARE, "prepare-root", self._layers, self.directory, "--",
+                *argv]
+
+
+def link_veth(a: Container, b: Container, *, name: str, address_a: str, address_b: str,
+              prefix: int = 24) -> None:
+    """Join two running containers with a veth pair, both ends called ``name``.
+
+    The pair is created with each end directly in a container's network namespace, so the
+    host's never holds it, and it goes away with the containers. ``address_a``/``address_b``
+    are IPv4 addresses given to the two ends.
+    """
+    subprocess.run(
+        ["ip", "link", "add", "name", name, "netns", str(a.leader_pid), "type", "veth",
+         "peer", "name", name, "netns", str(b.leader_pid)],
+        check=True, capture_output=True, text=True,
+    )
+    for c, address in ((a, address_a), (b, address_b)):
+        c.exec(["ip", "address", "add", f"{address}/{prefix}", "dev", name], check=True)
+        c.exec(["ip", "link", "set", name, "up"], check=True)

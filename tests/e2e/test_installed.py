@@ -1,0 +1,411 @@
+"""The Debian package, installed and used as an administrator would, under a real systemd.
+
+The .deb is the one this pytest run builds (tests/packaging/pkg_helpers.py, built once per
+session). Two containers boot systemd on a private, writable overlay of the host's root
+(installed_rootfs.py: the host's enabled services and its policy-rc.d are taken out in the
+overlay, nothing on the host changes), each in its own network namespace, joined by a veth
+pair the test creates: "office" 192.0.2.1 and "branch" 192.0.2.2. The distribution's presets
+apply (``presets=None``), as on a real installation. Stages, each timed (``-s`` shows them):
+
+1. ``dpkg -i`` on both: tcpmuxd.socket is enabled and listening on port 1 afterwards (the
+   package did it; ``systemctl enable --now tcpmuxd.socket`` is then a no-op), nothing else
+   is; the first connection starts tcpmuxd.service, as its dynamic user.
+2. office: services dropped into /etc/tcpmuxd/conf.d/, ``systemctl reload tcpmuxd``, used
+   through port 1 with the installed ``tcpmux`` client and with the test's own sockets; the
+   hardened unit at work (handlers as the dynamic user; a ``User=`` service refused, the
+   journal naming the drop-in that would allow it), then that drop-in applied with ``systemctl
+   edit tcpmuxd.service`` (User=nobody works) and ``systemctl revert``-ed.
+3. office: a vendor service in /usr/lib/tcpmuxd/conf.d/ (written by the test: the package
+   ships none), then masked by a /dev/null symlink in /etc: HELP stops listing it.
+4. ``systemctl start sockmuxd@link`` on both, a tunnel over the veth pair (branch connects to
+   office, with a shared secret): a 1 MiB stream from branch's entrance reaches office's
+   tcpmuxd through port 1 and comes back, and a second entrance reaches office's services
+   through the in-process ``tcpmux`` exit. Two containers rather than one and the host, so
+   that both ends are the installed package under systemd, as in real use; and rather than
+   two tunnels over loopback in one container, so that the link really crosses hosts.
+5. ``dpkg --purge`` on both: no tcpmuxd or sockmuxd process left (nor any of the dynamic
+   user), no units loaded or installed, port 1 and the tunnel's entrance closed.
+
+About 13 s on 2 cores, 4 of them building the .deb (shared with tests/packaging). Skipped
+(saying why) only where containers cannot be booted: not root, no systemd-nspawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .installed_rootfs import OverlayRootContainer, link_veth
+from .nspawn import Container
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packaging"))
+from pkg_helpers import built_deb  # noqa: E402  (a named module, see its docstring)
+
+CONF_D = "/etc/tcpmuxd/conf.d"
+VENDOR_D = "/usr/lib/tcpmuxd/conf.d"
+SOCKMUX_D = "/etc/tcpmuxd/sockmux.d"
+OFFICE, BRANCH = "192.0.2.1", "192.0.2.2"
+LINK_PORT = 7000
+ENTRANCE_TO_PORT_1, ENTRANCE_TO_TCPMUX_EXIT = 7001, 7002
+#: systemd's range for DynamicUser=yes.
+DYNAMIC_UIDS = range(61184, 65520)
+ENV = {"DEBIAN_FRONTEND": "noninteractive"}
+#: units/README.md's one setting for handlers as other users.
+RELAX_DROPIN = "[Service]\nDynamicUser=no\n"
+
+TIMINGS: dict[str, float] = {}
+
+
+def report(line: str) -> None:
+    print(f"[installed] {line}", flush=True)
+
+
+@contextlib.contextmanager
+def stage(name: str):
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        TIMINGS[name] = time.monotonic() - t0
+        report(f"{name}: {TIMINGS[name]:.2f} s")
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+@dataclass
+class Site:
+    office: Container
+    branch: Container
+    deb: Path
+
+    @property
+    def both(self) -> tuple[Container, Container]:
+        return self.office, self.branch
+
+
+def help_names(c: Container) -> list[str]:
+    raw = c.talk(("127.0.0.1", 1), b"HELP\r\n")
+    return [line.decode() for line in raw.split(b"\r\n") if line]
+
+
+def request(c: Container, port: int, data: bytes, shut_wr: bool = False) -> tuple[bytes, bytes]:
+    """(reply line, what followed it) of one TCPMUX request to 127.0.0.1:PORT inside ``c``."""
+    raw = c.talk(("127.0.0.1", port), data, shut_wr=shut_wr)
+    line, sep, rest = raw.partition(b"\r\n")
+    assert sep, f"{data!r} to port {port}: no reply line in {raw!r}"
+    return line, rest
+
+
+def roundtrip(c: Container, port: int, head: bytes, payload: bytes) -> bytes:
+    """Send head+payload (then EOF) from one thread while reading everything back."""
+    s = c.connect(("127.0.0.1", port), timeout=30)
+    errors: list[BaseException] = []
+
+    def send():
+        try:
+            s.sendall(head + payload)
+            s.shutdown(socket.SHUT_WR)
+        except BaseException as e:  # re-raised below
+            errors.append(e)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    chunks = []
+    with s:
+        while chunk := s.recv(1 << 16):
+            chunks.append(chunk)
+    sender.join(30)
+    if errors:
+        raise errors[0]
+    return b"".join(chunks)
+
+
+def show(c: Container, unit: str, *props: str) -> dict[str, str]:
+    out = c.systemctl("show", unit, f"--property={','.join(props)}").stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def state(c: Container, verb: str, unit: str) -> str:
+    return c.systemctl(verb, unit, check=False).stdout.strip()
+
+
+def uid_of(c: Container, pid: str) -> int:
+    status = c.read_file(f"/proc/{pid}/status").decode()
+    return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+
+
+#: An "editor" for systemctl edit: writes $DROPIN into the file it is given.
+EDITOR = '#!/bin/sh\nprintf %s "$DROPIN" > "$1"\n'
+
+
+def edit(c: Container, unit: str, dropin: str) -> None:
+    """``systemctl edit UNIT`` as an admin would, the editor scripted (edit wants a tty)."""
+    c.write_file("/run/e2e-editor", EDITOR, mode=0o755)
+    c.exec(["script", "-qec", f"systemctl edit {unit}", "/dev/null"], check=True,
+           env={"SYSTEMD_EDITOR": "/run/e2e-editor", "DROPIN": dropin})
+
+
+def reload_until(c: Container, predicate, what: str) -> None:
+    c.systemctl("reload", "tcpmuxd")
+    # ExecReload=kill -HUP returns before tcpmuxd has re-read conf.d (no notify-reload on 252).
+    c.wait_until(predicate, timeout=10, what=what)
+
+
+#: Every process whose command line mentions the package's daemons, or that runs as a dynamic
+#: user, as "pid uid argv" lines (the scanning process itself left out).
+PROCESS_SCAN = r"""
+import os, sys
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    if int(pid) == os.getpid():
+        continue
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        uid = int(next(l for l in open(f"/proc/{pid}/status") if l.startswith("Uid:")).split()[1])
+    except (OSError, StopIteration):
+        continue
+    text = b" ".join(argv).decode(errors="replace")
+    if "tcpmuxd" in text or "sockmuxd" in text or 61184 <= uid < 65520:
+        print(pid, uid, text)
+"""
+
+
+def leftover_processes(c: Container) -> list[str]:
+    out = c.exec(["python3", "-c", PROCESS_SCAN], check=True).stdout
+    return out.splitlines()
+
+
+# --- the two machines -----------------------------------------------------------------------
+
+
+def on_both(site: Site, fn) -> list:
+    """fn(container) on both containers at once (dpkg spends its time in maintainer scripts)."""
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(fn, site.both))
+
+
+@pytest.fixture(scope="module")
+def site(nspawn_available, tmp_path_factory):
+    t0 = time.monotonic()
+    with stage("build the .deb (shared with tests/packaging, once per run)"):
+        deb = built_deb(tmp_path_factory)
+    report(f"package: {deb.name}, {deb.stat().st_size} bytes")
+    with contextlib.ExitStack() as stack:
+        with stage("boot office and branch (overlay roots), veth pair"):
+            office, branch = (
+                stack.enter_context(OverlayRootContainer(presets=None, name_prefix="tcpmuxd-inst",
+                                                         log=report))
+                for _ in range(2))
+            link_veth(office, branch, name="tunnel0", address_a=OFFICE, address_b=BRANCH)
+        yield Site(office, branch, deb)
+        t_stop = time.monotonic()
+    TIMINGS["stop both containers"] = time.monotonic() - t_stop
+    TIMINGS["whole module"] = time.monotonic() - t0
+    report("stage timings:\n" + "\n".join(f"  {s:7.2f} s  {n}" for n, s in TIMINGS.items()))
+
+
+# --- 1. installation ------------------------------------------------------------------------
+
+
+def test_install_enables_and_starts_the_socket(site):
+    for c in site.both:
+        c.write_file(f"/var/tmp/{site.deb.name}", site.deb.read_bytes())
+    with stage("dpkg -i (both at once)"):
+        results = on_both(site, lambda c: c.exec(["dpkg", "-i", f"/var/tmp/{site.deb.name}"],
+                                                 env=ENV, check=True, timeout=120))
+    report(f"dpkg -i on office:\n{results[0].stdout}{results[0].stderr}".rstrip())
+
+    with stage("after installation: what the package enabled and started"):
+        for c in site.both:
+            assert state(c, "is-enabled", "tcpmuxd.socket") == "enabled"
+            assert state(c, "is-active", "tcpmuxd.socket") == "active", "not started by postinst"
+            assert state(c, "is-active", "tcpmuxd.service") == "inactive", "socket-activated"
+            assert state(c, "is-enabled", "tcpmuxd-inetd.socket") == "disabled"
+            assert state(c, "is-active", "tcpmuxd-inetd.socket") == "inactive"
+            assert state(c, "is-enabled", "sockmuxd@link.service") == "disabled"
+        c = site.office
+        # As the admin would, per the README: a no-op here, since the package did it.
+        c.systemctl("enable", "--now", "tcpmuxd.socket")
+        assert help_names(c) == [], "the package ships no services"
+        c.systemctl("start", "tcpmuxd.service")  # returns once READY=1 came (Type=notify)
+        main = show(c, "tcpmuxd.service", "ActiveState", "MainPID", "StatusText")
+        report(f"tcpmuxd.service after the first connection: {main}")
+        assert main["ActiveState"] == "active"
+        uid = uid_of(c, main["MainPID"])
+        assert uid in DYNAMIC_UIDS, f"tcpmuxd runs as uid {uid}, not as its dynamic user"
+
+
+# --- 2. a service of the admin's, reload, port 1 ---------------------------------------------
+
+
+def test_conf_d_service_after_reload(site):
+    c = site.office
+    with stage("conf.d services, systemctl reload tcpmuxd"):
+        c.write_file(f"{CONF_D}/hello.conf",
+                     "[Service]\nDescription=test\nExec=/bin/echo hello from conf.d\n")
+        c.write_file(f"{CONF_D}/cat.conf", "[Service]\nExec=/bin/cat\n")
+        c.write_file(f"{CONF_D}/uid.conf", "[Service]\nExec=/usr/bin/id -u\n")
+        c.write_file(f"{CONF_D}/whoami.conf", "[Service]\nExec=/usr/bin/id -un\nUser=nobody\n")
+        cursor = c.journal_cursor()
+        reload_until(c, lambda: "hello" in help_names(c), "hello in HELP after the reload")
+
+    with stage("use them through port 1"):
+        r = c.exec(["tcpmux", "127.0.0.1", "hello"], check=True)
+        assert r.stdout == "hello from conf.d\n", r
+        listed = c.exec(["tcpmux", "--list", "127.0.0.1"], check=True).stdout.split()
+        assert listed == ["cat", "hello", "uid"], listed
+        line, rest = request(c, 1, b"cat\r\nthrough port 1", shut_wr=True)
+        assert (line[:1], rest) == (b"+", b"through port 1")
+        line, rest = request(c, 1, b"uid\r\n")
+        assert line[:1] == b"+" and int(rest) in DYNAMIC_UIDS, (line, rest)
+        # The hardened unit cannot switch users: refused, and the journal says what to relax.
+        line, rest = request(c, 1, b"whoami\r\n")
+        assert line == b"-unknown service whoami", line
+        entries = c.journal_since(cursor, "SYSLOG_IDENTIFIER=tcpmuxd")
+        errors = [str(e.get("MESSAGE")) for e in entries if "whoami.conf" in str(e.get("MESSAGE"))]
+        report(f"journal: {errors[:1]}")
+        assert errors and "DynamicUser=no" in errors[0], errors
+        check = c.exec(["tcpmuxd", "--check"])
+        report(f"tcpmuxd --check (as root in a shell, so User= is fine there):\n{check.stdout}")
+        assert check.returncode == 0, check
+
+    with stage("systemctl edit tcpmuxd.service: DynamicUser=no, as the journal says; revert"):
+        edit(c, "tcpmuxd.service", RELAX_DROPIN)
+        c.systemctl("restart", "tcpmuxd.service")
+        assert request(c, 1, b"whoami\r\n") == (b"+", b"nobody\n")
+        assert request(c, 1, b"uid\r\n") == (b"+", b"0\n")
+        # Back to the unit as shipped for the rest.
+        c.systemctl("revert", "tcpmuxd.service")
+        c.systemctl("restart", "tcpmuxd.service")
+        line, rest = request(c, 1, b"uid\r\n")
+        assert line[:1] == b"+" and int(rest) in DYNAMIC_UIDS, (line, rest)
+
+
+# --- 3. masking a vendor service ----------------------------------------------------------
+
+
+def test_mask_vendor_service(site):
+    c = site.office
+    with stage("vendor service in /usr/lib/tcpmuxd/conf.d, reload"):
+        # Test-only: the package ships no vendor services, so the test plays the vendor.
+        c.write_file(f"{VENDOR_D}/vendor-echo.conf",
+                     "[Service]\nExec=/bin/echo from the vendor\n")
+        reload_until(c, lambda: "vendor-echo" in help_names(c), "vendor-echo in HELP")
+        assert request(c, 1, b"vendor-echo\r\n") == (b"+", b"from the vendor\n")
+
+    with stage("mask it: /etc/tcpmuxd/conf.d/vendor-echo.conf -> /dev/null, reload"):
+        c.exec(["ln", "-s", "/dev/null", f"{CONF_D}/vendor-echo.conf"], check=True)
+        reload_until(c, lambda: "vendor-echo" not in help_names(c), "vendor-echo gone from HELP")
+        assert help_names(c) == ["cat", "hello", "uid"]
+        line, _ = request(c, 1, b"vendor-echo\r\n")
+        assert line == b"-unknown service vendor-echo", line
+        check = c.exec(["tcpmuxd", "--check"], check=True).stdout
+        assert f"{CONF_D}/vendor-echo.conf (masks {VENDOR_D}/vendor-echo.conf)" in check, check
+
+
+# --- 4. a sockmuxd tunnel between the two ------------------------------------------------------
+
+
+def test_sockmuxd_tunnel(site):
+    office, branch = site.both
+    secret = hashlib.sha256(os.urandom(32)).hexdigest() + "\n"
+    common = f"Secret={SOCKMUX_D}/link.secret\nKeepAliveSec=5s\nDeadPeerSec=15s\n"
+    cursors = [c.journal_cursor() for c in site.both]
+    with stage("sockmuxd: tunnel files, sockmuxd --check"):
+        for c in site.both:
+            c.write_file(f"{SOCKMUX_D}/link.secret", secret, mode=0o600)
+        office.write_file(f"{SOCKMUX_D}/link.conf", (
+            "[Tunnel]\nDescription=office, the receptor\n"
+            f"Accept={OFFICE}:{LINK_PORT}\n{common}"
+            f"Exit={ENTRANCE_TO_TCPMUX_EXIT}=tcpmux\nExit=127.0.0.1:1\n"))
+        branch.write_file(f"{SOCKMUX_D}/link.conf", (
+            "[Tunnel]\nDescription=branch, the connector\n"
+            f"Connect={OFFICE}:{LINK_PORT}\n{common}ReconnectMaxSec=2s\n"
+            f"Entrance={ENTRANCE_TO_PORT_1}\nEntrance={ENTRANCE_TO_TCPMUX_EXIT}\n"))
+        for c in site.both:
+            r = c.exec(["sockmuxd", "--check", "link"])
+            assert r.returncode == 0, f"{r.stdout}{r.stderr}"
+
+    with stage("systemctl start sockmuxd@link (both; READY=1 once the link is up)"):
+        # The receptor is ready only once the peer has connected: do not wait for it here.
+        office.systemctl("start", "--no-block", "sockmuxd@link.service")
+        branch.systemctl("start", "sockmuxd@link.service")
+        office.systemctl("start", "sockmuxd@link.service")  # waits for the pending start job
+        for c in site.both:
+            s = show(c, "sockmuxd@link.service", "ActiveState", "SubState", "StatusText")
+            report(f"{c.machine}: sockmuxd@link {s}")
+            assert (s["ActiveState"], s["SubState"]) == ("active", "running"), s
+
+    with stage("a 1 MiB stream: branch entrance -> link -> office port 1 -> cat, and back"):
+        payload = os.urandom(1 << 20)
+        t0 = time.monotonic()
+        raw = roundtrip(branch, ENTRANCE_TO_PORT_1, b"cat\r\n", payload)
+        seconds = time.monotonic() - t0
+        line, _, rest = raw.partition(b"\r\n")
+        assert line[:1] == b"+", raw[:200]
+        assert len(rest) == len(payload) and rest == payload, f"{len(rest)} bytes came back"
+        report(f"1 MiB each way through the tunnel in {seconds:.2f} s")
+
+    with stage("the in-process tcpmux exit"):
+        line, rest = request(branch, ENTRANCE_TO_TCPMUX_EXIT, b"hello\r\n")
+        assert (line[:1], rest) == (b"+", b"hello from conf.d\n"), (line, rest)
+
+    with stage("one journal record per stream, on both sides"):
+        for c, cursor in zip(site.both, cursors, strict=True):
+            def records(c=c, cursor=cursor):
+                entries = c.journal_since(cursor, "SYSLOG_IDENTIFIER=sockmuxd")
+                found = [e for e in entries if "SOCKMUX_BYTES_SENT" in e]
+                return found if len(found) >= 2 else None
+            found = c.wait_until(records, timeout=10, what="two stream records")
+            report(f"{c.machine}: " + "\n  ".join(str(e.get("MESSAGE")) for e in found))
+            assert len(found) == 2, found
+            big = max(int(e["SOCKMUX_BYTES_SENT"]) for e in found)
+            assert big >= len(payload), found
+
+
+# --- 5. purge -------------------------------------------------------------------------------
+
+
+def test_purge_leaves_nothing_running(site):
+    office, branch = site.both
+    with stage("dpkg --purge (both at once)"):
+        results = on_both(site, lambda c: c.exec(["dpkg", "--purge", "tcpmuxd"], env=ENV,
+                                                 check=True, timeout=120))
+    report(f"dpkg --purge on office:\n{results[0].stdout}{results[0].stderr}".rstrip())
+
+    with stage("after the purge: processes, units, ports"):
+        for c in site.both:
+            assert leftover_processes(c) == [], f"{c.machine}: processes left"
+            loaded = c.systemctl("list-units", "--all", "--plain", "--no-legend",
+                                 "tcpmuxd*", "sockmuxd*").stdout.strip()
+            assert loaded == "", f"{c.machine}: units still loaded:\n{loaded}"
+            # (exits 1 when nothing matches)
+            files = c.systemctl("list-unit-files", "--no-legend", "tcpmuxd*", "sockmuxd*",
+                                check=False).stdout.strip()
+            assert files == "", f"{c.machine}: unit files left:\n{files}"
+            links = c.exec("find /etc/systemd/system -type l \\( -name 'tcpmuxd*' -o "
+                           "-name 'sockmuxd*' \\)", check=True).stdout.strip()
+            assert links == "", f"{c.machine}: enablement symlinks left:\n{links}"
+            status = c.exec(["dpkg-query", "-W", "-f=${db:Status-Status}", "tcpmuxd"]).stdout
+            assert status in ("", "not-installed"), status
+            for path in ("/usr/bin/tcpmuxd", "/usr/bin/sockmuxd",
+                         "/lib/systemd/system/tcpmuxd.socket",
+                         "/usr/lib/python3/dist-packages/tcpmuxd"):
+                assert c.exec(["test", "!", "-e", path]).returncode == 0, f"{path} left"
+            with pytest.raises(ConnectionRefusedError):
+                c.connect(("127.0.0.1", 1)).close()
+            left = c.exec("find /etc/tcpmuxd /usr/lib/tcpmuxd 2>/dev/null; true").stdout.split()
+            report(f"{c.machine}: left in /etc/tcpmuxd, /usr/lib/tcpmuxd (the admin's own files,"
+                   f" which dpkg keeps): {left}")
+        with pytest.raises(ConnectionRefusedError):
+            branch.connect(("127.0.0.1", ENTRANCE_TO_PORT_1)).close()
