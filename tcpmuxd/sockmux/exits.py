@@ -1,0 +1,314 @@
+"""Exits: connecting a stream that arrived from the peer to its destination on this side.
+
+:class:`ExitOpener` connects a :class:`~tcpmuxd.sockmux.session.Stream` to an
+:class:`~tcpmuxd.sockmux.config.Exit` and then calls ``stream.exit_connected(...)`` (the
+session answers CONNECTED) or ``stream.exit_failed(reason)`` (CLOSE with the reason). Kinds:
+
+* ``tcp`` / ``unix``: a connection to the server, within ``connect_timeout`` seconds.
+* ``exec``: the program runs with one end of a socketpair as its stdin and stdout (stderr is
+  ours, i.e. the journal), in its own session, signals reset, other descriptors closed, in an
+  environment without systemd's private variables and with ``REMOTE_ADDR``/``REMOTE_PORT``
+  (the client on the far side, as the peer reported it), ``SOCKMUX_TUNNEL`` and
+  ``SOCKMUX_ENTRANCE``. It runs as sockmuxd's own user. It is reaped the moment it exits
+  (pidfd, else polling): no zombies. When its stream is over and it is still running, it gets
+  ``terminate_grace`` seconds, then SIGTERM (its process group), then SIGKILL.
+* ``tcpmux``: one end of a socketpair goes to an in-process tcpmuxd
+  :class:`~tcpmuxd.dispatch.Dispatcher` built from tcpmuxd's conf.d (``tcpmux_search_path``),
+  which reads a TCPMUX service name from the stream and serves it exactly as for a client of
+  tcpmuxd's own port, with the far client's address for access rules and logs. Services with
+  ``User=`` need sockmuxd to be allowed to switch users (see sockmuxd(8)).
+
+Each open is one short task (opening a connection is a coroutine); the stream cancels it when
+the peer gives up first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..handlers import SocketAddress
+from ..systemd import EventLog, child_environment
+from .config import Exit
+
+__all__ = ["ExitOpener"]
+
+#: How long an exec exit may go on after its stream is over before it gets SIGTERM, and
+#: then how long before SIGKILL.
+TERMINATE_GRACE = 2.0
+KILL_GRACE = 3.0
+CHILD_POLL_INTERVAL = 0.1
+
+
+def _strerror(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
+
+
+def _split(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    host = host.strip("[]")
+    return host, int(port) if port.isdigit() else 0
+
+
+class _Child:
+    """One exec exit's process: reaped as soon as it exits, ended after its stream."""
+
+    __slots__ = ("opener", "proc", "name", "pidfd", "poll", "timer", "stream_over")
+
+    def __init__(self, opener: ExitOpener, proc: subprocess.Popen[bytes], name: str) -> None:
+        self.opener = opener
+        self.proc = proc
+        self.name = name
+        self.pidfd = -1
+        self.poll: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.stream_over = False
+        loop = opener.loop
+        try:
+            self.pidfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            self.poll = loop.call_later(CHILD_POLL_INTERVAL, self._polled)
+        else:
+            loop.add_reader(self.pidfd, self._exited)
+
+    def _polled(self) -> None:
+        self.poll = None
+        if self.proc.poll() is None:
+            self.poll = self.opener.loop.call_later(CHILD_POLL_INTERVAL, self._polled)
+        else:
+            self._exited()
+
+    def _exited(self) -> None:
+        # poll() tolerates a child someone else reaped (tcpmuxd's dispatcher reaps with -1).
+        if self.proc.poll() is None:
+            return
+        self._stop_watching()
+        self.opener._children.discard(self)
+        code = self.proc.returncode
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        self.opener._debug(f"exit program {self.name} (pid {self.proc.pid}): {how}")
+
+    def _stop_watching(self) -> None:
+        loop = self.opener.loop
+        if self.pidfd >= 0:
+            loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+        for handle in (self.poll, self.timer):
+            if handle is not None:
+                handle.cancel()
+        self.poll = self.timer = None
+
+    def stream_finished(self) -> None:
+        if self.proc.returncode is None and self.timer is None:
+            self.timer = self.opener.loop.call_later(self.opener.terminate_grace, self._signal,
+                                                     signal.SIGTERM)
+
+    def _signal(self, signum: int) -> None:
+        self.timer = None
+        if self.proc.poll() is not None:
+            self._exited()
+            return
+        try:
+            os.killpg(self.proc.pid, signum)
+        except OSError:
+            try:
+                self.proc.send_signal(signum)
+            except OSError:
+                pass
+        if signum == signal.SIGTERM:
+            self.timer = self.opener.loop.call_later(KILL_GRACE, self._signal, signal.SIGKILL)
+
+    def kill_now(self) -> None:
+        self._stop_watching()
+        if self.proc.returncode is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=5)
+            except (subprocess.TimeoutExpired, ChildProcessError):
+                pass
+        self.opener._children.discard(self)
+
+
+class ExitOpener:
+    """Connects streams to exits; owns exec exits' processes and the tcpmux dispatcher."""
+
+    def __init__(self, *, connect_timeout: float = 10.0, environ: Mapping[str, str] | None = None,
+                 log: EventLog | None = None, tunnel: str = "sockmux",
+                 tcpmux_search_path: Sequence[Path] | None = None,
+                 terminate_grace: float = TERMINATE_GRACE) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.connect_timeout = connect_timeout
+        self.environ = dict(os.environ if environ is None else environ)
+        self.log = log
+        self.tunnel = tunnel
+        self.tcpmux_search_path = tcpmux_search_path
+        self.terminate_grace = terminate_grace
+        self._children: set[_Child] = set()
+        self._dispatcher: Any = None
+        self.debug_enabled = False
+
+    def _debug(self, message: str) -> None:
+        if self.debug_enabled and self.log is not None:
+            self.log.record(message, priority=7, SOCKMUX_TUNNEL=self.tunnel)
+
+    # -- the tcpmux dispatcher ---------------------------------------------------------------
+
+    def dispatcher(self) -> Any:
+        """tcpmuxd's dispatcher for ``tcpmux`` exits, built on first use (conf.d read then)."""
+        if self._dispatcher is None:
+            from .. import config as tcpmux_config
+            from ..dispatch import Dispatcher, Limits
+
+            path = tuple(self.tcpmux_search_path or tcpmux_config.DEFAULT_SEARCH_PATH)
+            cfg = tcpmux_config.load(path)
+            for error in cfg.errors:
+                if self.log is not None:
+                    self.log.record(f"tcpmux exit: configuration: {error}", priority=3,
+                                    SOCKMUX_TUNNEL=self.tunnel)
+            log = self.log if self.log is not None else EventLog({}, "sockmuxd")
+            self._dispatcher = Dispatcher(cfg, Limits(), log, self.environ)
+            if self.log is not None:
+                self.log.record(f"tcpmux exit: {len(cfg.services)} services from "
+                                + ", ".join(str(p) for p in path), SOCKMUX_TUNNEL=self.tunnel)
+        return self._dispatcher
+
+    # -- opening -----------------------------------------------------------------------------
+
+    def open(self, exit_: Exit, stream: Any) -> asyncio.Task[None] | None:
+        """Start connecting ``stream`` to ``exit_``; the stream hears back by a call."""
+        kind = exit_.kind
+        if kind == "tcp" or kind == "unix":
+            coro = self._connect(exit_, stream)
+        elif kind == "exec":
+            coro = self._exec(exit_, stream)
+        elif kind == "tcpmux":
+            coro = self._tcpmux(stream)
+        else:  # pragma: no cover - config only makes the kinds above
+            stream.exit_failed(f"No server (unknown exit kind {kind})")
+            return None
+        return self.loop.create_task(coro)
+
+    async def _connect(self, exit_: Exit, stream: Any) -> None:
+        ep = exit_.endpoint
+        assert ep is not None
+        loop = self.loop
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if ep.is_unix:
+                    transport, _ = await loop.create_unix_connection(lambda: stream, ep.path)
+                else:
+                    transport, _ = await loop.create_connection(lambda: stream, ep.host, ep.port)
+        except TimeoutError:
+            stream.exit_failed(f"No server ({exit_.target}: no connection within "
+                               f"{self.connect_timeout:g} s)")
+            return
+        except OSError as exc:
+            stream.exit_failed(f"No server ({exit_.target}: {_strerror(exc)})")
+            return
+        from .session import format_address
+        if ep.is_unix:
+            server, local = "localhost:0", "localhost:0"
+        else:
+            server = format_address(transport.get_extra_info("peername"))
+            local = format_address(transport.get_extra_info("sockname"))
+        stream.exit_connected(server, local)
+
+    def _environment(self, stream: Any) -> dict[str, str]:
+        host, port = _split(stream.client)
+        extra = {"SOCKMUX_TUNNEL": self.tunnel, "SOCKMUX_ENTRANCE": stream.entrance,
+                 "PROTO": "TCP", "REMOTE_ADDR": host, "REMOTE_PORT": str(port),
+                 "TCPREMOTEIP": host, "TCPREMOTEPORT": str(port)}
+        return child_environment(self.environ, extra)
+
+    async def _exec(self, exit_: Exit, stream: Any) -> None:
+        argv = exit_.argv
+        assert argv
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                proc = subprocess.Popen(
+                    argv, stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=None,
+                    close_fds=True, start_new_session=True, restore_signals=True,
+                    env=self._environment(stream))
+            finally:
+                theirs.close()
+        except OSError as exc:
+            ours.close()
+            stream.exit_failed(f"No server (cannot start {argv[0]}: {_strerror(exc)})")
+            return
+        child = _Child(self, proc, argv[0])
+        self._children.add(child)
+        previous = stream.on_finish
+
+        def finished(s: Any) -> None:
+            child.stream_finished()
+            if previous is not None:
+                previous(s)
+        stream.on_finish = finished
+        try:
+            await self.loop.connect_accepted_socket(lambda: stream, ours)
+        except BaseException:
+            ours.close()
+            child.stream_finished()
+            raise
+        stream.exit_connected("localhost:0", "localhost:0",
+                              target=f"{exit_.target} (pid {proc.pid})")
+
+    async def _tcpmux(self, stream: Any) -> None:
+        try:
+            dispatcher = self.dispatcher()
+        except Exception as exc:  # a broken conf.d search path must not kill the tunnel
+            stream.exit_failed(f"No server (tcpmux: {exc})")
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        host, port = _split(stream.client)
+        ehost, eport = _split(stream.entrance)
+        try:
+            dispatcher.serve_socket(theirs, SocketAddress(host, port, "TCP"),
+                                    SocketAddress(ehost, eport, "TCP"), f"sockmux:{self.tunnel}")
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            stream.exit_failed(f"No server (tcpmux: {_strerror(exc)})")
+            return
+        try:
+            await self.loop.connect_accepted_socket(lambda: stream, ours)
+        except BaseException:
+            ours.close()
+            raise
+        stream.exit_connected("localhost:1", "localhost:0")
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    @property
+    def children(self) -> int:
+        return len(self._children)
+
+    async def close(self, timeout: float = 3.0) -> None:
+        """End every exec exit (SIGTERM, SIGKILL after ``timeout``) and the dispatcher."""
+        children = list(self._children)
+        for child in children:
+            if child.proc.returncode is None:
+                child._signal(signal.SIGTERM)
+        deadline = self.loop.time() + timeout
+        while self._children and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            for child in list(self._children):
+                if child.proc.poll() is not None:
+                    child._exited()
+        for child in list(self._children):
+            child.kill_now()
+        if self._dispatcher is not None:
+            self._dispatcher.close()
+            self._dispatcher = None

@@ -1,0 +1,1181 @@
+"""The asyncio driver of a SockMux tunnel: :class:`Hub` (one tunnel), :class:`Session` (one
+link), :class:`Stream` (one forwarded connection).
+
+The protocol itself is :class:`~tcpmuxd.sockmux.connection.SockMuxConnection` (sans-I/O); this
+module moves bytes between it, the link transport (from :mod:`tcpmuxd.sockmux.links`) and the
+local sockets, with Protocol-style callbacks only: no asyncio Streams, no task per stream on the
+data path (an exit's connect is the one short-lived task, since opening a connection is a
+coroutine).
+
+Where the bytes go
+------------------
+::
+
+    client --TCP--> entrance ---Stream.data_received---> conn.send_data() ---> link writelines
+                                                                                   |
+    server <--TCP-- exit <--Stream._deliver (write)--- DataReceived <--- conn.receive_data()
+
+* **Local -> link.** ``Stream.data_received`` hands the chunk to ``send_data``, which takes at
+  most the stream's send window (zero-copy: the chunk's ``bytes`` become memoryview frame
+  payloads). The session flushes ``data_to_send()`` once per loop iteration, before the
+  loop polls again: what every callback of one poll round queued (data, SENT, CONNECT... of
+  every stream) goes out in one ``writelines`` (one writev). What the window did not take
+  stays in ``Stream.pending`` (one read's worth at most) and the local transport stops reading
+  until ``WindowUpdated`` (the peer's SENT) gives credit back.
+* **Link -> local.** ``DataReceived`` is written to the local transport at once. Local
+  transports have ``set_write_buffer_limits(high=0)``: if the socket took everything the bytes
+  are acknowledged (SENT) right away; if anything stayed in the transport's buffer,
+  ``pause_writing`` has been called, the count waits in ``Stream.unacked`` and is acknowledged
+  by ``resume_writing``, when the buffer is empty. Credit goes back to the peer only for bytes
+  that reached the socket, so a client that reads nothing stalls its own stream only: the
+  peer stops sending to it once its window is used up, and every other stream goes on.
+* **Link congestion.** The link transport has write-buffer limits :data:`LINK_WRITE_HIGH` /
+  :data:`LINK_WRITE_LOW`. Above the high mark a stream that delivers data pauses itself after
+  queueing it (``Session.link_blocked``), and pending data is held back; below the low mark
+  they all resume. (Lazily: only streams that have something to send are paused, so a
+  congestion episode costs nothing for the idle ones, however many there are.) Reading
+  *the link* is never paused for this (two peers that both stopped reading while both had
+  full buffers would deadlock): it is paused only above a hard bound that well-behaved
+  traffic cannot reach (see Memory), so a peer that floods requests (ECHO, CLOSE) without
+  reading the answers cannot make this side buffer without limit.
+* **Half-close.** EOF from a local socket becomes ``end_stream`` (SHUT with the extension,
+  else CLOSE, as DeleGate does) once the data before it has been handed over; ``StreamEnded``
+  becomes ``write_eof()`` on the local socket after what is buffered. When both directions have
+  ended the local socket is closed.
+
+Memory (what bounds what)
+-------------------------
+Per stream, towards the local socket: the transport buffer holds only bytes not yet
+acknowledged, which the peer may not exceed: ``receive window + 2 frames`` (first data, urgent
+data). Towards the link: ``Stream.pending`` holds at most one read (256 KiB, the loops' read
+size: reading stops as soon as something is pending), and the frames of a stream queued for the
+link never exceed its send window, because everything in the link's buffer is unacknowledged
+by definition. So the streams of one link hold at most
+``max_streams * (2 * window + 256 KiB + 2 frames)``: with the defaults (1024 streams, 256 KiB
+windows, 64 KiB frames) about 900 MiB, a worst case that needs every stream stalled in both
+directions at once; ``MaxStreams=`` and ``WindowSize=`` bound it further. On top of that: the
+decoder's one incomplete frame, and the link buffer's control frames, bounded by
+:attr:`Session.hard_limit` (reading the link pauses above it). An idle stream costs its two
+sockets' transports and two small objects: 2-4 KiB measured per side (RSS, uvloop).
+
+Link life
+---------
+A :class:`Session` is the link's protocol. It sends HELLO in ``connection_made``, runs a timer
+at ``next_deadline()`` for keep-alive and dead-peer detection, and gives the handshake
+(authentication included) :attr:`Hub.handshake_timeout` seconds. ``DeadPeer``,
+``AuthenticationFailed``, a :class:`RemoteProtocolError`, EOF or an error on the link close it
+with a logged reason; every stream it carried is reset on the local side (RST for TCP, so
+neither end mistakes the cut for a complete transfer), and nothing waits for a peer that is
+gone. A new link makes a new Session (and a new connection object).
+
+The :class:`Hub` is the tunnel across links: its entrances, the session streams are opened on
+(the newest *ready* one: a newer link from the peer replaces the old one only once it has
+authenticated, so a stray connection to a receptor cannot cut a working link), the exits, the
+counters and the per-stream log records. Entrance connections that arrive while no link is up
+are refused at once (reset), or, with ``hold_timeout``, held (not read; at most ``max_streams``
+of them) until a link is up or the time is over, then reset: never queued without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from typing import Any, Callable, Mapping
+
+from ..systemd import EventLog
+from .config import Exit
+from .connection import (
+    REASON_CLOSE,
+    REASON_NO_SERVER,
+    Authenticated,
+    AuthenticationFailed,
+    DataReceived,
+    DeadPeer,
+    FrameIgnored,
+    HandshakeComplete,
+    LinkClosed,
+    LinkReady,
+    PeerRestarted,
+    Pong,
+    SockMuxConfig,
+    SockMuxConnection,
+    StreamAccepted,
+    StreamClosed,
+    StreamEnded,
+    StreamRefused,
+    StreamRequested,
+    TooManyStreams,
+    WindowUpdated,
+)
+from .frames import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "Hub", "Session", "Stream", "HubStats", "LINK_WRITE_HIGH", "LINK_WRITE_LOW",
+    "ENTRANCE_BACKLOG", "format_address",
+]
+
+#: Link write buffer: above HIGH, streams stop reading their clients; below LOW they resume.
+LINK_WRITE_HIGH = 1 << 20
+LINK_WRITE_LOW = 256 << 10
+#: Room for control frames (SENT, ECHOOK, CLOSED...) on top of the data the windows allow.
+CONTROL_SLACK = 1 << 20
+#: How long a new entrance connection may wait for its first bytes before its stream opens
+#: without them (see Hub.first_data_wait). Measured on loopback: the client's first bytes come
+#: 0.1-1 ms after the accept; riding in CONNECT they save a tunnel round trip (connections/s
+#: +15-20 % with request/response clients); server-first protocols open 1 ms later.
+FIRST_DATA_WAIT = 0.001
+#: A local socket being closed gracefully is reset after this long without write progress.
+CLOSE_LINGER = 10.0
+#: A link being closed gets this long to flush (an AUTH failure notice, CLOSEs) before abort.
+LINK_CLOSE_LINGER = 2.0
+#: listen() backlog of entrances (ssh -L's 128 overflows under a burst of connections).
+ENTRANCE_BACKLOG = 4096
+#: Read size of the event loops' socket transports, the most one data_received delivers.
+READ_CHUNK = 256 * 1024
+
+_RST = struct.pack("ii", 1, 0)
+
+
+def format_address(addr: Any) -> str:
+    """``HOST:PORT`` / ``[V6]:PORT`` for a socket address; ``localhost:0`` for unix sockets.
+
+    These texts go into CONNECT/CONNECTED, where DeleGate expects ``HOST:PORT``.
+    """
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = str(addr[0]).partition("%")[0]
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return "localhost:0"
+
+
+def _wire_text(text: str) -> str:
+    """A text fit for a CONNECT/CONNECTED address: visible ASCII, no spaces, bounded."""
+    if text.isascii() and text.isprintable() and " " not in text and 0 < len(text) <= 200:
+        return text
+    clean = "".join(c if "!" <= c <= "~" else "_" for c in text)[:200]
+    return clean or "-"
+
+
+def port_of(addr: str) -> int | None:
+    """The port of a ``HOST:PORT`` text from the peer (DeleGate's entrance), or None."""
+    tail = addr.rpartition(":")[2]
+    if tail.isascii() and tail.isdigit() and len(tail) <= 5:
+        port = int(tail)
+        return port if 0 < port < 65536 else None
+    return None
+
+
+def _reset(transport: asyncio.BaseTransport) -> None:
+    """Close with RST where possible (SO_LINGER 0), so the other end sees a reset, not EOF."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
+        except (OSError, ValueError):
+            pass
+    transport.abort()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------- streams
+
+
+class Stream(asyncio.Protocol):
+    """One forwarded connection: the protocol of its local transport, and its state.
+
+    ``outbound``: accepted at one of our entrances (we opened the stream); otherwise the peer
+    opened it and we connected an exit. ``sid`` is the connection's stream id while the stream
+    is attached to a session, ``None`` once it is over for the protocol (the local socket may
+    still be flushing). See the module docstring for the data path.
+    """
+
+    __slots__ = (
+        "hub", "session", "sid", "number", "outbound", "transport", "label", "client",
+        "entrance", "target", "pending", "early", "open", "reading", "write_paused",
+        "unacked", "eof_local", "ended", "eof_remote", "up", "down", "started", "reason",
+        "linger", "linger_size", "task", "finished", "lost", "on_finish", "held",
+    )
+
+    def __init__(self, hub: Hub, outbound: bool, label: str = "") -> None:
+        self.hub = hub
+        self.session: Session | None = None
+        self.sid: int | None = None
+        self.number = 0  # the stream id, kept for the log record
+        self.outbound = outbound
+        self.transport: Any = None
+        self.label = label  # entrance label (outbound) or exit target (inbound)
+        self.client = ""  # the client's HOST:PORT (ours for outbound, the peer's for inbound)
+        self.entrance = ""  # the entrance HOST:PORT the client came in at
+        self.target = ""  # where it went: the peer's server (outbound) or our exit (inbound)
+        self.pending: bytes | None = None  # local bytes the window did not take yet
+        self.early: bytes | None = None  # peer's first data, to write once the exit is up
+        self.open = False  # the peer / our exit accepted: send_data() may be called
+        self.reading = True
+        self.write_paused = False
+        self.unacked = 0  # written into the local transport's buffer, not acknowledged yet
+        self.eof_local = False  # the local socket sent EOF
+        self.ended = False  # end_stream() called
+        self.eof_remote = False  # the peer ended its direction (StreamEnded)
+        self.up = 0  # bytes local -> link
+        self.down = 0  # bytes link -> local
+        self.started = time.monotonic()
+        self.reason: str | None = None
+        self.linger: asyncio.TimerHandle | None = None
+        self.linger_size = 0
+        self.task: asyncio.Task[None] | None = None
+        self.finished = False
+        self.lost = False
+        self.on_finish: Callable[[Stream], None] | None = None
+        self.held = False  # an entrance connection waiting for the link (Hub.hold_timeout)
+
+    # -- the local transport's callbacks ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]
+        if self.outbound:
+            self.hub._entrance_connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        sid = self.sid
+        if sid is None:
+            if self.held:  # not opened yet: one read's worth, then stop reading
+                self.pending = data if self.pending is None else self.pending + data
+                self._pause()
+                self.hub._first_data(self)
+            return
+        if self.pending is not None or not self.open:
+            self.pending = data if self.pending is None else self.pending + data
+            self._pause()
+            return
+        session = self.session
+        assert session is not None
+        try:
+            n = session.conn.send_data(sid, data)
+        except LocalProtocolError:  # closed under us; its event detaches it
+            return
+        self.up += n
+        session._flush()
+        if n < len(data):
+            self.pending = data[n:]
+            self._pause()
+        elif session.link_paused:
+            self._pause()
+            session.link_blocked.add(self)
+
+    def eof_received(self) -> bool:
+        self.eof_local = True
+        if self.sid is None:
+            if not self.held:
+                return False
+            self.hub._first_data(self)
+            return True
+        if self.pending is None and self.open:
+            self._end()
+        return True  # the transport stays open for the other direction (or _end closed it)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        n = self.unacked
+        if n and self.sid is not None:
+            self.unacked = 0
+            session = self.session
+            assert session is not None
+            session.conn.acknowledge(self.sid, n)
+            session._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.held:
+            self.hub._unhold(self, "the client left before its stream was opened")
+        if self.linger is not None:
+            self.linger.cancel()
+            self.linger = None
+        sid, session = self.sid, self.session
+        if sid is not None and session is not None:
+            who = "client" if self.outbound else "server"
+            if exc is not None:
+                reason = f"{who} connection failed: {exc}"
+            elif self.eof_local:
+                reason = f"closed by the {who}"
+            else:
+                reason = f"{who} connection closed"
+            session.conn.close_stream(sid, REASON_CLOSE)
+            self._detach(reason)
+            session._flush()
+        self._finish()
+
+    # -- link -> local -----------------------------------------------------------------------
+
+    def _deliver(self, data: bytes) -> None:
+        """Write bytes from the peer; acknowledge them once they are in the socket."""
+        self.down += len(data)
+        transport = self.transport
+        if self.write_paused:
+            self.unacked += len(data)
+            transport.write(data)
+            return
+        transport.write(data)
+        if self.write_paused:  # pause_writing() ran inside write(): part of it is buffered
+            self.unacked += len(data)
+        else:
+            self.session.conn.acknowledge(self.sid, len(data))  # type: ignore[union-attr]
+
+    def _remote_ended(self) -> None:
+        self.eof_remote = True
+        t = self.transport
+        if t is not None and not t.is_closing():
+            try:
+                if t.can_write_eof():
+                    t.write_eof()
+            except (OSError, RuntimeError):
+                pass
+        if self.ended:  # both directions are over: the connection closed the stream
+            self._detach("closed")
+            self._close_local(abort=False)
+
+    # -- local -> link -----------------------------------------------------------------------
+
+    def _pause(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if not self.reading and not self.eof_local:
+            self.reading = True
+            self.transport.resume_reading()
+
+    def _kick(self) -> None:
+        """Credit came back, the stream was accepted or the link drained: send what is
+        pending, then read again (or end the stream, if the local side had ended it)."""
+        session = self.session
+        if self.sid is None or session is None or not self.open:
+            return
+        if session.link_paused:
+            session.link_blocked.add(self)
+            return
+        p = self.pending
+        if p is not None:
+            try:
+                n = session.conn.send_data(self.sid, p)
+            except LocalProtocolError:
+                return
+            self.up += n
+            if n < len(p):
+                self.pending = p[n:]
+                return
+            self.pending = None
+        if self.eof_local:
+            if not self.ended:
+                self._end()
+        elif self.transport is not None:
+            self._resume()
+
+    def _end(self) -> None:
+        """The local side's EOF, passed on (after every byte before it)."""
+        session = self.session
+        assert session is not None and self.sid is not None
+        try:
+            session.conn.end_stream(self.sid)
+        except LocalProtocolError:
+            return
+        self.ended = True
+        session._flush()
+        features = session.conn.features
+        who = "client" if self.outbound else "server"
+        if features is None or not features.half_close:  # plain SockMux: EOF ends both ways
+            self._detach(f"closed by the {who}")
+            self._close_local(abort=False)
+        elif self.eof_remote:  # the peer had ended already: the stream is closed now
+            self._detach("closed")
+            self._close_local(abort=False)
+
+    # -- exits -------------------------------------------------------------------------------
+
+    def exit_connected(self, server_addr: str, local_addr: str, target: str | None = None) -> None:
+        """Called by the exit opener once the local transport is connected (and made)."""
+        self.task = None
+        if target is not None:
+            self.target = target
+        session = self.session
+        if self.sid is None or session is None:  # the peer gave up, or the link died
+            if self.transport is not None:
+                _reset(self.transport)
+            self._finish()
+            return
+        first = b""
+        p = self.pending
+        if p is not None and len(p) <= session.conn.max_first_data:
+            first, self.pending = p, None
+            self.up += len(p)
+        try:
+            session.conn.accept_stream(self.sid, first, server_addr=_wire_text(server_addr),
+                                       local_addr=_wire_text(local_addr))
+        except LocalProtocolError as exc:
+            self._detach(f"cannot accept: {exc}")
+            self._close_local(abort=True)
+            return
+        self.open = True
+        session.hub.stats.accepted += 1
+        early, self.early = self.early, None
+        if early:
+            self._deliver(early)
+        self._kick()
+        session._flush()
+
+    def exit_failed(self, reason: str) -> None:
+        """Called by the exit opener when the exit cannot be reached: refuse the stream."""
+        self.task = None
+        session = self.session
+        if self.sid is not None and session is not None:
+            try:
+                session.conn.refuse_stream(self.sid, reason[:400])
+            except LocalProtocolError:
+                pass
+            session._flush()
+            session.hub.stats.refused += 1
+            self._detach(f"refused: {reason}")
+        if self.transport is None:
+            self._finish()
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def _detach(self, reason: str) -> None:
+        """The stream is over for the protocol: forget its id (the connection may reuse it)."""
+        sid, session = self.sid, self.session
+        if sid is None or session is None:
+            return
+        self.sid = None
+        if self.reason is None:
+            self.reason = reason
+        if session.streams.get(sid) is self:
+            del session.streams[sid]
+        session.link_blocked.discard(self)
+        self.pending = self.early = None
+        task, self.task = self.task, None
+        if task is not None and not task.done():
+            task.cancel()
+
+    def _close_local(self, abort: bool) -> None:
+        t = self.transport
+        if t is None:
+            if self.task is None:
+                self._finish()
+            return
+        if self.lost:
+            return
+        if abort:
+            _reset(t)
+            return
+        t.close()
+        if t.get_write_buffer_size() and self.linger is None:
+            self.linger_size = t.get_write_buffer_size()
+            self.linger = self.hub.loop.call_later(CLOSE_LINGER, self._linger_check)
+
+    def _linger_check(self) -> None:
+        self.linger = None
+        t = self.transport
+        if t is None or self.lost:
+            return
+        size = t.get_write_buffer_size()
+        if size and size < self.linger_size:  # progress: wait some more
+            self.linger_size = size
+            self.linger = self.hub.loop.call_later(CLOSE_LINGER, self._linger_check)
+        elif size:
+            if self.reason is not None and "unread" not in self.reason:
+                who = "client" if self.outbound else "server"
+                self.reason += f"; {size} bytes unread by the {who}"
+            _reset(t)
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.hub._stream_finished(self)
+        if self.on_finish is not None:
+            self.on_finish(self)
+
+    def __repr__(self) -> str:
+        return (f"<Stream {self.number} {'out' if self.outbound else 'in'} sid={self.sid} "
+                f"open={self.open} up={self.up} down={self.down} reason={self.reason!r}>")
+
+
+# --------------------------------------------------------------------------------- sessions
+
+
+class Session(asyncio.Protocol):
+    """One link: the protocol of the link transport, driving one SockMuxConnection."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.loop = hub.loop
+        self.conn = SockMuxConnection(hub.config)
+        self.streams: dict[int, Stream] = {}
+        self.link_blocked: set[Stream] = set()
+        self.transport: Any = None
+        self.peer = "?"
+        self.peer_hello = ""
+        self.link_paused = False
+        self.read_paused = False
+        self.ready = False
+        self.ever_ready = False
+        self.authenticated = False
+        self.closed = False
+        self.reason: str | None = None
+        self.rtt: float | None = None
+        self.started = self.loop.time()
+        self.ready_at: float | None = None
+        self.hard_limit = LINK_WRITE_HIGH + CONTROL_SLACK
+        self._flush_pending = False
+        self.done: asyncio.Future[str] = self.loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
+
+    # -- the link transport's callbacks --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple):
+            self.peer = format_address(peername)
+        elif isinstance(peername, str) and peername:
+            self.peer = peername
+        else:
+            self.peer = "(socket)"
+
+        transport.set_write_buffer_limits(high=self.hub.link_high,  # type: ignore[attr-defined]
+                                          low=self.hub.link_low)
+        if not self.hub._link_made(self):
+            return
+        self.conn.initiate_connection(now=self.loop.time())
+        self.flush_now()
+        self._arm_timer()
+        self._handshake_timer = self.loop.call_later(self.hub.handshake_timeout,
+                                                     self._handshake_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            events = self.conn.receive_data(data, self.loop.time())
+        except RemoteProtocolError as exc:
+            self._handle(exc.events)
+            self._fail(f"protocol error from the peer: {exc}")
+            return
+        if events:
+            self._handle(events)
+        self._flush()
+
+    def eof_received(self) -> bool:
+        self._fail("the peer closed the link")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
+        if not self.closed:
+            self._fail(f"link lost: {exc}" if exc else "link closed")
+        if not self.done.done():
+            self.done.set_result(self.reason or "closed")
+
+    def pause_writing(self) -> None:
+        self.link_paused = True
+
+    def resume_writing(self) -> None:
+        self.link_paused = False
+        if self.read_paused:
+            self.read_paused = False
+            if not self.closed:
+                self.transport.resume_reading()
+        blocked = self.link_blocked
+        if blocked:
+            self.link_blocked = set()
+            for stream in blocked:
+                stream._kick()
+            self._flush()
+
+    # -- output ----------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Write what the connection queued, once per loop iteration: everything the
+        callbacks of one poll round produced (data, SENT, CONNECT... of every stream) goes out
+        in one writev, before the loop polls again (call_soon), so nothing waits longer."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush_due)
+
+    def _flush_due(self) -> None:
+        self._flush_pending = False
+        self.flush_now()
+
+    def flush_now(self) -> None:
+        out = self.conn.data_to_send()
+        if out:
+            transport = self.transport
+            if transport is None or self.closed:
+                return
+            transport.writelines(out)
+            if (self.link_paused and not self.read_paused
+                    and transport.get_write_buffer_size() > self.hard_limit):
+                self.read_paused = True
+                transport.pause_reading()
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _handle(self, events: list[Any]) -> None:
+        streams = self.streams
+        for ev in events:
+            cls = type(ev)
+            if cls is DataReceived:
+                stream = streams.get(ev.stream_id)
+                if stream is not None:
+                    stream._deliver(ev.data)
+            elif cls is WindowUpdated:
+                stream = streams.get(ev.stream_id)
+                if stream is not None and stream.pending is not None:
+                    stream._kick()
+            else:
+                self._other(ev)
+            if self.closed:
+                return
+
+    def _other(self, ev: Any) -> None:
+        cls = type(ev)
+        hub = self.hub
+        streams = self.streams
+        if cls is StreamRequested:
+            self._requested(ev)
+        elif cls is StreamAccepted:
+            stream = streams.get(ev.stream_id)
+            if stream is not None:
+                stream.open = True
+                stream.target = ev.server_addr
+                hub.stats.accepted += 1
+                if ev.first_data:
+                    stream._deliver(ev.first_data)
+                stream._kick()
+        elif cls is StreamEnded:
+            stream = streams.get(ev.stream_id)
+            if stream is not None:
+                stream._remote_ended()
+        elif cls is StreamClosed:
+            stream = streams.get(ev.stream_id)
+            if stream is not None:
+                if not stream.open:
+                    hub.stats.refused += 1
+                    stream._detach(f"refused by the peer: {ev.reason}")
+                elif stream.ended and ev.reason == REASON_CLOSE:
+                    stream._detach("closed")  # our EOF went first; the peer's CLOSE is its EOF
+                else:
+                    stream._detach(f"closed by the peer ({ev.reason})")
+                stream._close_local(abort=False)
+        elif cls is Pong:
+            self.rtt = ev.rtt
+        elif cls is HandshakeComplete:
+            f = ev.features
+            self.peer_hello = ev.peer_hello
+            kind = (f"extensions ({f.peer_extensions})" if f.extensions
+                    else "plain SockMux (no extensions)")
+            hub.log_event(
+                f"link {self.peer}: handshake with {ev.peer_hello!r} done, {kind}, frames "
+                f"{f.max_frame_size}, window {f.send_window}/{f.receive_window}, "
+                f"streams {f.max_streams}, half-close {'on' if f.half_close else 'off'}",
+                SOCKMUX_EVENT="handshake", SOCKMUX_LINK=self.peer, SOCKMUX_PEER_HELLO=ev.peer_hello)
+            self.hard_limit = (f.max_streams * (f.send_window + 2 * f.max_frame_size)
+                               + hub.link_high + CONTROL_SLACK)
+        elif cls is Authenticated:
+            self.authenticated = True
+            hub.log_event(f"link {self.peer}: peer authenticated (shared secret)",
+                          SOCKMUX_EVENT="authenticated", SOCKMUX_LINK=self.peer)
+        elif cls is LinkReady:
+            self._ready(ev.authenticated)
+        elif cls is AuthenticationFailed:
+            hub.stats.auth_failures += 1
+            self._fail(f"authentication failed: {ev.reason}", priority=3)
+        elif cls is DeadPeer:
+            self._fail(f"peer dead: nothing received for {ev.idle:.0f} s")
+        elif cls is PeerRestarted:
+            self._kill_streams(ev.closed_stream_ids, "link reset: the peer restarted")
+            was_ready, self.ready = self.ready, False
+            hub.log_event(f"link {self.peer}: the peer restarted (new HELLO); "
+                          f"{len(ev.closed_stream_ids)} streams closed, handshake again",
+                          priority=4, SOCKMUX_EVENT="peer-restarted", SOCKMUX_LINK=self.peer)
+            if was_ready:
+                hub._link_unready(self)
+            self._rearm_handshake()
+        elif cls is StreamRefused:
+            hub.stats.refused += 1
+            hub.log_event(f"link {self.peer}: stream from {ev.client_addr} (entrance "
+                          f"{ev.entrance_addr}) refused: {ev.reason}", priority=5,
+                          SOCKMUX_EVENT="stream-refused", REMOTE_ADDR=ev.client_addr,
+                          SOCKMUX_ENTRANCE=ev.entrance_addr, SOCKMUX_REASON=ev.reason)
+        elif cls is FrameIgnored:
+            hub.debug(f"link {self.peer}: ignored: {ev.reason}")
+        elif cls is LinkClosed:
+            pass
+
+    def _requested(self, ev: StreamRequested) -> None:
+        hub = self.hub
+        port = port_of(ev.entrance_addr)
+        exit_ = hub.exit_for(port)
+        stream = Stream(hub, outbound=False)
+        stream.session = self
+        stream.sid = stream.number = ev.stream_id
+        stream.client = ev.client_addr
+        stream.entrance = ev.entrance_addr
+        hub.stats.total += 1
+        if exit_ is None:
+            why = ("no exit for entrance port %d" % port) if port else "no default exit"
+            try:
+                self.conn.refuse_stream(ev.stream_id, REASON_NO_SERVER)
+            except LocalProtocolError:
+                pass
+            hub.stats.refused += 1
+            stream.reason = f"refused: {REASON_NO_SERVER} ({why})"
+            stream._finish()
+            return
+        stream.label = stream.target = exit_.target
+        if ev.first_data:
+            stream.early = ev.first_data
+        self.streams[ev.stream_id] = stream
+        if hub.opener is None:
+            stream.exit_failed(f"{REASON_NO_SERVER} (no exit opener)")
+            return
+        stream.task = hub.opener.open(exit_, stream)
+
+    def _ready(self, authenticated: bool) -> None:
+        self.ready = True
+        self.authenticated = authenticated
+        self.ready_at = self.loop.time()
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        self.ever_ready = True
+        self.hub._link_ready(self)
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        deadline = self.conn.next_deadline()
+        if deadline is None or self.closed:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.tick()
+
+    def tick(self) -> None:
+        """Run the keep-alive timers now (the watchdog path calls this too)."""
+        if self.closed:
+            return
+        events = self.conn.tick(self.loop.time())
+        if events:
+            self._handle(events)
+        self._flush()
+        if not self.closed:
+            self._arm_timer()
+
+    def _rearm_handshake(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self._handshake_timer = self.loop.call_later(self.hub.handshake_timeout,
+                                                     self._handshake_timed_out)
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        if not self.ready and not self.closed:
+            self._fail(f"handshake not complete after {self.hub.handshake_timeout:g} s "
+                       f"(state {self.conn.state.value}, authentication "
+                       f"{self.conn.auth_state.value.lower()})")
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def _kill_streams(self, ids: Any, reason: str) -> None:
+        for sid in ids:
+            stream = self.streams.get(sid)
+            if stream is not None:
+                stream._detach(reason)
+                stream._close_local(abort=True)
+
+    def close(self, reason: str) -> None:
+        """Close the link (shutdown, replaced by a newer link): every stream is reset."""
+        self._fail(reason)
+
+    def _fail(self, reason: str, priority: int = 4) -> None:
+        if self.closed:
+            return
+        try:
+            self.flush_now()  # an AUTH failure notice, CLOSEs: the peer's log should say why
+        except Exception:  # the transport may be gone already
+            pass
+        self.closed = True
+        self.reason = reason
+        was_ready, self.ready = self.ready, False
+        for timer in (self._timer, self._handshake_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._handshake_timer = None
+        self.conn.close_link(reason)
+        streams = list(self.streams.values())
+        for stream in streams:
+            stream._detach(f"link down: {reason}")
+            stream._close_local(abort=True)
+        self.link_blocked.clear()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+            self._abort_timer = self.loop.call_later(LINK_CLOSE_LINGER, transport.abort)
+        self.hub._link_down(self, reason, was_ready, len(streams), priority)
+        if transport is None and not self.done.done():
+            self.done.set_result(reason)
+
+    def __repr__(self) -> str:
+        return (f"<Session {self.peer} ready={self.ready} closed={self.closed} "
+                f"streams={len(self.streams)}>")
+
+
+# --------------------------------------------------------------------------------- the hub
+
+
+class HubStats:
+    """Tunnel-wide counters (over every link), for STATUS= and tests."""
+
+    __slots__ = ("total", "accepted", "refused", "finished", "bytes_up", "bytes_down",
+                 "links_up", "links_down", "auth_failures", "entrance_refused")
+
+    def __init__(self) -> None:
+        self.total = 0  # streams opened either way (including refused ones)
+        self.accepted = 0
+        self.refused = 0
+        self.finished = 0
+        self.bytes_up = 0  # finished streams: local -> link
+        self.bytes_down = 0  # finished streams: link -> local
+        self.links_up = 0
+        self.links_down = 0
+        self.auth_failures = 0
+        self.entrance_refused = 0  # clients refused because no link was up
+
+
+class Hub:
+    """One tunnel across its links: entrances, exits, the current session, counters, logs.
+
+    ``exits`` maps an entrance port (``None``: the default) to an :class:`Exit`; ``opener``
+    connects them (:class:`tcpmuxd.sockmux.exits.ExitOpener`, or anything with its ``open``).
+    ``on_ready(session)``, ``on_down(session, reason)`` and ``on_change()`` are the
+    daemon's hooks (READY=1, STATUS=).
+    """
+
+    def __init__(self, config: SockMuxConfig, *, exits: Mapping[int | None, Exit] | None = None,
+                 opener: Any = None, log: EventLog | None = None, name: str = "sockmux",
+                 handshake_timeout: float = 30.0, max_pending_links: int = 8,
+                 link_high: int = LINK_WRITE_HIGH, link_low: int = LINK_WRITE_LOW,
+                 on_ready: Callable[[Session], None] | None = None,
+                 on_down: Callable[[Session, str], None] | None = None,
+                 on_change: Callable[[], None] | None = None,
+                 log_streams: bool = True, debug: bool = False,
+                 hold_timeout: float = 0.0,
+                 first_data_wait: float = FIRST_DATA_WAIT) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.config = config
+        self.exits = dict(exits or {})
+        self.opener = opener
+        self.log = log
+        self.name = name
+        self.handshake_timeout = handshake_timeout
+        self.max_pending_links = max_pending_links
+        self.link_high = link_high
+        self.link_low = link_low
+        self.on_ready = on_ready
+        self.on_down = on_down
+        self.on_change = on_change or (lambda: None)
+        self.log_streams = log_streams
+        self.debug_enabled = debug
+        self.sessions: set[Session] = set()
+        self.current: Session | None = None
+        self.stats = HubStats()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.closing = False
+        self.finished_streams: list[Stream] | None = None  # tests may collect them
+        #: Entrance connections that arrive while no link is up wait this long for one
+        #: (0: refused at once). At most max_streams wait; reading them is paused.
+        self.hold_timeout = hold_timeout
+        self.waiting: dict[Stream, asyncio.TimerHandle] = {}
+        #: A new entrance connection is opened once its first bytes are there (they ride in
+        #: CONNECT, which saves the peer's exit a round trip for protocols where the client
+        #: speaks first: HTTP, TLS, most), or after this long (server-first protocols).
+        self.first_data_wait = first_data_wait
+        self.first_wait: dict[Stream, asyncio.TimerHandle] = {}
+
+    # -- logging ---------------------------------------------------------------------------
+
+    def log_event(self, message: str, priority: int = 6, **fields: object) -> None:
+        if self.log is not None:
+            self.log.record(message, priority=priority, SOCKMUX_TUNNEL=self.name, **fields)
+
+    def debug(self, message: str) -> None:
+        if self.debug_enabled:
+            self.log_event(message, priority=7)
+
+    # -- links -----------------------------------------------------------------------------
+
+    def new_session(self) -> Session:
+        """The protocol factory for links (links.connect_tcp, listen_tcp, open_fifos, ...)."""
+        return Session(self)
+
+    def _link_made(self, session: Session) -> bool:
+        if self.closing:
+            session.closed = True
+            session.transport.abort()
+            return False
+        pending = sum(1 for s in self.sessions if not s.ever_ready)
+        if pending >= self.max_pending_links:
+            self.log_event(f"link from {session.peer} dropped: {pending} links are already "
+                           "being set up", priority=4, SOCKMUX_EVENT="link-refused",
+                           SOCKMUX_LINK=session.peer)
+            session.closed = True
+            session.transport.abort()
+            return False
+        self.sessions.add(session)
+        self.log_event(f"link {session.peer}: connected, handshake starts",
+                       SOCKMUX_EVENT="link-connected", SOCKMUX_LINK=session.peer)
+        return True
+
+    def _link_ready(self, session: Session) -> None:
+        self.current = session
+        waiting, self.waiting = self.waiting, {}
+        self.stats.links_up += 1
+        auth = "authenticated" if session.authenticated else "NOT authenticated"
+        self.log_event(f"link {session.peer}: up ({auth}), peer {session.peer_hello!r}",
+                       SOCKMUX_EVENT="link-up", SOCKMUX_LINK=session.peer,
+                       SOCKMUX_PEER_HELLO=session.peer_hello,
+                       SOCKMUX_AUTHENTICATED="yes" if session.authenticated else "no")
+        for other in list(self.sessions):
+            if other is not session and other.ever_ready and not other.closed:
+                other.close("replaced by a newer link from the peer")
+        for stream, timer in waiting.items():
+            timer.cancel()
+            stream.held = False
+            if not stream.lost:
+                self._open(stream, session)
+        if self.on_ready is not None:
+            self.on_ready(session)
+        self.on_change()
+
+    def _link_unready(self, session: Session) -> None:
+        if self.current is session:
+            self.current = None
+        self.on_change()
+
+    def _link_down(self, session: Session, reason: str, was_ready: bool, streams: int,
+                   priority: int) -> None:
+        self.sessions.discard(session)
+        if self.current is session:
+            self.current = None
+        if session.ever_ready:
+            self.stats.links_down += 1
+        uptime = self.loop.time() - (session.ready_at or session.started)
+        what = "down" if session.ever_ready else "closed before it was up"
+        self.log_event(f"link {session.peer}: {what}: {reason}"
+                       + (f" ({streams} streams reset, up {uptime:.0f} s)"
+                          if session.ever_ready else ""),
+                       priority=priority if not self.closing else 6,
+                       SOCKMUX_EVENT="link-down", SOCKMUX_LINK=session.peer,
+                       SOCKMUX_REASON=reason)
+        if self.on_down is not None:
+            self.on_down(session, reason)
+        self.on_change()
+
+    # -- entrances -------------------------------------------------------------------------
+
+    async def add_entrance(self, sock: socket.socket, label: str = "") -> asyncio.AbstractServer:
+        """Serve a listening socket as an entrance (ours, or one systemd passed)."""
+        sock.setblocking(False)
+        label = label or format_address(sock.getsockname())
+        server = await self.loop.create_server(lambda: Stream(self, True, label), sock=sock,
+                                               backlog=ENTRANCE_BACKLOG)
+        self.servers.append(server)
+        return server
+
+    def _entrance_connected(self, stream: Stream) -> None:
+        transport = stream.transport
+        stream.client = format_address(transport.get_extra_info("peername"))
+        stream.entrance = format_address(transport.get_extra_info("sockname"))
+        self.stats.total += 1
+        self._admit(stream, wait=True)
+
+    def _admit(self, stream: Stream, wait: bool) -> None:
+        """Open a stream for an entrance connection: after its first bytes (``wait``), now,
+        or once a link is up (hold_timeout); else reset it."""
+        session = self.current
+        if session is not None and session.ready and not session.closed:
+            f = session.conn.features
+            if (wait and self.first_data_wait > 0 and f is not None and f.conndata
+                    and stream.pending is None and not stream.eof_local):
+                stream.held = True
+                self.first_wait[stream] = self.loop.call_later(
+                    self.first_data_wait, self._first_data, stream)
+                return
+            self._open(stream, session)
+            return
+        if (self.hold_timeout > 0 and not self.closing
+                and len(self.waiting) < self.config.max_streams):
+            stream.held = True
+            self.waiting[stream] = self.loop.call_later(
+                self.hold_timeout, self._unhold, stream,
+                f"no link within {self.hold_timeout:g} s")
+            return
+        self.stats.entrance_refused += 1
+        stream.reason = "refused: the link is down"
+        _reset(stream.transport)
+
+    def _first_data(self, stream: Stream) -> None:
+        """The first bytes (or EOF) of a waiting entrance connection came, or the wait is
+        over: open its stream now."""
+        timer = self.first_wait.pop(stream, None)
+        if timer is None:
+            return
+        timer.cancel()
+        stream.held = False
+        if not stream.lost:
+            self._admit(stream, wait=False)
+
+    def _unhold(self, stream: Stream, why: str) -> None:
+        timer = self.waiting.pop(stream, None) or self.first_wait.pop(stream, None)
+        if timer is not None:
+            timer.cancel()
+        if stream.held:
+            stream.held = False
+            self.stats.entrance_refused += 1
+            stream.reason = f"refused: {why}"
+            if not stream.lost:
+                _reset(stream.transport)
+
+    def _open(self, stream: Stream, session: Session) -> None:
+        transport = stream.transport
+        first = b""
+        p = stream.pending
+        if p is not None and len(p) <= session.conn.max_first_data:
+            first = p
+        try:
+            sid = session.conn.open_stream(_wire_text(stream.client),
+                                           _wire_text(stream.entrance), first)
+        except TooManyStreams as exc:
+            self.stats.refused += 1
+            stream.reason = f"refused: {exc}"
+            _reset(transport)
+            return
+        except LocalProtocolError as exc:
+            self.stats.refused += 1
+            stream.reason = f"refused: {exc}"
+            _reset(transport)
+            return
+        if first:
+            stream.pending = None
+            stream.up += len(first)
+        stream.session = session
+        stream.sid = stream.number = sid
+        session.streams[sid] = stream
+        session._flush()
+        self.on_change()
+
+    # -- exits -----------------------------------------------------------------------------
+
+    def exit_for(self, entrance_port: int | None) -> Exit | None:
+        exits = self.exits
+        if entrance_port is not None and entrance_port in exits:
+            return exits[entrance_port]
+        return exits.get(None)
+
+    # -- streams ---------------------------------------------------------------------------
+
+    def _stream_finished(self, stream: Stream) -> None:
+        stats = self.stats
+        stats.finished += 1
+        stats.bytes_up += stream.up
+        stats.bytes_down += stream.down
+        if self.finished_streams is not None:
+            self.finished_streams.append(stream)
+        if self.log_streams and self.log is not None:
+            duration = time.monotonic() - stream.started
+            reason = stream.reason or "closed"
+            if stream.outbound:
+                route = (f"{stream.client} -> entrance {stream.entrance} -> peer"
+                         + (f" ({stream.target})" if stream.target else ""))
+            else:
+                route = (f"peer {stream.client} (entrance {stream.entrance}) -> exit "
+                         f"{stream.target or '-'}")
+            refused = reason.startswith("refused")
+            self.log.record(
+                f"stream {stream.number}: {route}: {stream.up} bytes sent, {stream.down} "
+                f"bytes received, {duration:.3f} s, {reason}",
+                priority=5 if refused else 6,
+                SOCKMUX_TUNNEL=self.name,
+                SOCKMUX_EVENT="stream",
+                SOCKMUX_STREAM=stream.number,
+                SOCKMUX_DIRECTION="entrance" if stream.outbound else "exit",
+                REMOTE_ADDR=stream.client,
+                SOCKMUX_ENTRANCE=stream.entrance,
+                SOCKMUX_EXIT=None if stream.outbound else stream.target,
+                SOCKMUX_BYTES_SENT=stream.up,
+                SOCKMUX_BYTES_RECEIVED=stream.down,
+                SOCKMUX_DURATION_USEC=int(duration * 1e6),
+                SOCKMUX_REASON=reason,
+            )
+        self.on_change()
+
+    def open_streams(self) -> int:
+        return sum(len(s.streams) for s in self.sessions)
+
+    def bytes_totals(self) -> tuple[int, int]:
+        up, down = self.stats.bytes_up, self.stats.bytes_down
+        for session in self.sessions:
+            for stream in session.streams.values():
+                up += stream.up
+                down += stream.down
+        return up, down
+
+    def status(self) -> str:
+        """One line for STATUS=: link state, streams, bytes."""
+        s = self.current
+        if s is not None and s.ready:
+            rtt = f", rtt {s.rtt * 1000:.1f} ms" if s.rtt is not None else ""
+            auth = "" if s.authenticated else ", unauthenticated"
+            link = f"link up to {s.peer_hello.split()[-1] if s.peer_hello else s.peer}{auth}{rtt}"
+        elif self.sessions:
+            link = "link handshaking"
+        else:
+            link = "link down"
+        up, down = self.bytes_totals()
+        return (f"{link}; {self.open_streams()} streams open, {self.stats.total} total; "
+                f"{_human(up)} sent, {_human(down)} received")
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    def close(self, reason: str = "shutting down") -> None:
+        """Stop accepting at the entrances and close every link (streams are reset)."""
+        self.closing = True
+        for server in self.servers:
+            server.close()
+        for stream in list(self.waiting) + list(self.first_wait):
+            self._unhold(stream, reason)
+        for session in list(self.sessions):
+            session.close(reason)
