@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -39,6 +38,9 @@ from tcpmuxd.config import Configuration, Service
 from tcpmuxd.handlers import SocketAddress
 from tcpmuxd.systemd import EventLog
 
+
+#: How often a handler is polled for when no pidfd could be opened for it (out of descriptors).
+CHILD_POLL_INTERVAL = 0.5
 
 #: While out of descriptors, accepting pauses and resumes four times a second: say so in the log
 #: once in a while, not every time.
@@ -167,10 +169,9 @@ class Dispatcher:
         self._paused = False
         self._pause_logged = -PAUSE_LOG_INTERVAL
         self._spare: int | None = self._open_spare()
-        self._children: dict[int, tuple[subprocess.Popen, _Connection]] = {}
+        self._children: dict[int, tuple[subprocess.Popen, _Connection, int | None]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._relays: set[relay.Relay] = set()
-        self._loop.add_signal_handler(signal.SIGCHLD, self._reap)
 
     # -- listeners -------------------------------------------------------------------------
 
@@ -190,7 +191,10 @@ class Dispatcher:
             task.cancel()
         for r in list(self._relays):
             r.abort()
-        self._loop.remove_signal_handler(signal.SIGCHLD)
+        for _child, _conn, pidfd in self._children.values():
+            if pidfd is not None:
+                self._loop.remove_reader(pidfd)
+                os.close(pidfd)
 
     def status(self) -> str:
         c = self.counters
@@ -452,25 +456,40 @@ class Dispatcher:
         conn.sock = None
         conn.pid = child.pid
         conn.decision = "accepted"
-        self._children[child.pid] = (child, conn)
+        self._watch_child(child, conn)
         self.on_change()
 
-    def _reap(self) -> None:
-        while self._children:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            entry = self._children.pop(pid, None)
-            if entry is None:
-                continue
-            child, conn = entry
-            child.returncode = os.waitstatus_to_exitcode(status)
-            conn.status = handlers.describe_status(status)
-            assert conn.service is not None
-            self._service_end(conn, conn.service)
+    # Handlers are watched one by one through pidfds rather than with a SIGCHLD handler and
+    # waitpid(-1): that reaps only our own handlers (sockmuxd, which embeds the dispatcher,
+    # has children of its own) and works on loops that refuse a SIGCHLD handler (uvloop).
+
+    def _watch_child(self, child: subprocess.Popen, conn: _Connection) -> None:
+        try:
+            pidfd: int | None = os.pidfd_open(child.pid)
+        except OSError:  # out of descriptors: poll for this one instead, nothing is lost
+            pidfd = None
+        self._children[child.pid] = (child, conn, pidfd)
+        if pidfd is None:
+            self._loop.call_later(CHILD_POLL_INTERVAL, self._poll_child, child.pid)
+        else:
+            self._loop.add_reader(pidfd, self._child_exited, child.pid)
+
+    def _poll_child(self, pid: int) -> None:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            self._loop.call_later(CHILD_POLL_INTERVAL, self._poll_child, pid)
+        else:
+            self._child_exited(pid)
+
+    def _child_exited(self, pid: int) -> None:
+        child, conn, pidfd = self._children.pop(pid)
+        if pidfd is not None:
+            self._loop.remove_reader(pidfd)
+            os.close(pidfd)
+        _, status = os.waitpid(pid, 0)  # it has exited: this does not block
+        child.returncode = os.waitstatus_to_exitcode(status)
+        conn.status = handlers.describe_status(status)
+        assert conn.service is not None
+        self._service_end(conn, conn.service)
 
     # Forward= and PassTo= run on callbacks, not tasks: the per-connection cost of a Task,
     # wait_for and two transports was most of the Forward= path (bench/dispatch.py).

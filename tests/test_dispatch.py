@@ -293,3 +293,46 @@ def test_bad_service_file_reported_while_others_serve(services, daemon_factory):
     assert d.talk(b"good\r\n") == b"+\r\ngood\n"
     assert d.talk(b"bad\r\n") == b"-unknown service bad\r\n"
     assert "bad.conf:3:" in d.output()
+
+
+def test_handler_is_polled_for_when_no_pidfd_can_be_opened(services, monkeypatch):
+    """Out of descriptors right after the spawn, the handler is still reaped and logged.
+
+    The real condition cannot be produced on purpose: Popen's own pipes need descriptors before
+    pidfd_open does, so running out exactly in between is a race. This is the one test here that
+    substitutes a function (os.pidfd_open raising EMFILE); the rest is real: an in-process
+    Dispatcher on a loopback listener, a real client and a real /bin/echo handler.
+    """
+    import asyncio
+    import errno
+
+    from tcpmuxd import config, dispatch
+    from tcpmuxd.systemd import EventLog
+
+    write_service(services, "e.conf", "[Service]\nExec=/bin/echo polled\n")
+    records: list[str] = []
+
+    class Log(EventLog):
+        def record(self, message, priority=6, **fields):
+            records.append(message)
+
+    def no_pidfd(pid):
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+
+    async def run() -> bytes:
+        d = dispatch.Dispatcher(config.load([services]), dispatch.Limits(), Log({}, "t"), {})
+        listener = socket.create_server(("127.0.0.1", 0))
+        d.add_listener(listener, "test")
+        port = listener.getsockname()[1]
+        reply = await asyncio.to_thread(talk, port, b"e\r\n")
+        for _ in range(100):
+            if any("e: accepted" in r and "exit 0" in r for r in records):
+                break
+            await asyncio.sleep(0.05)
+        d.close()
+        return reply
+
+    assert asyncio.run(run()) == b"+\r\npolled\n"
+    assert any("e: accepted" in r and "exit 0" in r for r in records), records

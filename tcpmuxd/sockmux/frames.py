@@ -289,7 +289,8 @@ class FrameDecoder:
         end = pos + HEADER_SIZE + length
         if len(buf) < end:
             return self._compact()
-        payload = bytes(buf[pos + HEADER_SIZE:end])
+        with memoryview(buf) as view:  # one copy of the payload, not two (slice, then bytes)
+            payload = bytes(view[pos + HEADER_SIZE:end])
         if end == len(buf):
             buf.clear()
             self._pos = 0
