@@ -70,7 +70,7 @@ def test_metadata():
     assert v["pkgver"] == [version()]
     assert v["arch"] == ["any"]
     assert v["license"] == ["MIT"]
-    assert v["depends"] == ["python", "python-systemd"]
+    assert v["depends"] == ["python", "python-systemd", "python-uvloop"]
     assert {"python-build", "python-installer", "scdoc"} <= set(v["makedepends"])
     assert v["backup"] == [], "no files in /etc (directories only), so nothing to back up"
     assert v["install"] == [], "no .install scriptlet: nothing is enabled or started on installation"

@@ -158,6 +158,7 @@ def test_control_fields(deb):
     depends = [d.strip() for d in field("Depends").split(",")]
     names = {re.split(r"[\s(:]", d, maxsplit=1)[0] for d in depends}
     assert "python3-systemd" in names, depends
+    assert "python3-uvloop" in names, depends
     assert "python3" in names, depends
     assert field("Section") == "net"
 

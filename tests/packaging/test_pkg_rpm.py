@@ -157,6 +157,7 @@ def test_requires_python3_systemd(rpm):
     requires = query(rpm, "--requires")
     print(requires)
     assert re.search(r"^python3-systemd\b", requires, re.M)
+    assert re.search(r"^python3-uvloop\b", requires, re.M)
     assert "/usr/bin/python3" in requires
 
 
