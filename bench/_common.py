@@ -253,3 +253,122 @@ def command_line() -> str:
 def which(name: str, extra: Iterable[str] = ("/usr/sbin", "/sbin")) -> str | None:
     path = os.environ.get("PATH", "") + os.pathsep + os.pathsep.join(extra)
     return shutil.which(name, path=path)
+
+
+# --- CPU time and process trees (added for bench/tunnel.py) --------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (fields[0] is the state), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """utime + stime of ``pid`` (all its threads) from /proc/PID/stat, in seconds (10 ms
+    ticks); with ``children``, plus cutime + cstime of the children it has reaped. 0 if gone."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return 0.0
+    # fields[0] is field 3 (state): utime, stime, cutime, cstime are fields 14..17
+    return sum(int(x) for x in fields[11:15 if children else 13]) / CLK_TCK
+
+
+def parent_pid(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, grandchildren, ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            ppid = parent_pid(int(name))
+            if ppid is not None:
+                parents.setdefault(ppid, []).append(int(name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return sorted(found)
+
+
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) ticks of all CPUs together, from the first line of /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    total = sum(fields[:8])
+    return total - idle, total
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process and of every child it has waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class OtherLoad:
+    """How much of the machine's CPUs processes *not* started by the benchmark use.
+
+    ``ours`` returns the pids whose CPU time is the benchmark's own (long-running helpers);
+    this process and the children it has waited for are always counted as its own.
+    """
+
+    def __init__(self, ours) -> None:
+        self.ours = ours
+
+    def _ours(self) -> float:
+        return own_cpu() + sum(cpu_seconds(p, children=True) for p in self.ours())
+
+    def start(self) -> tuple[tuple[int, int], float]:
+        return machine_cpu(), self._ours()
+
+    def share(self, mark: tuple[tuple[int, int], float]) -> tuple[float, bool]:
+        """(share of all CPUs used by others since ``mark``, whether the window was long
+        enough to tell: CPU times come in ticks)."""
+        (busy0, total0), ours0 = mark
+        busy1, total1 = machine_cpu()
+        ours1 = self._ours()
+        ticks = max(1, total1 - total0)
+        other = (busy1 - busy0 - (ours1 - ours0) * CLK_TCK) / ticks
+        valid = ticks >= 50 * (os.cpu_count() or 1) * CLK_TCK / 100
+        return (max(0.0, other) if valid else 0.0), valid
+
+    def wait_quiet(self, quiet: float, timeout: float) -> tuple[float, float]:
+        """Wait at most ``timeout`` s until others use at most ``quiet`` of the CPUs (sampled
+        over 0.3 s). Returns (the last share seen, seconds waited)."""
+        start = time.monotonic()
+        while True:
+            mark = self.start()
+            time.sleep(0.3)
+            (busy0, total0), ours0 = mark
+            busy1, total1 = machine_cpu()
+            other = (busy1 - busy0 - (self._ours() - ours0) * CLK_TCK) / max(1, total1 - total0)
+            waited = time.monotonic() - start
+            if other <= quiet or waited >= timeout:
+                return max(0.0, other), waited
+
+
+def sched_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by every thread of ``pid``, from /proc/PID/task/*/schedstat
+    (nanoseconds: finer than the 10 ms ticks of /proc/PID/stat), 0 if gone."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / 1e9
