@@ -251,7 +251,16 @@ async def connect_tcp(host: str, port: int, protocol_factory: ProtocolFactory, *
 
 
 class _Acceptor:
-    """The receptor's per-listener state: hands each accepted, handshaken link to the factory."""
+    """The receptor's per-listener state: hands each accepted, handshaken link to the factory.
+
+    With TLS, no byte of an accepted connection is ever read outside the TLS layer: the loop's
+    plain transport is only a vehicle for the accept. In its ``connection_made`` (which both
+    loops call before they start reading) the socket is duplicated and that transport aborted,
+    and the duplicate goes to ``loop.connect_accepted_socket(..., ssl=...)``, the loop's own
+    server-side TLS, whose protocol is the socket's reader from its first byte on. (Reading
+    raw first and calling ``start_tls`` later loses a ClientHello that arrived in between: the
+    handshake then stalls until it times out.)
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, protocol_factory: ProtocolFactory,
                  tls: ssl.SSLContext | None, handshake_timeout: float) -> None:
@@ -262,37 +271,52 @@ class _Acceptor:
         self.server: asyncio.AbstractServer | None = None
         self.handshakes: set[asyncio.Task[None]] = set()
 
-    def new_protocol(self) -> _Handoff:
-        return _AcceptedHandoff(self)
+    def new_protocol(self) -> asyncio.BaseProtocol:
+        if self.tls is None:
+            return _AcceptedHandoff(self)
+        return _TLSAccept(self)
 
     def accepted(self, handoff: _Handoff) -> None:
         assert handoff.transport is not None
-        if self.tls is None:
-            # Not from inside connection_made: both loops (re)start reading after it returns,
-            # which would override a pause_reading() in the link protocol's connection_made.
-            self.loop.call_soon(self.deliver, handoff, handoff.transport)
-        else:
-            task = self.loop.create_task(self.handshake(handoff))
-            self.handshakes.add(task)
-            task.add_done_callback(self.handshakes.discard)
+        # Not from inside connection_made: both loops (re)start reading after it returns,
+        # which would override a pause_reading() in the link protocol's connection_made.
+        self.loop.call_soon(self.deliver, handoff, handoff.transport)
 
-    async def handshake(self, handoff: _Handoff) -> None:
-        raw = handoff.transport
-        assert raw is not None and self.tls is not None
+    def accepted_tls(self, raw: asyncio.BaseTransport) -> None:
+        """Called from the plain transport's connection_made, before anything was read: take
+        the socket over for TLS and drop that transport."""
         peer = _fmt_addr(raw.get_extra_info("peername"))
+        try:
+            sock = socket.socket(fileno=os.dup(raw.get_extra_info("socket").fileno()))
+        except OSError as exc:  # EMFILE, ENFILE: refuse this one, keep serving
+            raw.abort()
+            log.warning("link from %s refused: %s", peer, exc)
+            return
+        raw.abort()  # closes its descriptor only; the connection lives on in the duplicate
+        task = self.loop.create_task(self.handshake(sock, peer))
+        self.handshakes.add(task)
+        task.add_done_callback(self.handshakes.discard)
+
+    async def handshake(self, sock: socket.socket, peer: str) -> None:
+        assert self.tls is not None
+        handoff = _Handoff()
         handoff.tls = True
         try:
-            transport = await self.loop.start_tls(raw, handoff, self.tls, server_side=True,
-                                                  ssl_handshake_timeout=self.handshake_timeout)
+            sock.setblocking(False)
+            transport, _ = await self.loop.connect_accepted_socket(
+                lambda: handoff, sock, ssl=self.tls,
+                ssl_handshake_timeout=self.handshake_timeout)
         except asyncio.CancelledError:
-            raw.abort()
+            if handoff.transport is not None:
+                handoff.transport.abort()
+            sock.close()
             raise
         except Exception as exc:
-            raw.abort()
+            # The loop has closed its transport, and with it the socket (a no-op if so).
+            sock.close()
             log.warning("link from %s refused: TLS handshake failed: %s",
                         peer, str(exc) or type(exc).__name__)
             return
-        assert transport is not None
         self.deliver(handoff, transport)
 
     def deliver(self, handoff: _Handoff, transport: asyncio.Transport) -> None:
@@ -319,6 +343,21 @@ class _AcceptedHandoff(_Handoff):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.acceptor.accepted(self)
+
+
+class _TLSAccept(asyncio.Protocol):
+    """First protocol of an accepted TLS connection; gives the socket up in connection_made,
+    so it never sees a byte."""
+
+    def __init__(self, acceptor: _Acceptor) -> None:
+        self.acceptor = acceptor
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        _tune_tcp(transport)
+        self.acceptor.accepted_tls(transport)
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - aborted before reading
+        raise AssertionError("bytes read outside TLS")
 
 
 async def listen_tcp(host: str | Sequence[str] | None, port: int,

@@ -703,6 +703,60 @@ def test_tls_handshake_timeout_on_receptor(run, certs, caplog):
     _assert_handshake_failure_logged(caplog)
 
 
+def test_tls_client_hello_waiting_at_accept_is_not_lost(run, certs, caplog):
+    """Regression: a ClientHello already queued when the receptor accepts must reach the TLS
+    layer. It used to be read by the plain transport before start_tls took over and was lost:
+    the handshake stalled until handshake_timeout and the link came up only on a re-dial.
+
+    A thread dials and starts its handshake while the receptor's loop is blocked, so the
+    ClientHello is waiting when the connection is accepted; 50 links in a row must each be up
+    (greeting received) within a second."""
+    caplog.set_level(logging.INFO, LOGGER)
+    server_ctx, client_ctx = tls_contexts(certs)
+
+    def dial(port: int) -> tuple[bytes, float]:
+        t0 = time.monotonic()
+        data = b""
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=3) as raw:
+                with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                    while len(data) < 7:
+                        chunk = s.recv(7 - len(data))
+                        if not chunk:
+                            break
+                        data += chunk
+        except OSError as exc:
+            return repr(exc).encode(), time.monotonic() - t0
+        return data, time.monotonic() - t0
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        accepted: list[StreamPeer] = []
+        server = await links.listen_tcp("127.0.0.1", 0,
+                                        lambda: accepted.append(StreamPeer(b"welcome"))
+                                        or accepted[-1],
+                                        tls=server_ctx, handshake_timeout=2.0)
+        port = server.sockets[0].getsockname()[1]
+        bad = []
+        try:
+            for i in range(50):
+                fut = loop.run_in_executor(None, dial, port)
+                time.sleep(0.03)  # blocks the loop: connect + ClientHello before the accept
+                data, elapsed = await fut
+                if data != b"welcome" or elapsed >= 1.0:
+                    bad.append((i, data, round(elapsed, 2)))
+                if len(accepted) > i:
+                    await asyncio.wait_for(accepted[i].lost_fut, 5)
+        finally:
+            server.close()
+        await settle()
+        return bad, len(accepted)
+
+    bad, n = run(main())
+    assert bad == [] and n == 50, bad
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_handshake_finishing_after_listener_closed_is_dropped(run, certs, caplog):
     caplog.set_level(logging.INFO, LOGGER)
     server_ctx, client_ctx = tls_contexts(certs)
