@@ -63,7 +63,10 @@ Flow control and memory bounds
   on ``StreamAccepted``). So queued outgoing data per stream never exceeds its send window.
 * Incoming data is handed over in ``DataReceived`` at once; the peer may not have more than the
   receive window outstanding (else :class:`RemoteProtocolError`), and SENT goes back only when
-  the driver calls :meth:`acknowledge` with the bytes it wrote to the destination. Outside the
+  the driver calls :meth:`acknowledge` with the bytes it wrote to the destination: one SENT per
+  SEND frame towards a plain peer (DeleGate's way), lazily with the extension (one SENT for
+  everything written once that reaches half the window, none once the peer's SHUT made it
+  useless: see :class:`~.windows.ReceiveWindow`). Outside the
   window there is only first data and urgent (SENDOOB) data, at most two frames together
   (more urgent data unwritten is a :class:`RemoteProtocolError`). So the driver's buffer per
   stream never exceeds the receive window plus two frames:
@@ -112,7 +115,7 @@ from .frames import (
     parse_conndata, reason_payload, setopt_payload, packsize_data, split_c_string, type_name,
     c_string,
 )
-from .windows import ReceiveWindow, SendWindow
+from .windows import ReceiveWindow, SendWindow, lazy_threshold
 
 __all__ = [
     "SockMuxConfig", "Features", "ExtensionOffer", "ConnectionState", "StreamState",
@@ -554,13 +557,13 @@ class _Stream:
                  "end_pending", "close_reason", "graceful")
 
     def __init__(self, stream_id: int, state: StreamState, local: bool, send_window: int,
-                 recv_window: int, max_records: int) -> None:
+                 recv_window: int, max_records: int, threshold: int | None = None) -> None:
         self.id = stream_id
         self.peer_id: int | None = None
         self.state = state
         self.local = local  # opened by us
         self.send = SendWindow(send_window)
-        self.recv = ReceiveWindow(recv_window, max_records)
+        self.recv = ReceiveWindow(recv_window, max_records, threshold)
         self.pending_first = b""  # first data to SEND after CONNECTED (peer without CONNDATA)
         self.end_pending = False  # end_stream() while CONNECTING
         self.close_reason = REASON_CLOSE  # for CANCELLING
@@ -1224,8 +1227,11 @@ class SockMuxConnection:
         f = self._features
         assert f is not None
         sid = self._allocate_id()
+        # Lazy credit (one SENT per half window written) needs both sides on sockmuxd/1, whose
+        # decoder takes any SENT count as a delta; a plain peer gets one SENT per SEND frame.
+        threshold = lazy_threshold(f.receive_window) if f.extensions else None
         s = _Stream(sid, state, local, f.send_window, f.receive_window,
-                    self.config.max_sent_records)
+                    self.config.max_sent_records, threshold)
         self._streams[sid] = s
         return s
 
@@ -1335,13 +1341,19 @@ class SockMuxConnection:
         """The driver wrote ``n`` more bytes of this stream's data to the destination.
 
         Acknowledge everything written, first data included. This is what returns credit to
-        the peer (SENT), so a destination that does not read stalls only its own stream.
-        Unknown or closing streams are ignored (the close raced with the write).
+        the peer (SENT), so a destination that does not read stalls only its own stream:
+        one SENT per SEND frame towards a plain peer; with the extension, one SENT for all
+        bytes written once they reach half the window (lazy credit, see ReceiveWindow).
+        Unknown or closing streams are ignored (the close raced with the write); so is
+        credit after the peer's SHUT with the extension (it will send nothing more).
         """
         s = self._streams.get(stream_id)
         if s is None or s.state in _LET_GO or n == 0 or self._state is ConnectionState.CLOSED:
             return
-        for count in s.recv.acknowledge(n):
+        counts = s.recv.acknowledge(n)
+        if s.recv.threshold is not None and s.state is StreamState.REMOTE_ENDED:
+            return  # the peer sent SHUT: credit would be of no use to it
+        for count in counts:
             self._queue(SENT, s.id, s.peer_id, count_payload(count))
 
     def end_stream(self, stream_id: int) -> None:

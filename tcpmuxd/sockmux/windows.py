@@ -14,6 +14,14 @@ DeleGate answers each SEND frame with one SENT carrying that frame's length, onc
 the byte counts of consecutive frames once more than ``max_records`` frames are awaiting their
 SENT, which bounds its own memory against a peer sending one-byte frames.
 
+With the sockmuxd/1 extension on both sides, :class:`ReceiveWindow` instead returns credit
+*lazily* (``threshold`` given): the bytes the driver reports written accumulate, and one SENT
+carrying their sum goes out only once that sum reaches ``threshold`` (half the window; see
+:meth:`ReceiveWindow.acknowledge` for why this can neither deadlock nor stall the sender). A
+request/response exchange smaller than half the window then needs no SENT at all. Every SENT
+count is a delta (bytes credited since the previous SENT), which is how both sockmuxd and
+DeleGate read it (:meth:`SendWindow.acknowledge`).
+
 First data (carried inside CONNECT / CONNECTED) is outside the window: DeleGate neither counts
 it nor acknowledges it with SENT. :meth:`ReceiveWindow.grant_free` records it so that the
 driver can acknowledge every byte it writes without special cases.
@@ -28,7 +36,12 @@ from collections import deque
 
 from .frames import LocalProtocolError, RemoteProtocolError
 
-__all__ = ["SendWindow", "ReceiveWindow"]
+__all__ = ["SendWindow", "ReceiveWindow", "lazy_threshold"]
+
+
+def lazy_threshold(window: int) -> int:
+    """Written-but-uncredited bytes at which lazy credit sends its SENT: half the window."""
+    return max(1, window // 2)
 
 
 class SendWindow:
@@ -71,15 +84,24 @@ class ReceiveWindow:
 
     ``outstanding`` is what the peer believes is unacknowledged (received, no SENT sent yet);
     ``acknowledged`` is the part of it the driver has already written out but that does not
-    complete a SENT record yet.
+    complete a SENT record yet (per-frame mode) or has not reached ``threshold`` yet (lazy
+    mode).
+
+    ``threshold=None`` (a plain peer): one SENT per SEND frame, as DeleGate does. Otherwise
+    (both sides sockmuxd/1) credit is lazy: one SENT for everything written, once that reaches
+    ``threshold`` bytes; :func:`lazy_threshold` gives the value used (half the window).
     """
 
-    __slots__ = ("size", "outstanding", "acknowledged", "free", "max_records", "_records")
+    __slots__ = ("size", "outstanding", "acknowledged", "free", "max_records", "threshold",
+                 "_records")
 
-    def __init__(self, size: int, max_records: int = 64) -> None:
+    def __init__(self, size: int, max_records: int = 64, threshold: int | None = None) -> None:
         if size < 1 or max_records < 1:
             raise ValueError("window size and max_records must be positive")
+        if threshold is not None and not 1 <= threshold <= size:
+            raise ValueError("the lazy credit threshold must be within 1..window size")
         self.size = size
+        self.threshold = threshold
         self.outstanding = 0
         self.acknowledged = 0
         self.free = 0
@@ -107,6 +129,8 @@ class ReceiveWindow:
                 f"flow control violated: {n} bytes sent with {self.available} bytes of credit "
                 f"(window {self.size})")
         self.outstanding += n
+        if self.threshold is not None:
+            return  # lazy credit: a byte count is all it needs, no per-frame records
         if len(self._records) >= self.max_records:
             self._records[-1] += n
         else:
@@ -120,6 +144,27 @@ class ReceiveWindow:
         taken = min(n, self.free)
         self.free -= taken
         self.acknowledged += n - taken
+        if self.threshold is not None:
+            # Lazy credit. Why it cannot deadlock, and why the sender never waits on it: let W
+            # be the window and T = threshold, 1 <= T <= W (T = W // 2 in practice). After every
+            # call, acknowledged < T (reaching T sends all of it). What the peer counts as
+            # unacknowledged once every frame in flight has arrived is
+            #     outstanding = acknowledged + U,   U = received, not yet written by the driver.
+            # (1) No deadlock: the peer is blocked only at outstanding == W. If the driver has
+            #     written everything (U == 0), outstanding = acknowledged < T <= W, so the peer
+            #     has at least W - T + 1 >= 1 byte of credit and sends on; each byte it sends
+            #     and the driver writes raises acknowledged until it reaches T and a SENT goes
+            #     out. So the peer waits only while U > 0, i.e. on a destination that does not
+            #     read: the intended back-pressure, exactly as with per-frame SENT.
+            # (2) No stall: a SENT goes out the moment T bytes are written, when the peer's
+            #     credit is still at least W - T - U; with T = W // 2 and a driver keeping up
+            #     (U small) that is about half a window, which covers the sending while the
+            #     SENT travels (the rule OpenSSH applies to its channel window adjustments).
+            if self.acknowledged >= self.threshold:
+                count, self.acknowledged = self.acknowledged, 0
+                self.outstanding -= count
+                return [count]
+            return []
         sent: list[int] = []
         records = self._records
         while records and self.acknowledged >= records[0]:
