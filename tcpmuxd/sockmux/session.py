@@ -24,9 +24,11 @@ Where the bytes go
   until ``WindowUpdated`` (the peer's SENT) gives credit back.
 * **Link -> local.** ``DataReceived`` is written to the local transport at once. Local
   transports have ``set_write_buffer_limits(high=0)``: if the socket took everything the bytes
-  are acknowledged (SENT) right away; if anything stayed in the transport's buffer,
+  are acknowledged to the connection right away; if anything stayed in the transport's buffer,
   ``pause_writing`` has been called, the count waits in ``Stream.unacked`` and is acknowledged
-  by ``resume_writing``, when the buffer is empty. Credit goes back to the peer only for bytes
+  by ``resume_writing``, when the buffer is empty. (The connection turns acknowledgements into
+  SENT frames: one per SEND towards DeleGate, one per half window between sockmuxd peers; see
+  docs/sockmux-protocol.md.) Credit goes back to the peer only for bytes
   that reached the socket, so a client that reads nothing stalls its own stream only: the
   peer stops sending to it once its window is used up, and every other stream goes on.
 * **Link congestion.** The link transport has write-buffer limits :data:`LINK_WRITE_HIGH` /
