@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import suppress
 from typing import Iterable, Sequence
@@ -372,3 +373,47 @@ def sched_cpu_seconds(pid: int) -> float:
         except (OSError, ValueError, IndexError):
             pass
     return total / 1e9
+
+
+def run_benchmark(args, roles: dict, make_bench, *, name: str, tmp_prefix: str,
+                  needs: str) -> int:
+    """The common ``main()`` of the benchmarks: helper roles (``--_role``), signal handling,
+    a temporary directory, and every started process stopped whatever happens.
+
+    ``make_bench(args, procs, tmp)`` returns an object whose ``run()`` gives the exit status.
+    """
+    if args._role:
+        role, arg = args._role
+        try:
+            roles[role](arg)
+        except (KeyboardInterrupt, BrokenPipeError):
+            pass
+        return 0
+    exit_on_signals()
+    if sys.prefix == sys.base_prefix:
+        print(f"note: {sys.executable} is not the project's virtualenv "
+              f"(run .venv/bin/python bench/{name})", file=sys.stderr)
+    if sys.platform != "linux":
+        print(f"{name}: Linux only ({needs})", file=sys.stderr)
+        return 2
+    tmp = tempfile.mkdtemp(prefix=tmp_prefix)
+    try:
+        with Processes() as procs:
+            return make_bench(args, procs, tmp).run()
+    except BenchError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; every process it started has been stopped",
+              file=sys.stderr)
+        return 130
+    except SystemExit as e:
+        if isinstance(e.code, int) and e.code > 128:
+            print(f"{name}: stopped by signal {e.code - 128}; every process it started "
+                  "has been stopped", file=sys.stderr)
+        raise
+    finally:
+        if args.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -27,17 +27,15 @@ import os
 import re
 import select
 import shlex
-import shutil
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (REPO, BenchError, Processes, command_line, exit_on_signals,  # noqa: E402
+from _common import (REPO, run_benchmark, BenchError, Processes, command_line,  # noqa: E402
                      fd_count, free_port, machine_summary, nofile_limit, percentile,
                      raise_nofile, read_all, read_line, rss_kib, wait_connectable, wait_until,
                      which)
@@ -967,42 +965,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args._role:
-        role, arg = args._role
-        try:
-            ROLES[role](arg)
-        except (KeyboardInterrupt, BrokenPipeError):
-            pass
-        return 0
-    exit_on_signals()
-    if sys.prefix == sys.base_prefix:
-        print(f"note: {sys.executable} is not the project's virtualenv "
-              f"(run .venv/bin/python bench/dispatch.py)", file=sys.stderr)
-    if sys.platform != "linux":
-        print("dispatch.py: Linux only (/proc, SCM_RIGHTS, xinetd)", file=sys.stderr)
-        return 2
-    tmp = tempfile.mkdtemp(prefix="tcpmuxd-bench-")
-    try:
-        with Processes() as procs:
-            return Bench(args, procs, tmp).run()
-    except BenchError as e:
-        print(f"dispatch.py: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dispatch.py: interrupted; every process it started has been stopped",
-              file=sys.stderr)
-        return 130
-    except SystemExit as e:
-        if isinstance(e.code, int) and e.code > 128:
-            print(f"dispatch.py: stopped by signal {e.code - 128}; every process it started "
-                  "has been stopped", file=sys.stderr)
-        raise
-    finally:
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    return run_benchmark(parse_args(argv), ROLES, Bench, name="dispatch.py", tmp_prefix="tcpmuxd-bench-",
+                         needs="/proc, SCM_RIGHTS, xinetd")
 
 
 if __name__ == "__main__":

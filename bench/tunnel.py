@@ -28,19 +28,17 @@ import json
 import os
 import re
 import shlex
-import shutil
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from statistics import median
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (REPO, BenchError, OtherLoad, Processes, command_line,  # noqa: E402
-                     cpu_seconds, descendants, exit_on_signals, fd_count, free_port,
+from _common import (REPO, run_benchmark, BenchError, OtherLoad, Processes, command_line,  # noqa: E402
+                     cpu_seconds, descendants, fd_count, free_port,
                      machine_summary, nofile_limit, percentile, raise_nofile, read_all,
                      read_line, rss_kib, sched_cpu_seconds, wait_until, which)
 
@@ -1215,12 +1213,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated rows: " + ",".join(ROW_KEYS))
     p.add_argument("--quiet-wait", type=float, default=10.0, metavar="SEC",
                    help="before each measurement, wait up to SEC s for other processes to use "
-                        f"less than {QUIET:.0%} of the CPUs (default 10; 0: don't wait)")
+                        f"less than {QUIET:.0%}% of the CPUs (default 10; 0: don't wait)")
     p.add_argument("--quiet-budget", type=float, default=120.0, metavar="SEC",
                    help="total time a run may spend waiting so (default 120)")
     p.add_argument("--retries", type=int, default=1,
                    help="measure again (at most this many times) when other processes took "
-                        f"more than {DISTURBED:.0%} of the CPUs during a measurement (1)")
+                        f"more than {DISTURBED:.0%}% of the CPUs during a measurement (1)")
     p.add_argument("--tree", metavar="DIR",
                    help="run sockmuxd from this source tree instead of the repository")
     p.add_argument("--keep", action="store_true",
@@ -1249,42 +1247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args._role:
-        role, arg = args._role
-        try:
-            ROLES[role](arg)
-        except (KeyboardInterrupt, BrokenPipeError):
-            pass
-        return 0
-    exit_on_signals()
-    if sys.prefix == sys.base_prefix:
-        print(f"note: {sys.executable} is not the project's virtualenv "
-              f"(run .venv/bin/python bench/tunnel.py)", file=sys.stderr)
-    if sys.platform != "linux":
-        print("tunnel.py: Linux only (/proc)", file=sys.stderr)
-        return 2
-    tmp = tempfile.mkdtemp(prefix="tunnel-bench-")
-    try:
-        with Processes() as procs:
-            return Bench(args, procs, tmp).run()
-    except BenchError as e:
-        print(f"tunnel.py: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("tunnel.py: interrupted; every process it started has been stopped",
-              file=sys.stderr)
-        return 130
-    except SystemExit as e:
-        if isinstance(e.code, int) and e.code > 128:
-            print(f"tunnel.py: stopped by signal {e.code - 128}; every process it started "
-                  "has been stopped", file=sys.stderr)
-        raise
-    finally:
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    return run_benchmark(parse_args(argv), ROLES, Bench, name="tunnel.py", tmp_prefix="tunnel-bench-",
+                         needs="/proc")
 
 
 if __name__ == "__main__":
