@@ -75,8 +75,11 @@ Flow control and memory bounds
 * Texts (HELLO, CONNECT, CLOSE, extension announcement) are refused beyond
   ``max_text_length``; frames beyond the negotiated size kill the link.
 
-Events (frozen dataclasses, all subclasses of :class:`Event`)
--------------------------------------------------------------
+Events (slotted dataclasses, all subclasses of :class:`Event`; read-only by convention)
+---------------------------------------------------------------------------------------
+Not frozen: a frozen dataclass sets each field through ``object.__setattr__``, which doubles
+the cost of the events every data frame produces.
+
 ``HandshakeComplete(peer_hello, features)``, ``Authenticated()``, ``LinkReady(authenticated)``,
 ``AuthenticationFailed(reason, closed_stream_ids)``, ``StreamRequested(stream_id, client_addr,
 entrance_addr, first_data)``, ``StreamAccepted(stream_id, first_data, server_addr,
@@ -99,6 +102,7 @@ from __future__ import annotations
 
 import enum
 import os
+import struct
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable
@@ -106,16 +110,18 @@ from typing import Callable
 from . import auth as _auth
 from .frames import (
     AUTH, CLOSE, CLOSED, CONNDATA_ON, CONNECT, CONNECTED, CRYPTON, ECHO, ECHOOK,
-    EXTENSION_TYPES, HEADER_SIZE, HELLO, HELLOOK, INITIAL_FRAME_SIZE, MAX_FRAME_SIZE,
+    EXTENSION_TYPES, HEADER, HEADER_SIZE, HELLO, HELLOOK, INITIAL_FRAME_SIZE, MAX_FRAME_SIZE,
     MIN_FRAME_SIZE, NO_STREAM, NOOP, OPT_AUTH, OPT_CONNDATA, OPT_EXTENSIONS, OPT_PACKSIZE,
     OPTION_NAMES, PLAIN_FRAME_SIZE, PLAIN_WINDOW, SEND, SENDOOB, SENT, SENTOOB, SETOPT, SHUT,
-    Chunk, Frame, FrameDecoder, LocalProtocolError, RemoteProtocolError, connect_text,
+    VERSION, Chunk, Frame, FrameDecoder, LocalProtocolError, RemoteProtocolError, connect_text,
     count_payload, echo_payload, encode_frame, encode_header, hello_text, parse_connect,
     parse_count, parse_echo, parse_hello, parse_packsize, parse_reason, parse_setopt,
     parse_conndata, reason_payload, setopt_payload, packsize_data, split_c_string, type_name,
     c_string,
 )
 from .windows import ReceiveWindow, SendWindow, lazy_threshold
+
+_pack_header = HEADER.pack
 
 __all__ = [
     "SockMuxConfig", "Features", "ExtensionOffer", "ConnectionState", "StreamState",
@@ -136,6 +142,9 @@ REASON_CLOSED = "OK closed"
 REASON_NO_SERVER = "No server"
 REASON_NOT_AUTHENTICATED = "### Not Authenticated ###"
 REASON_TOO_MANY_STREAMS = "Too many streams"
+#: The two texts every stream ends with, encoded once.
+_CLOSE_PAYLOAD = reason_payload(REASON_CLOSE)
+_CLOSED_PAYLOAD = reason_payload(REASON_CLOSED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +325,14 @@ class Features:
 # States and their transition tables
 
 
-class ConnectionState(enum.Enum):
+class _FastEnum(enum.Enum):
+    """Members hash by identity: Enum's own ``__hash__`` is Python code (``hash(name)``), and
+    the state tables and frozensets below are looked up several times per frame."""
+
+    __hash__ = object.__hash__
+
+
+class ConnectionState(_FastEnum):
     IDLE = "IDLE"
     HELLO = "HELLO"
     SETUP = "SETUP"
@@ -325,9 +341,9 @@ class ConnectionState(enum.Enum):
     CLOSED = "CLOSED"
 
 
-class StreamState(enum.Enum):
+class StreamState(_FastEnum):
     CONNECTING = "CONNECTING"  # we sent CONNECT, waiting for CONNECTED / CLOSE
-    CANCELLING = "CANCELLING"  # closed by us while CONNECTING: CLOSE goes out on CONNECTED
+    CANCELLING = "CANCELLING"  # closed by us while CONNECTING (plain peer): CLOSE on CONNECTED
     REQUESTED = "REQUESTED"  # the peer sent CONNECT, the driver has to accept or refuse
     OPEN = "OPEN"
     LOCAL_ENDED = "LOCAL_ENDED"  # we sent SHUT (half-close)
@@ -336,7 +352,7 @@ class StreamState(enum.Enum):
     CLOSED = "CLOSED"  # gone from the table
 
 
-class AuthState(enum.Enum):
+class AuthState(_FastEnum):
     NOT_STARTED = "NOT_STARTED"  # handshake not complete yet
     PENDING = "PENDING"  # nonces / proofs under way (the driver's auth timeout runs)
     SUCCEEDED = "SUCCEEDED"
@@ -365,7 +381,8 @@ _S = StreamState
 #: closing stream are dropped, contradictions are a RemoteProtocolError).
 STREAM_TRANSITIONS: dict[StreamState, dict[str, StreamState]] = {
     _S.CONNECTING: {"recv CONNECTED": _S.OPEN, "recv CLOSE": _S.CLOSED,
-                    "close": _S.CANCELLING, "end": _S.CONNECTING},  # end: SHUT after CONNECTED
+                    "close": _S.CANCELLING, "end": _S.CONNECTING,  # end: SHUT after CONNECTED
+                    "cancel": _S.CLOSING},  # extension: CLOSE at once, to the peer's 0x00FF
     _S.CANCELLING: {"recv CONNECTED": _S.CLOSING, "recv CLOSE": _S.CLOSED},
     _S.REQUESTED: {"accept": _S.OPEN, "refuse": _S.CLOSING, "close": _S.CLOSING,
                    "recv CLOSE": _S.CLOSED},
@@ -389,12 +406,12 @@ _LET_GO = frozenset({_S.CLOSING, _S.CANCELLING})
 # Events
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Event:
     """Base class of everything :class:`SockMuxConnection` reports."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class HandshakeComplete(Event):
     """HELLO exchange and option negotiation done; ``features`` are fixed for this session."""
 
@@ -402,19 +419,19 @@ class HandshakeComplete(Event):
     features: Features
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Authenticated(Event):
     """The peer proved it holds the shared secret."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class LinkReady(Event):
     """Streams may be opened now (sd_notify READY=1 time). ``authenticated``: auth was used."""
 
     authenticated: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AuthenticationFailed(Event):
     """Wrong proof, peer refused ours, or the peer cannot authenticate while we require it.
 
@@ -426,7 +443,7 @@ class AuthenticationFailed(Event):
     closed_stream_ids: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StreamRequested(Event):
     """The peer opened a stream; call accept_stream() or refuse_stream() (e.g. "No server")."""
 
@@ -436,7 +453,7 @@ class StreamRequested(Event):
     first_data: bytes = b""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StreamAccepted(Event):
     """The peer connected our stream to its server; the send window is open now."""
 
@@ -446,7 +463,7 @@ class StreamAccepted(Event):
     local_addr: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StreamRefused(Event):
     """Informational: the connection itself refused a CONNECT (limit, not authenticated)."""
 
@@ -456,7 +473,7 @@ class StreamRefused(Event):
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DataReceived(Event):
     """Data for the stream's destination; acknowledge() it once written there."""
 
@@ -465,7 +482,7 @@ class DataReceived(Event):
     urgent: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WindowUpdated(Event):
     """Credit came back (SENT); ``available`` bytes may be passed to send_data() now."""
 
@@ -473,14 +490,14 @@ class WindowUpdated(Event):
     available: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StreamEnded(Event):
     """The peer half-closed: no more data will come on this stream (shut down writing)."""
 
     stream_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StreamClosed(Event):
     """The stream is over (peer's CLOSE or refusal): flush what you hold, close the socket."""
 
@@ -488,21 +505,21 @@ class StreamClosed(Event):
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PeerRestarted(Event):
     """A HELLO arrived on an established link: these streams died, the handshake restarts."""
 
     closed_stream_ids: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Pong(Event):
     """An ECHOOK answered one of our ECHOs after ``rtt`` seconds."""
 
     rtt: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DeadPeer(Event):
     """Nothing read for ``idle`` seconds (>= dead_peer_timeout): close the link. Terminal."""
 
@@ -510,7 +527,7 @@ class DeadPeer(Event):
     closed_stream_ids: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class LinkClosed(Event):
     """Returned by close_link(): these streams died with the link."""
 
@@ -518,7 +535,7 @@ class LinkClosed(Event):
     closed_stream_ids: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class FrameIgnored(Event):
     """Informational: a frame or option we do not use was ignored (log it at debug level)."""
 
@@ -631,6 +648,11 @@ class SockMuxConnection:
         self._peer_offer: ExtensionOffer | None = None
         self._peer_ext = b""
         self._features: Features | None = None
+        #: What _handle() dispatches to without further checks once the link is OPEN: the
+        #: frames valid there, the extension types only when negotiated. The rest (HELLO of
+        #: a restarting peer, SETOPT, unknown types...) takes the general path.
+        self._open_handlers: dict[int, Callable[[SockMuxConnection, Frame, list[Event]],
+                                                None]] = {}
         self._auth_state = AuthState.NOT_STARTED
         self._local_nonce = b""
         self._peer_nonce: bytes | None = None
@@ -764,20 +786,28 @@ class SockMuxConnection:
         return b"".join(self.data_to_send())
 
     def _queue(self, ftype: int, sender: int, receiver: int, payload: bytes = b"") -> None:
-        raw = encode_frame(ftype, sender, receiver, payload)
+        try:
+            raw = _pack_header(VERSION, ftype, sender, receiver, len(payload)) + payload
+        except struct.error:  # encode_header() says what is out of range
+            raw = encode_frame(ftype, sender, receiver, payload)
         self._out.append(raw)
-        self._out_bytes += len(raw)
+        n = len(raw)
+        self._out_bytes += n
         self._frames_sent += 1
-        self._bytes_sent += len(raw)
+        self._bytes_sent += n
 
     def _queue_data(self, ftype: int, sender: int, receiver: int, head: bytes,
                     body: memoryview | bytes) -> None:
         """A frame whose payload is ``head`` (small, copied) + ``body`` (not copied)."""
         n = len(head) + len(body)
-        first = encode_header(ftype, sender, receiver, n) + head
-        self._out.append(first)
+        try:
+            first = _pack_header(VERSION, ftype, sender, receiver, n) + head
+        except struct.error:
+            first = encode_header(ftype, sender, receiver, n) + head
+        out = self._out
+        out.append(first)
         if body:
-            self._out.append(body)
+            out.append(body)
         self._out_bytes += HEADER_SIZE + n
         self._frames_sent += 1
         self._bytes_sent += HEADER_SIZE + n
@@ -894,6 +924,12 @@ class SockMuxConnection:
     def _finish_setup(self, events: list[Event]) -> None:
         features = self._negotiate()
         self._features = features
+        handlers = self._HANDLERS
+        self._open_handlers = {t: h for t, h in handlers.items()
+                               if t not in EXTENSION_TYPES or self._extension_ok(t)}
+        self._open_handlers.update({NOOP: SockMuxConnection._on_noop,
+                                    ECHO: SockMuxConnection._on_echo,
+                                    ECHOOK: SockMuxConnection._on_echook})
         self._decoder.limit = features.max_frame_size
         events.append(HandshakeComplete(self._peer_hello or "", features))
         if features.authentication:
@@ -982,23 +1018,26 @@ class SockMuxConnection:
         came before, and close_link() lists the streams that died. After CLOSED, input is
         ignored.
         """
-        if self._state is ConnectionState.IDLE:
+        state = self._state
+        if state is ConnectionState.IDLE:
             raise LocalProtocolError("call initiate_connection() before receive_data()")
-        if self._state is ConnectionState.CLOSED or not data:
+        if state is ConnectionState.CLOSED or not data:
             return []
-        self._clock(now)
+        if now is not None:
+            self._clock(now)
         self._last_received = self._now
         self._bytes_received += len(data)
         events: list[Event] = []
         decoder = self._decoder
+        next_frame, handle = decoder.next_frame, self._handle
         try:
             decoder.feed(data)
             while self._state is not ConnectionState.CLOSED:
-                frame = decoder.next_frame()
+                frame = next_frame()
                 if frame is None:
                     break
                 self._frames_received += 1
-                self._handle(frame, events)
+                handle(frame, events)
         except RemoteProtocolError as exc:
             self._enter_closed()  # streams stay listed until close_link() reports them
             exc.events = events
@@ -1007,6 +1046,11 @@ class SockMuxConnection:
 
     def _handle(self, frame: Frame, events: list[Event]) -> None:
         t = frame.type
+        if self._state is ConnectionState.OPEN:  # the data path: one lookup, no checks
+            handler = self._open_handlers.get(t)
+            if handler is not None:
+                handler(self, frame, events)
+                return
         if t == HELLO:
             self._on_hello(frame, events)
             return
@@ -1027,7 +1071,7 @@ class SockMuxConnection:
         if t == NOOP:
             return
         if t == ECHO:
-            self._queue(ECHOOK, frame.receiver, frame.sender, frame.payload)
+            self._on_echo(frame, events)
             return
         if t == ECHOOK:
             self._on_echook(frame, events)
@@ -1113,8 +1157,10 @@ class SockMuxConnection:
         s = self._streams.get(frame.receiver)
         if s is None:
             # Accepted a stream we no longer know: tell the peer, so its side does not hang.
-            self._queue(CLOSE, frame.receiver, frame.sender, reason_payload(REASON_CLOSE))
+            self._queue(CLOSE, frame.receiver, frame.sender, _CLOSE_PAYLOAD)
             return
+        if s.state is StreamState.CLOSING and s.peer_id is None:
+            return  # it crossed the CLOSE of our "cancel": the peer closes on that CLOSE
         if s.state not in (StreamState.CONNECTING, StreamState.CANCELLING):
             raise RemoteProtocolError(f"CONNECTED for stream {s.id} in state {s.state.value}")
         addrs, first = parse_connect(frame.payload, self.config.max_text_length)
@@ -1175,7 +1221,7 @@ class SockMuxConnection:
         s = self._stream_for(frame)
         # Always answer, also for a stream we do not know, so the peer can free its slot.
         self._queue(CLOSED, frame.receiver if s is None else s.id, frame.sender,
-                    reason_payload(REASON_CLOSED))
+                    _CLOSED_PAYLOAD)
         if s is None:
             return
         let_go = s.state in _LET_GO
@@ -1199,7 +1245,7 @@ class SockMuxConnection:
             raise RemoteProtocolError(f"SHUT on stream {s.id} in state {s.state.value}")
         events.append(StreamEnded(s.id))
         if new is StreamState.CLOSING:  # both directions ended: close it
-            self._queue(CLOSE, s.id, s.peer_id, reason_payload(REASON_CLOSE))
+            self._queue(CLOSE, s.id, s.peer_id, _CLOSE_PAYLOAD)
 
     _HANDLERS: dict[int, Callable[[SockMuxConnection, Frame, list[Event]], None]] = {
         CONNECT: _on_connect, CONNECTED: _on_connected, SEND: _on_send, SENT: _on_sent,
@@ -1372,7 +1418,7 @@ class SockMuxConnection:
 
     def _end(self, s: _Stream) -> None:
         if self._step(s, "end") is StreamState.CLOSING:  # the peer had ended already
-            self._queue(CLOSE, s.id, s.peer_id, reason_payload(REASON_CLOSE))
+            self._queue(CLOSE, s.id, s.peer_id, _CLOSE_PAYLOAD)
         else:
             self._queue(SHUT, s.id, s.peer_id)
 
@@ -1385,6 +1431,14 @@ class SockMuxConnection:
 
     def _close(self, s: _Stream, reason: str, graceful: bool) -> None:
         payload = reason_payload(reason, self.config.max_text_length)
+        f = self._features
+        if (s.state is StreamState.CONNECTING and f is not None and f.extensions
+                and not (graceful and s.pending_first)):
+            # A sockmuxd peer finds the stream by our id (receiver 0x00FF), so it can stop
+            # connecting its exit now instead of finishing the connect for nothing.
+            self._step(s, "cancel")
+            self._queue(CLOSE, s.id, NO_STREAM, payload)
+            return
         if self._step(s, "close") is StreamState.CANCELLING:
             s.close_reason, s.graceful = reason, graceful
             return
@@ -1409,6 +1463,12 @@ class SockMuxConnection:
             del self._pings[next(iter(self._pings))]
         self._last_echo = now
         self._queue(ECHO, NO_STREAM, NO_STREAM, echo_payload(value))
+
+    def _on_echo(self, frame: Frame, events: list[Event]) -> None:
+        self._queue(ECHOOK, frame.receiver, frame.sender, frame.payload)
+
+    def _on_noop(self, frame: Frame, events: list[Event]) -> None:
+        pass
 
     def _on_echook(self, frame: Frame, events: list[Event]) -> None:
         value = parse_echo(frame.payload)

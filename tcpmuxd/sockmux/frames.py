@@ -187,9 +187,12 @@ CONNDATA_ON = b"\x01\x00"
 Chunk = Union[bytes, memoryview]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Frame:
-    """One decoded frame. ``payload`` is an independent ``bytes`` (safe to keep)."""
+    """One decoded frame. ``payload`` is an independent ``bytes`` (safe to keep).
+
+    Read-only by convention, not frozen: the decoder makes one per frame received, and a
+    frozen dataclass's ``__init__`` (``object.__setattr__`` per field) costs twice as much."""
 
     type: int
     sender: int
@@ -242,7 +245,10 @@ class FrameDecoder:
     __slots__ = ("_buf", "_pos", "_limit", "_failed")
 
     def __init__(self, limit: int = MAX_FRAME_SIZE) -> None:
-        self._buf = bytearray()
+        # ``_buf[_pos:]`` is what is not decoded yet. An immutable ``bytes``, not a growing
+        # bytearray: a read that holds whole frames (the common case) is decoded in place,
+        # each payload sliced out once, and nothing is copied into a buffer first.
+        self._buf = b""
         self._pos = 0
         self._failed = False
         self.limit = limit
@@ -265,14 +271,18 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._failed:
             raise LocalProtocolError("decoder already failed; the link must be closed")
-        self._compact()
-        self._buf += data
+        buf, pos = self._buf, self._pos
+        if pos == len(buf):
+            self._buf = bytes(data)  # no copy for bytes, the usual type
+        else:
+            self._buf = buf[pos:] + data
+        self._pos = 0
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or ``None`` when more bytes are needed."""
         buf, pos = self._buf, self._pos
         if len(buf) - pos < HEADER_SIZE:
-            return self._compact()
+            return self._keep_rest()
         version, ftype, sender, receiver, length = HEADER.unpack_from(buf, pos)
         if version != VERSION:
             self._failed = True
@@ -288,20 +298,15 @@ class FrameDecoder:
                 f"negotiated maximum of {self._limit}")
         end = pos + HEADER_SIZE + length
         if len(buf) < end:
-            return self._compact()
-        with memoryview(buf) as view:  # one copy of the payload, not two (slice, then bytes)
-            payload = bytes(view[pos + HEADER_SIZE:end])
-        if end == len(buf):
-            buf.clear()
-            self._pos = 0
-        else:
-            self._pos = end
-        return Frame(ftype, sender, receiver, payload, version)
+            return self._keep_rest()
+        self._pos = end
+        return Frame(ftype, sender, receiver, buf[pos + HEADER_SIZE:end], version)
 
-    def _compact(self) -> None:
-        """Drop consumed bytes so that only the incomplete frame stays held."""
+    def _keep_rest(self) -> None:
+        """Keep only the incomplete frame (not the whole read it came in), so that at most
+        ``limit - 1`` bytes stay held between reads."""
         if self._pos:
-            del self._buf[: self._pos]
+            self._buf = self._buf[self._pos:]
             self._pos = 0
         return None
 
@@ -382,7 +387,9 @@ class Addresses:
 
 
 def _check_address(addr: str, max_length: int) -> None:
-    if not addr or len(addr) > max_length or any(c <= " " or c > "~" for c in addr):
+    # visible ASCII: isprintable() already refuses controls and DEL, the space is left
+    if (not addr or len(addr) > max_length or not addr.isascii() or not addr.isprintable()
+            or " " in addr):
         raise LocalProtocolError(
             f"bad address for a SockMux text (visible ASCII, no spaces, 1..{max_length}): "
             f"{addr!r}")

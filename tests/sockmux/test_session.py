@@ -332,6 +332,54 @@ def test_no_server_refusal():
     run(main())
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_exit_connect_timeout_and_a_client_leaving_while_the_exit_connects(loop):
+    """An exit whose server never answers the SYN: the stream is refused after the connect
+    timeout, with that reason, and the client is closed. A client that leaves while its exit
+    is still connecting cancels the attempt (not reported as a timeout)."""
+    async def main() -> None:
+        # A listener whose accept queue is full drops new SYNs: connect() hangs (SYN retries).
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)
+        filler = socket.create_connection(silent.getsockname(), timeout=5)
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        try:
+            async with pair(b_exits=exits(target)) as p:
+                p.b.opener.connect_timeout = 0.5
+                port = await p.entrance(p.a)
+                started = time.monotonic()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"hello")
+                assert await reader.read() == b""
+                assert 0.4 < time.monotonic() - started < 5
+                writer.close()
+                await wait_for(lambda: len(p.log_a.streams()) == 1)
+                reason = p.log_a.streams()[0]["SOCKMUX_REASON"]
+                assert f"No server ({target}: no connection within 0.5 s)" in reason, reason
+                # a client that goes away (reset) while its exit is connecting. (It sends
+                # nothing: the entrance stops reading a client whose bytes wait for the
+                # stream to open, and would see the reset only then. An EOF would only
+                # half-close: the stream would go on waiting for its server.)
+                p.b.opener.connect_timeout = 30
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                def connecting() -> list:
+                    return [s for s in p.sb.streams.values() if s.task is not None]
+                await wait_for(lambda: len(connecting()) == 1, what="exit connecting")
+                writer.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.close()
+                await wait_for(lambda: len(p.log_b.streams()) == 2,
+                               what="stream over on B\n" + p.log_a.text() + "\n" + p.log_b.text())
+                reason = p.log_b.streams()[1]["SOCKMUX_REASON"]
+                assert "no connection within" not in reason, reason
+                assert connecting() == []
+        finally:
+            filler.close()
+            silent.close()
+    run(main(), loop)
+
+
 def test_max_streams_refused_cleanly_at_the_limit():
     async def main() -> None:
         echo, eport = await serve(Echo)

@@ -122,7 +122,8 @@ def test_first_data_too_large_is_a_local_error():
 
 
 def test_cancel_while_connecting_closes_after_connected():
-    pair = ready_pair()
+    """Towards a plain peer the CLOSE waits for CONNECTED (DeleGate needs both ids)."""
+    pair = ready_pair(PLAIN, PLAIN)
     sid = pair.a.open_stream("a:1", "b:2")
     _, b_ev = pair.pump()
     pair.a.close_stream(sid)  # b has not answered: a does not know b's id yet
@@ -138,7 +139,7 @@ def test_cancel_while_connecting_closes_after_connected():
 
 
 def test_cancel_while_connecting_then_refused():
-    pair = ready_pair()
+    pair = ready_pair(PLAIN, PLAIN)
     sid = pair.a.open_stream("a:1", "b:2")
     _, b_ev = pair.pump()
     pair.a.close_stream(sid)
@@ -146,6 +147,46 @@ def test_cancel_while_connecting_then_refused():
     a_ev, b_ev = pair.pump()
     assert a_ev == [] and b_ev == []
     assert pair.a.stream_count == pair.b.stream_count == 0
+
+
+def test_cancel_while_connecting_goes_at_once_between_sockmuxd_peers():
+    """With the extension the CLOSE goes at once, to the peer's 0x00FF: the peer stops
+    connecting its exit instead of finishing the connect for nothing."""
+    pair = ready_pair()
+    sid = pair.a.open_stream("a:1", "b:2")
+    _, b_ev = pair.pump()
+    req = of_type(b_ev, StreamRequested)[0]
+    pair.a.close_stream(sid)
+    assert pair.a.stream_state(sid) is StreamState.CLOSING
+    (close,) = frames_of(pair.a.bytes_to_send())
+    assert (close.type, close.sender, close.receiver) == (F.CLOSE, sid, F.NO_STREAM)
+    assert pair.b.receive_data(close.encode(), now=pair.now) == [
+        StreamClosed(req.stream_id, "DO close")]
+    a_ev, b_ev = pair.pump()
+    assert a_ev == b_ev == []
+    assert pair.a.stream_count == pair.b.stream_count == 0
+
+
+@pytest.mark.parametrize("answer", ["accept", "refuse"])
+def test_cancel_crossing_the_peers_answer(answer):
+    """The peer answered (CONNECTED or a refusal) before our CLOSE reached it: no protocol
+    error on either side, and both tables end empty."""
+    pair = ready_pair()
+    sid = pair.a.open_stream("a:1", "b:2")
+    _, b_ev = pair.pump()
+    req = of_type(b_ev, StreamRequested)[0]
+    pair.a.close_stream(sid)
+    if answer == "accept":
+        pair.b.accept_stream(req.stream_id, b"greeting")
+    else:
+        pair.b.refuse_stream(req.stream_id)
+    a_ev, b_ev = pair.pump()
+    assert a_ev == []
+    assert b_ev == ([StreamClosed(req.stream_id, "DO close")] if answer == "accept" else [])
+    assert pair.a.stream_count == pair.b.stream_count == 0
+    # the link is fine: a new stream works
+    new_sid, peer_sid = pair.open(pair.a, b"ping", b"pong")
+    assert pair.a.stream_state(new_sid) is StreamState.OPEN
 
 
 def test_peer_cancelling_before_our_answer_addresses_no_stream():
