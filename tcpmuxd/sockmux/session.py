@@ -251,10 +251,11 @@ class Stream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         sid = self.sid
         if sid is None:
-            if self.held:  # not opened yet: one read's worth, then stop reading
+            if self.held:  # not opened yet: its first bytes open it (they ride in CONNECT)
                 self.pending = data if self.pending is None else self.pending + data
-                self._pause()
                 self.hub._first_data(self)
+                if self.pending is not None:  # held on (no link) or too big for CONNECT
+                    self._pause()
             return
         if self.pending is not None or not self.open:
             self.pending = data if self.pending is None else self.pending + data
@@ -925,7 +926,12 @@ class Hub:
         #: CONNECT, which saves the peer's exit a round trip for protocols where the client
         #: speaks first: HTTP, TLS, most), or after this long (server-first protocols).
         self.first_data_wait = first_data_wait
-        self.first_wait: dict[Stream, asyncio.TimerHandle] = {}
+        #: The connections waiting so, with their deadlines. They all wait the same time, so
+        #: insertion order is deadline order: one timer for the oldest serves them all (a
+        #: timer per connection, set and cancelled thousands of times a second, costs more
+        #: than the wait saves).
+        self.first_wait: dict[Stream, float] = {}
+        self._first_wait_timer: asyncio.TimerHandle | None = None
 
     # -- logging ---------------------------------------------------------------------------
 
@@ -1011,16 +1017,27 @@ class Hub:
     async def add_entrance(self, sock: socket.socket, label: str = "") -> asyncio.AbstractServer:
         """Serve a listening socket as an entrance (ours, or one systemd passed)."""
         sock.setblocking(False)
-        label = label or format_address(sock.getsockname())
-        server = await self.loop.create_server(lambda: Stream(self, True, label), sock=sock,
-                                               backlog=ENTRANCE_BACKLOG)
+        bound = sock.getsockname()
+        label = label or format_address(bound)
+        # A listener on one address is the local end of all its connections: no need to ask
+        # each accepted socket (getsockname) for the text that goes into CONNECT.
+        wildcard = not isinstance(bound, tuple) or bound[0] in ("0.0.0.0", "::")
+        entrance = "" if wildcard else format_address(bound)
+
+        def accepted() -> Stream:
+            stream = Stream(self, True, label)
+            stream.entrance = entrance
+            return stream
+
+        server = await self.loop.create_server(accepted, sock=sock, backlog=ENTRANCE_BACKLOG)
         self.servers.append(server)
         return server
 
     def _entrance_connected(self, stream: Stream) -> None:
         transport = stream.transport
         stream.client = format_address(transport.get_extra_info("peername"))
-        stream.entrance = format_address(transport.get_extra_info("sockname"))
+        if not stream.entrance:
+            stream.entrance = format_address(transport.get_extra_info("sockname"))
         self.stats.total += 1
         self._admit(stream, wait=True)
 
@@ -1033,8 +1050,10 @@ class Hub:
             if (wait and self.first_data_wait > 0 and f is not None and f.conndata
                     and stream.pending is None and not stream.eof_local):
                 stream.held = True
-                self.first_wait[stream] = self.loop.call_later(
-                    self.first_data_wait, self._first_data, stream)
+                self.first_wait[stream] = self.loop.time() + self.first_data_wait
+                if self._first_wait_timer is None:
+                    self._first_wait_timer = self.loop.call_later(
+                        self.first_data_wait, self._first_wait_over)
                 return
             self._open(stream, session)
             return
@@ -1052,16 +1071,27 @@ class Hub:
     def _first_data(self, stream: Stream) -> None:
         """The first bytes (or EOF) of a waiting entrance connection came, or the wait is
         over: open its stream now."""
-        timer = self.first_wait.pop(stream, None)
-        if timer is None:
+        if self.first_wait.pop(stream, None) is None:
             return
-        timer.cancel()
         stream.held = False
         if not stream.lost:
             self._admit(stream, wait=False)
 
+    def _first_wait_over(self) -> None:
+        """Open the streams whose wait for first bytes is over; wait again for the rest."""
+        self._first_wait_timer = None
+        waiting = self.first_wait
+        now = self.loop.time()
+        while waiting:
+            stream, deadline = next(iter(waiting.items()))
+            if deadline > now:
+                self._first_wait_timer = self.loop.call_at(deadline, self._first_wait_over)
+                return
+            self._first_data(stream)
+
     def _unhold(self, stream: Stream, why: str) -> None:
-        timer = self.waiting.pop(stream, None) or self.first_wait.pop(stream, None)
+        self.first_wait.pop(stream, None)
+        timer = self.waiting.pop(stream, None)
         if timer is not None:
             timer.cancel()
         if stream.held:
@@ -1179,5 +1209,8 @@ class Hub:
             server.close()
         for stream in list(self.waiting) + list(self.first_wait):
             self._unhold(stream, reason)
+        if self._first_wait_timer is not None:
+            self._first_wait_timer.cancel()
+            self._first_wait_timer = None
         for session in list(self.sessions):
             session.close(reason)

@@ -719,6 +719,31 @@ def test_first_data_and_server_greeting():
     run(main())
 
 
+@pytest.mark.parametrize("bind", ["127.0.0.1", "0.0.0.0"])
+def test_connect_names_the_entrance_the_client_came_in_at(bind):
+    """The peer is told client and entrance as HOST:PORT: from the listener itself when it is
+    bound to one address, from the accepted socket when it is a wildcard."""
+    async def main() -> None:
+        echo, eport = await serve(Echo)
+        async with pair(b_exits=exits(f"127.0.0.1:{eport}")) as p:
+            sock = socket.socket()
+            sock.bind((bind, 0))
+            sock.listen(16)
+            await p.a.add_entrance(sock)
+            port = sock.getsockname()[1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            client = "127.0.0.1:%d" % writer.get_extra_info("sockname")[1]
+            writer.write(b"x")
+            assert await reader.readexactly(1) == b"x"
+            writer.close()
+            await wait_for(lambda: len(p.log_b.streams()) == 1)
+            fields = p.log_b.streams()[0]
+            assert fields["REMOTE_ADDR"] == client
+            assert fields["SOCKMUX_ENTRANCE"] == f"127.0.0.1:{port}"
+        echo.close()
+    run(main())
+
+
 def test_status_line_and_counters():
     async def main() -> None:
         echo, eport = await serve(Echo)
@@ -795,5 +820,22 @@ def test_client_first_bytes_ride_in_connect(monkeypatch):
             w.write(b"late")
             assert await r.readexactly(4) == b"late"
             w.close()
+            # silent clients arriving at different times each wait their own time (one
+            # timer serves them all, re-armed for the next deadline)
+            opened: dict[int, float] = {}
+            r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+            t1 = time.monotonic()
+            await asyncio.sleep(0.1)
+            r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+            t2 = time.monotonic()
+            while len(opened) < 2:
+                assert time.monotonic() - t1 < 3, "the silent streams did not open"
+                for i in range(3, len(requested) + 1):
+                    opened.setdefault(i, time.monotonic())
+                await asyncio.sleep(0.005)
+            assert 0.15 <= opened[3] - t1 < opened[4] - t1
+            assert 0.15 <= opened[4] - t2 < 2
+            for w in (w1, w2):
+                w.close()
         echo.close()
     run(main())
