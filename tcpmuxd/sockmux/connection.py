@@ -26,7 +26,10 @@ Driving it
     events = conn.tick(loop.time())                    # may queue ECHO, may report DeadPeer
 
 Always flush :meth:`SockMuxConnection.data_to_send` after any call, also after a terminal
-event (an AUTH failure notice may be queued). Stop reading the link while the transport's
+event (an AUTH failure notice may be queued). A driver may hold back output while
+:attr:`SockMuxConnection.output_is_urgent` is false for a short while: then only CLOSED
+answers are queued, which nothing waits for (they let the peer reuse a slot), and they
+can ride along with the next frames instead of costing a write of their own. Stop reading the link while the transport's
 write buffer is high (see :attr:`SockMuxConnection.outgoing_bytes`): the connection answers
 some frames (ECHO, CLOSE, HELLO) without asking, and only back-pressure bounds those replies.
 
@@ -609,6 +612,7 @@ class SockMuxConnection:
         self._decoder = FrameDecoder(config.max_frame_size)
         self._out: list[Chunk] = []
         self._out_bytes = 0
+        self._urgent = False  # something but CLOSED answers is queued
         self._streams: dict[int, _Stream] = {}
         self._by_peer: dict[int, int] = {}
         self._next_id = first_stream_id
@@ -732,6 +736,11 @@ class SockMuxConnection:
         return self._out_bytes
 
     @property
+    def output_is_urgent(self) -> bool:
+        """Something queued should go now; false when only CLOSED answers are queued."""
+        return self._urgent
+
+    @property
     def rtt(self) -> float | None:
         """Last measured ECHO round trip."""
         return self._rtt
@@ -779,13 +788,17 @@ class SockMuxConnection:
         Chunks may be memoryviews of ``bytes`` passed to send_data()/open_stream().
         """
         out, self._out, self._out_bytes = self._out, [], 0
+        self._urgent = False
         return out
 
     def bytes_to_send(self) -> bytes:
         """Like data_to_send(), joined into one ``bytes`` (tests, simple drivers)."""
         return b"".join(self.data_to_send())
 
-    def _queue(self, ftype: int, sender: int, receiver: int, payload: bytes = b"") -> None:
+    def _queue(self, ftype: int, sender: int, receiver: int, payload: bytes = b"",
+               urgent: bool = True) -> None:
+        if urgent:
+            self._urgent = True
         try:
             raw = _pack_header(VERSION, ftype, sender, receiver, len(payload)) + payload
         except struct.error:  # encode_header() says what is out of range
@@ -799,6 +812,7 @@ class SockMuxConnection:
     def _queue_data(self, ftype: int, sender: int, receiver: int, head: bytes,
                     body: memoryview | bytes) -> None:
         """A frame whose payload is ``head`` (small, copied) + ``body`` (not copied)."""
+        self._urgent = True
         n = len(head) + len(body)
         try:
             first = _pack_header(VERSION, ftype, sender, receiver, n) + head
@@ -1221,7 +1235,7 @@ class SockMuxConnection:
         s = self._stream_for(frame)
         # Always answer, also for a stream we do not know, so the peer can free its slot.
         self._queue(CLOSED, frame.receiver if s is None else s.id, frame.sender,
-                    _CLOSED_PAYLOAD)
+                    _CLOSED_PAYLOAD, urgent=False)
         if s is None:
             return
         let_go = s.state in _LET_GO

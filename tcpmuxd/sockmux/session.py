@@ -128,6 +128,9 @@ CONTROL_SLACK = 1 << 20
 #: 0.1-1 ms after the accept; riding in CONNECT they save a tunnel round trip (connections/s
 #: +15-20 % with request/response clients); server-first protocols open 1 ms later.
 FIRST_DATA_WAIT = 0.001
+#: How long CLOSED answers may wait for other frames to share a write with (they only free
+#: the peer's slot; under load the next CONNECT or data takes them along well before this).
+CLOSED_DELAY = 0.005
 #: A local socket being closed gracefully is reset after this long without write progress.
 CLOSE_LINGER = 10.0
 #: A link being closed gets this long to flush (an AUTH failure notice, CLOSEs) before abort.
@@ -544,6 +547,7 @@ class Session(asyncio.Protocol):
         self.ready_at: float | None = None
         self.hard_limit = LINK_WRITE_HIGH + CONTROL_SLACK
         self._flush_pending = False
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self.done: asyncio.Future[str] = self.loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -618,16 +622,31 @@ class Session(asyncio.Protocol):
     def _flush(self) -> None:
         """Write what the connection queued, once per loop iteration: everything the
         callbacks of one poll round produced (data, SENT, CONNECT... of every stream) goes out
-        in one writev, before the loop polls again (call_soon), so nothing waits longer."""
-        if not self._flush_pending:
+        in one writev, before the loop polls again (call_soon), so nothing waits longer.
+        Called after every call that may queue frames; with nothing queued (most data just
+        received: credit is lazy) it schedules nothing. CLOSED answers alone wait up to
+        :data:`CLOSED_DELAY` for company (see SockMuxConnection.output_is_urgent)."""
+        if self._flush_pending:
+            return
+        conn = self.conn
+        if conn.output_is_urgent:
             self._flush_pending = True
             self.loop.call_soon(self._flush_due)
+        elif conn.outgoing_bytes and self._lazy_timer is None:
+            self._lazy_timer = self.loop.call_later(CLOSED_DELAY, self._flush_lazy)
+
+    def _flush_lazy(self) -> None:
+        self._lazy_timer = None
+        self.flush_now()
 
     def _flush_due(self) -> None:
         self._flush_pending = False
         self.flush_now()
 
     def flush_now(self) -> None:
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
         out = self.conn.data_to_send()
         if out:
             transport = self.transport

@@ -744,6 +744,22 @@ def test_connect_names_the_entrance_the_client_came_in_at(bind):
     run(main())
 
 
+def test_closed_answers_go_out_on_an_idle_link():
+    """CLOSED answers wait for other frames to share a write, but not on an idle link: the
+    peer's slot is freed within CLOSED_DELAY (plus scheduling)."""
+    async def main() -> None:
+        echo, eport = await serve(Echo)
+        async with pair(b_exits=exits(f"127.0.0.1:{eport}")) as p:
+            port = await p.entrance(p.a)
+            sent, got = await echo_roundtrip(port, 100)
+            assert sent == got
+            await wait_for(lambda: p.sa.conn.stream_count == 0 and p.sb.conn.stream_count == 0,
+                           timeout=2, what="both tables empty")
+            assert p.sa.conn.outgoing_bytes == p.sb.conn.outgoing_bytes == 0
+        echo.close()
+    run(main())
+
+
 def test_status_line_and_counters():
     async def main() -> None:
         echo, eport = await serve(Echo)

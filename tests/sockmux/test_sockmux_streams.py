@@ -200,6 +200,20 @@ def test_peer_cancelling_before_our_answer_addresses_no_stream():
     assert conn.stream_count == 0
 
 
+def test_closed_answers_alone_are_not_urgent_output():
+    """A CLOSED answer alone may wait for company (the driver holds it briefly); anything
+    else queued makes the output urgent."""
+    pair = ready_pair()
+    sid, peer_sid = pair.open(pair.a)
+    pair.a.close_stream(sid)
+    assert pair.a.output_is_urgent
+    pair.b.receive_data(pair.a.bytes_to_send(), now=pair.now)
+    assert pair.b.outgoing_bytes > 0 and not pair.b.output_is_urgent  # CLOSED only
+    other, _ = pair.open(pair.b)  # opening pumps: the CLOSED goes out with the CONNECT
+    assert pair.a.stream_count == pair.b.stream_count == 1
+    assert not pair.b.output_is_urgent and pair.b.outgoing_bytes == 0
+
+
 def test_simultaneous_close():
     pair = ready_pair()
     sid, peer_sid = pair.open(pair.a)
