@@ -26,12 +26,13 @@ Driving it
     events = conn.tick(loop.time())                    # may queue ECHO, may report DeadPeer
 
 Always flush :meth:`SockMuxConnection.data_to_send` after any call, also after a terminal
-event (an AUTH failure notice may be queued). A driver may hold back output while
-:attr:`SockMuxConnection.output_is_urgent` is false for a short while: then only CLOSED
-answers are queued, which nothing waits for (they let the peer reuse a slot), and they
-can ride along with the next frames instead of costing a write of their own. Stop reading the link while the transport's
-write buffer is high (see :attr:`SockMuxConnection.outgoing_bytes`): the connection answers
-some frames (ECHO, CLOSE, HELLO) without asking, and only back-pressure bounds those replies.
+event (an AUTH failure notice may be queued). A driver may hold back output for a short
+while when :attr:`SockMuxConnection.output_is_urgent` is false: then only CLOSED answers are
+queued, which nothing waits for (they let the peer reuse a slot), and they can ride along
+with the next frames instead of costing a write of their own. Stop reading the link while
+the transport's write buffer is high (see :attr:`SockMuxConnection.outgoing_bytes`): the
+connection answers some frames (ECHO, CLOSE, HELLO) without asking, and only back-pressure
+bounds those replies.
 
 Link life cycle (``ConnectionState``; the table is :data:`CONNECTION_TRANSITIONS`)
 ----------------------------------------------------------------------------------
@@ -938,12 +939,9 @@ class SockMuxConnection:
     def _finish_setup(self, events: list[Event]) -> None:
         features = self._negotiate()
         self._features = features
-        handlers = self._HANDLERS
-        self._open_handlers = {t: h for t, h in handlers.items()
+        self._open_handlers = {t: h for t, h in self._HANDLERS.items()
                                if t not in EXTENSION_TYPES or self._extension_ok(t)}
-        self._open_handlers.update({NOOP: SockMuxConnection._on_noop,
-                                    ECHO: SockMuxConnection._on_echo,
-                                    ECHOOK: SockMuxConnection._on_echook})
+        self._open_handlers.update(self._LINK_HANDLERS)
         self._decoder.limit = features.max_frame_size
         events.append(HandshakeComplete(self._peer_hello or "", features))
         if features.authentication:
@@ -1490,6 +1488,11 @@ class SockMuxConnection:
         if sent is not None and self._now is not None:
             self._rtt = max(0.0, self._now - sent)
             events.append(Pong(self._rtt))
+
+    #: Link-level frames, answered in any state past HELLO (see _handle).
+    _LINK_HANDLERS: dict[int, Callable[[SockMuxConnection, Frame, list[Event]], None]] = {
+        NOOP: _on_noop, ECHO: _on_echo, ECHOOK: _on_echook,
+    }
 
     def tick(self, now: float) -> list[Event]:
         """Run the keep-alive timers: queue ECHO when idle, report DeadPeer when silent.
