@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# User-space instructions per short stream of each sockmuxd daemon, counted by callgrind.
+#
+# Wall-clock figures on a shared 2-core machine move by 10-20 % from one run to the next;
+# instruction counts repeat to within 1 % (same binary, same input), so this is the A/B
+# figure for changes to the per-stream code path (bench/tunnel.py stays the benchmark
+# against ssh -L). Kernel time is not counted: compare system calls with strace -c.
+#
+# usage: bench/stream_instructions.sh [TREE] [STREAMS]
+#   TREE     source tree to run sockmuxd from (default: this repository)
+#   STREAMS  measured streams, over 2 clients (default 200)
+# Each stream is what bench/tunnel.py's new-stream clients do: connect to the entrance, send
+# 1 byte, read it back, close. Both daemons run under valgrind (about 50x slower), so the
+# entrance waits 50 ms for first bytes instead of 1 ms (the wait is a timing choice, and
+# under valgrind 1 ms would open streams before their bytes arrive: another code path).
+# Needs valgrind (Debian: apt-get install valgrind). Takes about 40 s.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+tree=$(cd "${1:-$here}" && pwd)
+streams=${2:-200}
+py="$here/.venv/bin/python"
+[ -x "$py" ] || py=python3
+command -v valgrind >/dev/null || { echo "needs valgrind: apt-get install valgrind" >&2; exit 2; }
+
+work=$(mktemp -d /tmp/stream-instructions.XXXXXX)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+cd "$work"
+(umask 077; head -c 32 /dev/urandom | base64 > secret)
+port() { "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+client() { echo go | "$py" "$here/bench/tunnel.py" --_role rate "{\"port\": $entrance, \"count\": $1}"; }
+
+"$py" "$here/bench/tunnel.py" --_role echo 1 > echo.json & pids+=($!)
+for _ in $(seq 50); do [ -s echo.json ] && break; sleep 0.1; done
+echo_port=$("$py" -c 'import json, sys; print(json.load(open("echo.json"))["ports"][0])')
+link=$(port); entrance=$(port)
+vg=(valgrind --tool=callgrind --dump-instr=no --callgrind-out-file="$work/cg.%p.out")
+common=(--secret secret --dead-peer 600 --first-data-wait 50ms)
+PYTHONPATH="$tree" "${vg[@]}" "$py" -m tcpmuxd.sockmux.daemon --accept "127.0.0.1:$link" \
+    --exit "$entrance=127.0.0.1:$echo_port" "${common[@]}" 2> exit.log & exit_pid=$!; pids+=($!)
+sleep 4
+PYTHONPATH="$tree" "${vg[@]}" "$py" -m tcpmuxd.sockmux.daemon --connect "127.0.0.1:$link" \
+    --entrance "127.0.0.1:$entrance" "${common[@]}" 2> entrance.log & entrance_pid=$!; pids+=($!)
+for _ in $(seq 120); do grep -q "link .* up" entrance.log 2>/dev/null && break; sleep 0.5; done
+grep -q "link .* up" entrance.log || { echo "the link did not come up:" >&2; tail entrance.log >&2; exit 1; }
+client 50 > /dev/null  # warm-up
+
+# callgrind takes a command when the process runs: ask, then wake the daemons with one stream
+control() {
+    callgrind_control "$1" "$exit_pid" > /dev/null & local a=$!
+    callgrind_control "$1" "$entrance_pid" > /dev/null & local b=$!
+    sleep 0.5; client 1 > /dev/null; wait "$a" "$b"
+}
+control -z
+client $((streams / 2)) > c1.json & c1=$!
+client $((streams - streams / 2)) > c2.json & c2=$!
+wait "$c1" "$c2"
+sleep 0.5
+control -d
+"$py" - "$streams" c1.json c2.json <<'EOF'
+import json, sys
+ok = errors = 0
+for name in sys.argv[2:]:
+    data = json.loads(open(name).read().split("\n", 1)[1])
+    ok += len(data["lat"])
+    errors += sum(data["errors"].values())
+print(f"streams: {ok} measured, {errors} failed")
+EOF
+for side in exit entrance; do
+    pid=$([ $side = exit ] && echo "$exit_pid" || echo "$entrance_pid")
+    dump=$(ls -t "$work"/cg."$pid".out.* | head -1)
+    total=$(grep -m1 '^summary:' "$dump" | awk '{print $2}')
+    printf '%-9s %8d instructions per stream\n' "$side" $((total / streams))
+done
+echo "tree: $tree"
