@@ -1135,10 +1135,16 @@ class Bench:
                     continue
                 lines = _read(path).decode("utf-8", "replace").splitlines()
                 streams = sum(1 for ln in lines if re.match(r"sockmuxd: stream \d+: ", ln))
+                summaries = [m for ln in lines if (m := re.match(
+                    r"sockmuxd: (\d+) streams ended without a record of their own", ln))]
                 bad = [ln for ln in lines if re.search(
-                    r"(?i)traceback|error|exception|warning|refused|failed|timed out", ln)]
+                    r"(?i)traceback|error|exception|warning|refused|failed|timed out", ln)
+                    and "without a record of their own" not in ln]
+                counted = (f", {sum(int(m.group(1)) for m in summaries)} more counted in "
+                           f"{len(summaries)} summary records (--stream-log-rate)"
+                           if summaries else "")
                 notes.append(f"{os.path.basename(path)}: {len(lines)} log lines ({streams} of "
-                             f"them one per finished stream)"
+                             f"them one per finished stream{counted})"
                              + (f", {len(bad)} mention errors/failures; first: {bad[0][:240]}"
                                 if bad else ""))
         if notes:

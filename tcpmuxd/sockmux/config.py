@@ -108,6 +108,10 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_RECONNECT_MAX = 30.0
 DEFAULT_WINDOW_SIZE = 256 * 1024
 DEFAULT_FRAME_SIZE = 65536
+#: Per-stream log records per second (a token bucket of as many); the rest are summarized.
+#: Well under journald's default rate limit (10000 per 30 s per service).
+DEFAULT_STREAM_LOG_RATE = 100
+STREAM_LOG_RATE_LIMIT = 1_000_000
 # The protocol layer's limits (SockMuxConfig): stream ids are 16 bit with two reserved.
 MAX_STREAMS_LIMIT = 0xFFFF - 2
 WINDOW_SIZE_RANGE = (4096, 1 << 30)
@@ -398,6 +402,7 @@ class Tunnel:
     reconnect_max: float = DEFAULT_RECONNECT_MAX
     stream_window: int = DEFAULT_WINDOW_SIZE
     max_frame_size: int = DEFAULT_FRAME_SIZE
+    stream_log_rate: int = DEFAULT_STREAM_LOG_RATE
     description: str = ""
 
     @property
@@ -492,6 +497,7 @@ _KEYS: dict[str, KeySpec] = {
     "ReconnectMaxSec": KeySpec(parse_timeout, REDIALED_LINKS),
     "WindowSize": KeySpec(bounded(parse_size, *WINDOW_SIZE_RANGE)),
     "FrameSize": KeySpec(bounded(parse_size, MIN_FRAME_SIZE, MAX_FRAME_SIZE)),
+    "StreamLogRate": KeySpec(bounded(parse_count, 0, STREAM_LOG_RATE_LIMIT)),
 }
 _TLS_DETAIL_KEYS = (
     "TLSCertificate",
@@ -689,6 +695,7 @@ def _parse_tunnel(name: str, path: Path, text: str, overrides: tuple[Path, ...])
         reconnect_max=values.get("ReconnectMaxSec", DEFAULT_RECONNECT_MAX),
         stream_window=values.get("WindowSize", DEFAULT_WINDOW_SIZE),
         max_frame_size=values.get("FrameSize", DEFAULT_FRAME_SIZE),
+        stream_log_rate=values.get("StreamLogRate", DEFAULT_STREAM_LOG_RATE),
         description=values.get("Description", ""),
     )
 
@@ -812,6 +819,8 @@ def format_tunnel(t: Tunnel) -> str:
     ]
     if t.link in REDIALED_LINKS:
         rows.append(("ReconnectMaxSec", format_timespan(t.reconnect_max)))
-    rows += [("WindowSize", _size(t.stream_window)), ("FrameSize", _size(t.max_frame_size))]
+    rows += [("WindowSize", _size(t.stream_window)), ("FrameSize", _size(t.max_frame_size)),
+             ("StreamLogRate", f"{t.stream_log_rate}/s" + (
+                 " (no per-stream records, summaries only)" if not t.stream_log_rate else ""))]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)

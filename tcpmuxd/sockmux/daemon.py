@@ -237,11 +237,18 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _log_rate(text: str) -> int:
+    if not text.isdigit() or int(text) > tconfig.STREAM_LOG_RATE_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: records per second from 0 to {tconfig.STREAM_LOG_RATE_LIMIT}")
+    return int(text)
+
+
 LINK_FLAGS = ("accept", "connect", "fifo", "comm", "stdio", "command")
 TUNNEL_FLAGS = LINK_FLAGS + (
     "entrance", "exit", "secret", "no_auth", "no_extensions", "tls", "tls_cert", "tls_key",
     "tls_ca", "tls_server_name", "tls_no_verify", "max_streams", "keepalive", "dead_peer",
-    "connect_timeout", "reconnect_max", "window", "frame_size", "name")
+    "connect_timeout", "reconnect_max", "window", "frame_size", "stream_log_rate", "name")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-stream receive window (default 256K)")
     g.add_argument("--frame-size", metavar="SIZE", type=_size,
                    help="largest frame, header included (default 65536)")
+    g.add_argument("--stream-log-rate", metavar="N", type=_log_rate,
+                   help=f"at most N per-stream log records per second; streams beyond are "
+                        f"counted in a summary record (default "
+                        f"{tconfig.DEFAULT_STREAM_LOG_RATE}; 0: summaries only)")
     g.add_argument("--name", dest="tunnel_name", metavar="LABEL",
                    help="the tunnel's name in logs (default: the link)")
 
@@ -367,7 +378,7 @@ def _given(args: argparse.Namespace) -> list[str]:
     for key in TUNNEL_FLAGS:
         dest = "tunnel_name" if key == "name" else key
         value = getattr(args, dest, None)
-        if value not in (None, False, []):
+        if value is not None and value is not False and value != []:  # 0 is given
             given.append("--" + key.replace("_", "-"))
     return given
 
@@ -531,7 +542,9 @@ def tunnel_from_args(args: argparse.Namespace) -> Tunnel:
         keepalive_interval=keepalive, dead_peer_timeout=dead_peer,
         connect_timeout=args.connect_timeout or tconfig.DEFAULT_CONNECT_TIMEOUT,
         reconnect_max=args.reconnect_max or tconfig.DEFAULT_RECONNECT_MAX,
-        stream_window=window, max_frame_size=frame, **fields)
+        stream_window=window, max_frame_size=frame,
+        stream_log_rate=(tconfig.DEFAULT_STREAM_LOG_RATE if args.stream_log_rate is None
+                         else args.stream_log_rate), **fields)
 
 
 def protocol_config(t: Tunnel) -> SockMuxConfig:
@@ -811,7 +824,8 @@ class Daemon:
             protocol_config(t), exits=t.exits, opener=opener, log=self.log, name=t.name,
             handshake_timeout=max(MIN_HANDSHAKE_TIMEOUT, HANDSHAKE_FACTOR * t.connect_timeout),
             on_ready=self._on_ready, on_change=self._on_change, debug=args.debug,
-            hold_timeout=args.hold, first_data_wait=args.first_data_wait)
+            hold_timeout=args.hold, first_data_wait=args.first_data_wait,
+            stream_log_rate=t.stream_log_rate)
         if not t.require_auth:
             self.record("authentication is OFF (--no-auth / Authentication=none): anyone who "
                         "can reach the link can open streams to this side's exits", priority=4)

@@ -131,6 +131,8 @@ FIRST_DATA_WAIT = 0.001
 #: How long CLOSED answers may wait for other frames to share a write with (they only free
 #: the peer's slot; under load the next CONNECT or data takes them along well before this).
 CLOSED_DELAY = 0.005
+#: Streams beyond Hub.stream_log_rate are summed up in one record this often.
+STREAM_LOG_SUMMARY = 10.0
 #: A local socket being closed gracefully is reset after this long without write progress.
 CLOSE_LINGER = 10.0
 #: A link being closed gets this long to flush (an AUTH failure notice, CLOSEs) before abort.
@@ -897,6 +899,15 @@ class HubStats:
         self.entrance_refused = 0  # clients refused because no link was up
 
 
+class _Unlogged:
+    """Streams that ended without a record of their own (over the rate), for the summary."""
+
+    __slots__ = ("streams", "refused", "up", "down")
+
+    def __init__(self) -> None:
+        self.streams = self.refused = self.up = self.down = 0
+
+
 class Hub:
     """One tunnel across its links: entrances, exits, the current session, counters, logs.
 
@@ -913,7 +924,7 @@ class Hub:
                  on_ready: Callable[[Session], None] | None = None,
                  on_down: Callable[[Session, str], None] | None = None,
                  on_change: Callable[[], None] | None = None,
-                 log_streams: bool = True, debug: bool = False,
+                 stream_log_rate: float | None = None, debug: bool = False,
                  hold_timeout: float = 0.0,
                  first_data_wait: float = FIRST_DATA_WAIT) -> None:
         self.loop = asyncio.get_running_loop()
@@ -929,7 +940,15 @@ class Hub:
         self.on_ready = on_ready
         self.on_down = on_down
         self.on_change = on_change or (lambda: None)
-        self.log_streams = log_streams
+        #: Per-stream records: at most this many per second (a token bucket as deep), the
+        #: streams beyond are counted and summed up in one record per STREAM_LOG_SUMMARY
+        #: seconds (None: every stream gets its record). A busy tunnel would otherwise hit
+        #: journald's rate limit, which drops records without saying which.
+        self.stream_log_rate = stream_log_rate
+        self._log_tokens = float(stream_log_rate or 0)
+        self._log_refilled = self.loop.time()
+        self._unlogged = _Unlogged()
+        self._summary_timer: asyncio.TimerHandle | None = None
         self.debug_enabled = debug
         self.sessions: set[Session] = set()
         self.current: Session | None = None
@@ -1165,7 +1184,7 @@ class Hub:
         stats.bytes_down += stream.down
         if self.finished_streams is not None:
             self.finished_streams.append(stream)
-        if self.log_streams and self.log is not None:
+        if self.log is not None and self._may_log_stream(stream):
             duration = time.monotonic() - stream.started
             reason = stream.reason or "closed"
             if stream.outbound:
@@ -1192,6 +1211,42 @@ class Hub:
                 SOCKMUX_REASON=reason,
             )
         self.on_change()
+
+    def _may_log_stream(self, stream: Stream) -> bool:
+        """Take a token for the stream's record, or count the stream for the summary."""
+        rate = self.stream_log_rate
+        if rate is None:
+            return True
+        now = self.loop.time()
+        tokens = min(float(rate), self._log_tokens + (now - self._log_refilled) * rate)
+        self._log_refilled = now
+        if tokens >= 1.0:
+            self._log_tokens = tokens - 1.0
+            return True
+        self._log_tokens = tokens
+        unlogged = self._unlogged
+        unlogged.streams += 1
+        if (stream.reason or "closed").startswith("refused"):
+            unlogged.refused += 1
+        unlogged.up += stream.up
+        unlogged.down += stream.down
+        if self._summary_timer is None and not self.closing:
+            self._summary_timer = self.loop.call_later(STREAM_LOG_SUMMARY, self._log_summary)
+        return False
+
+    def _log_summary(self) -> None:
+        """One record for the streams that got none since the last summary."""
+        self._summary_timer = None
+        u, self._unlogged = self._unlogged, _Unlogged()
+        if not u.streams or self.log is None:
+            return
+        self.log.record(
+            f"{u.streams} streams ended without a record of their own (over "
+            f"{self.stream_log_rate:g} records/s): {u.refused} of them refused, {u.up} bytes "
+            f"sent, {u.down} bytes received",
+            priority=6, SOCKMUX_TUNNEL=self.name, SOCKMUX_EVENT="streams-unlogged",
+            SOCKMUX_STREAMS=u.streams, SOCKMUX_REFUSED=u.refused, SOCKMUX_BYTES_SENT=u.up,
+            SOCKMUX_BYTES_RECEIVED=u.down)
 
     def open_streams(self) -> int:
         return sum(len(s.streams) for s in self.sessions)
@@ -1233,3 +1288,6 @@ class Hub:
             self._first_wait_timer = None
         for session in list(self.sessions):
             session.close(reason)
+        if self._summary_timer is not None:
+            self._summary_timer.cancel()
+        self._log_summary()  # now: the tunnel is going away (says nothing if all were logged)

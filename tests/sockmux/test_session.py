@@ -760,6 +760,54 @@ def test_closed_answers_go_out_on_an_idle_link():
     run(main())
 
 
+def test_stream_records_over_the_rate_are_summed_up(monkeypatch):
+    """At most stream_log_rate records a second (a bucket as deep): exactly that many
+    streams of a burst get a record, the others one summary record with their count, the
+    refused ones among them and their bytes; nothing is summarized when all were logged."""
+    from tcpmuxd.sockmux import session as session_module
+    monkeypatch.setattr(session_module, "STREAM_LOG_SUMMARY", 0.3)
+
+    async def main() -> None:
+        echo, eport = await serve(Echo)
+        async with pair(b_exits={None: parse_exit(f"127.0.0.1:{eport}")}) as p:
+            p.a.stream_log_rate = 3
+            p.a._log_tokens = 3.0
+            port = await p.entrance(p.a)
+            # a burst: 5 streams of 10 bytes each way and one refused (no exit for its port)
+            results = await asyncio.gather(*[echo_roundtrip(port, 10) for _ in range(5)])
+            assert all(sent == got for sent, got in results)
+            p.b.exits.pop(None)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"hello")
+            assert await reader.read() == b""
+            writer.close()
+            await wait_for(lambda: p.a.stats.finished == 6, what="all streams over")
+            streams = p.log_a.streams()
+            assert len(streams) == 3, p.log_a.text()  # the bucket's depth: not 2, not 4
+            await wait_for(lambda: "without a record" in p.log_a.text(), what="the summary")
+            (summary,) = [f for _m, _pr, f in p.log_a.records
+                          if f.get("SOCKMUX_EVENT") == "streams-unlogged"]
+            assert summary["SOCKMUX_STREAMS"] == 3
+            logged_refused = sum("refused" in f["SOCKMUX_REASON"] for f in streams)
+            assert summary["SOCKMUX_REFUSED"] == 1 - logged_refused
+            unlogged_echoes = 5 - (3 - logged_refused)
+            # the refused stream's 5 bytes went out inside its CONNECT
+            assert summary["SOCKMUX_BYTES_SENT"] == 10 * unlogged_echoes + 5 * (
+                1 - logged_refused)
+            assert summary["SOCKMUX_BYTES_RECEIVED"] == 10 * unlogged_echoes
+            # B has no limit: every stream got its record
+            assert len(p.log_b.streams()) == 6
+            # the bucket refills at the rate: a stream a second later has its record again
+            await asyncio.sleep(1.0)
+            p.b.exits[None] = parse_exit(f"127.0.0.1:{eport}")
+            assert (await echo_roundtrip(port, 10))[0]
+            await wait_for(lambda: len(p.log_a.streams()) == 4, what="a record again")
+            await asyncio.sleep(0.4)
+            assert p.log_a.text().count("without a record") == 1
+        echo.close()
+    run(main())
+
+
 def test_status_line_and_counters():
     async def main() -> None:
         echo, eport = await serve(Echo)

@@ -393,6 +393,9 @@ _BAD_VALUES = [
     ("WindowSize", "2G", "WindowSize=: '2G' is out of range 4096-1073741824"),
     ("WindowSize", "256k", "WindowSize=: unknown size suffix 'k' in '256k', use K, M or G"),
     ("FrameSize", "128", "FrameSize=: '128' is out of range 512-65543"),
+    ("StreamLogRate", "1000001", "StreamLogRate=: '1000001' is out of range 0-1000000"),
+    ("StreamLogRate", "-1", "StreamLogRate=: '-1' is not a non-negative integer"),
+    ("StreamLogRate", "lots", "StreamLogRate=: 'lots' is not a non-negative integer"),
     ("FrameSize", "1M", "FrameSize=: '1M' is out of range 512-65543"),
     ("Acept", "[::]:1", "unknown key Acept= (did you mean 'Accept'?)"),
     ("tls", "yes", "unknown key tls= (did you mean 'TLS'?)"),
@@ -883,6 +886,7 @@ def test_defaults(tmp_path: Path) -> None:
     )
     assert (tunnel.connect_timeout, tunnel.reconnect_max) == (10.0, 30.0)
     assert (tunnel.stream_window, tunnel.max_frame_size, tunnel.extensions) == (262144, 65536, True)
+    assert tunnel.stream_log_rate == 100
     assert tunnel.description == "" and tunnel.entrances == () and tunnel.overrides == ()
 
 
@@ -901,6 +905,9 @@ def test_limits(tmp_path: Path) -> None:
     assert (tunnel.connect_timeout, tunnel.reconnect_max) == (2.0, 300.0)
     assert (tunnel.stream_window, tunnel.max_frame_size) == (1 << 20, 16384)
     assert tunnel.description == "the office"
+    # the stream log rate at both edges
+    for rate in (0, 1000000):
+        assert load_body(tmp_path, f"{PLAIN}StreamLogRate={rate}\n").stream_log_rate == rate
 
 
 @pytest.mark.parametrize(
@@ -995,6 +1002,7 @@ def test_format_tunnel(levels: list[Path], pem: Path, tmp_path: Path) -> None:
         "ConnectTimeoutSec  10s",
         "WindowSize         1048576 (1M)",
         "FrameSize          65536 (64K)",
+        "StreamLogRate      100/s",
     ]
 
 
