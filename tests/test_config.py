@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import grp
 import os
-import pickle
 import pwd
 import shutil
 import stat
@@ -13,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from privileges import as_nobody
 
 from tcpmuxd.addresses import Endpoint
 from tcpmuxd.config import (
@@ -173,33 +173,6 @@ def test_search_path_entry_that_is_a_file_is_an_error(tmp_path: Path, levels: li
     assert config.lookup("ok") is not None
 
 
-def _in_child_as_nobody(func):  # type: ignore[no-untyped-def]
-    """Run ``func`` in a forked child that dropped root (root reads any directory), return its
-    picklable result. Without root, the child just runs it as the current user."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        status = 1
-        try:
-            os.close(read_end)
-            if os.geteuid() == 0:
-                nobody = pwd.getpwnam("nobody")
-                os.setgroups([])
-                os.setgid(nobody.pw_gid)
-                os.setuid(nobody.pw_uid)
-            with os.fdopen(write_end, "wb") as out:
-                pickle.dump(func(), out)
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as incoming:
-        data = incoming.read()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0
-    return pickle.loads(data)
-
-
 def test_unreadable_directory_is_an_error() -> None:
     base = Path(tempfile.mkdtemp(prefix="tcpmuxd-test-"))
     try:
@@ -208,7 +181,7 @@ def test_unreadable_directory_is_an_error() -> None:
         write(locked, "a.conf", service_file())
         write(readable, "b.conf", service_file())
         locked.chmod(0)
-        result = _in_child_as_nobody(
+        result = as_nobody(
             lambda: (problems(config := load([locked, readable])), sorted(config.services))
         )
     finally:

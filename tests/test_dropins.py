@@ -5,13 +5,12 @@ table of another schema, and the value parsers only sockmuxd uses. Real files in
 from __future__ import annotations
 
 import os
-import pickle
-import pwd
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
+from privileges import as_nobody
 
 from tcpmuxd.dropins import (
     ConfigError,
@@ -43,33 +42,6 @@ def put(directory: Path, name: str, text: str = "[X]\n") -> Path:
     path = directory / name
     path.write_text(text)
     return path
-
-
-def _as_nobody(func):  # type: ignore[no-untyped-def]
-    """Run ``func`` in a forked child without root (root searches any directory), return its
-    picklable result."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        status = 1
-        try:
-            os.close(read_end)
-            if os.geteuid() == 0:
-                nobody = pwd.getpwnam("nobody")
-                os.setgroups([])
-                os.setgid(nobody.pw_gid)
-                os.setuid(nobody.pw_uid)
-            with os.fdopen(write_end, "wb") as out:
-                pickle.dump(func(), out)
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as incoming:
-        data = incoming.read()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0
-    return pickle.loads(data)
 
 
 # --------------------------------------------------------------------------- find_drop_in
@@ -162,7 +134,7 @@ def test_find_unsearchable_directory_above_is_an_error_below_is_not() -> None:
             put(level, "gw.conf")
         for level in (high, low):
             level.chmod(0)
-        result = _as_nobody(
+        result = as_nobody(
             lambda: [
                 (str(f.path), [str(e) for e in f.errors])
                 for f in (
@@ -198,7 +170,7 @@ def test_find_needs_only_search_permission() -> None:
         base.chmod(0o755)
         put(directory, "gw.conf")
         directory.chmod(0o711)
-        result = _as_nobody(look)
+        result = as_nobody(look)
     finally:
         shutil.rmtree(base)
     assert result == (

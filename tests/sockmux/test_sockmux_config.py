@@ -7,7 +7,6 @@ modules by their base name, and tests/test_config.py has that one.)
 from __future__ import annotations
 
 import os
-import pickle
 import pwd
 import shutil
 import tempfile
@@ -15,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from privileges import as_nobody
 
 from tcpmuxd.addresses import Endpoint
 from tcpmuxd.sockmux import SockMuxConfig
@@ -187,32 +187,6 @@ def test_unreadable_file(tmp_path: Path) -> None:
     )
 
 
-def _as_nobody(func):  # type: ignore[no-untyped-def]
-    """Run ``func`` in a forked child without root, return its picklable result."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        status = 1
-        try:
-            os.close(read_end)
-            if os.geteuid() == 0:
-                nobody = pwd.getpwnam("nobody")
-                os.setgroups([])
-                os.setgid(nobody.pw_gid)
-                os.setuid(nobody.pw_uid)
-            with os.fdopen(write_end, "wb") as out:
-                pickle.dump(func(), out)
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as incoming:
-        data = incoming.read()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0
-    return pickle.loads(data)
-
-
 def test_unsearchable_directory_above_the_file_stops_the_tunnel() -> None:
     """It may hold an override or a mask: running the lower file could bypass either."""
     base = Path(tempfile.mkdtemp(prefix="tcpmuxd-test-"))
@@ -230,7 +204,7 @@ def test_unsearchable_directory_above_the_file_stops_the_tunnel() -> None:
         (low / "gw.conf").chmod(0o644)
         high.mkdir()
         high.chmod(0)
-        result = _as_nobody(attempt)
+        result = as_nobody(attempt)
     finally:
         high.chmod(0o755)
         shutil.rmtree(base)
