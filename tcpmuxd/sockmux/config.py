@@ -106,7 +106,10 @@ DEFAULT_KEEPALIVE = 30.0
 DEFAULT_DEAD_PEER = 60.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_RECONNECT_MAX = 30.0
-DEFAULT_WINDOW_SIZE = 256 * 1024
+#: Per-stream window. Measured with bench/tunnel.py on loopback: 1 MiB moves one stream
+#: 35-40 % faster than 256 KiB (plain 7.4 -> 10.1 Gbit/s, TLS 4.7 -> 6.6) at less CPU per
+#: byte (fewer SENT frames); 2 MiB (OpenSSH's channel window) gave no more.
+DEFAULT_WINDOW_SIZE = 1024 * 1024
 DEFAULT_FRAME_SIZE = 65536
 #: Per-stream log records per second (a token bucket of as many); the rest are summarized.
 #: Well under journald's default rate limit (10000 per 30 s per service).

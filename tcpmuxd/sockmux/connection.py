@@ -197,7 +197,7 @@ class SockMuxConfig:
     #: announces min(this, 16384). This is also the decoder's buffer bound.
     max_frame_size: int = MAX_FRAME_SIZE
     #: Per-stream receive window we grant a peer with the extension (a plain peer: 64 KiB).
-    stream_window: int = 256 * 1024
+    stream_window: int = 1024 * 1024
     #: Longest text accepted or sent (HELLO, CONNECT text, CLOSE reason, extension offer).
     max_text_length: int = 512
     #: Send ECHO after this many seconds without reading anything.

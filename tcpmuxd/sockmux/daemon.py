@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest wait between two attempts to re-establish the link "
                         "(default 30s)")
     g.add_argument("--window", metavar="SIZE", type=_size,
-                   help="per-stream receive window (default 256K)")
+                   help="per-stream receive window (default 1M)")
     g.add_argument("--frame-size", metavar="SIZE", type=_size,
                    help="largest frame, header included (default 65536)")
     g.add_argument("--stream-log-rate", metavar="N", type=_log_rate,

@@ -53,10 +53,11 @@ data). Towards the link: ``Stream.pending`` holds at most one read (256 KiB, the
 size: reading stops as soon as something is pending), and the frames of a stream queued for the
 link never exceed its send window, because everything in the link's buffer is unacknowledged
 by definition. So the streams of one link hold at most
-``max_streams * (2 * window + 256 KiB + 2 frames)``: with the defaults (1024 streams, 256 KiB
-windows, 64 KiB frames) about 900 MiB, a worst case that needs every stream stalled in both
-directions at once; ``MaxStreams=`` and ``WindowSize=`` bound it further. On top of that: the
-decoder's one incomplete frame, and the link buffer's control frames, bounded by
+``max_streams * (2 * window + 256 KiB + 2 frames)``: with the defaults (1024 streams, 1 MiB
+windows, 64 KiB frames) about 2.4 GiB, a worst case that needs every stream stalled in both
+directions at once (OpenSSH's channels have 2 MiB windows and no stream limit at all);
+``MaxStreams=`` and ``WindowSize=`` bound it further. On top of that: the decoder's one
+incomplete frame, and the link buffer's control frames, bounded by
 :attr:`Session.hard_limit` (reading the link pauses above it). An idle stream costs its two
 sockets' transports and two small objects: 2-4 KiB measured per side (RSS, uvloop).
 

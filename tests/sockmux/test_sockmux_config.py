@@ -859,7 +859,7 @@ def test_defaults(tmp_path: Path) -> None:
         60.0,
     )
     assert (tunnel.connect_timeout, tunnel.reconnect_max) == (10.0, 30.0)
-    assert (tunnel.stream_window, tunnel.max_frame_size, tunnel.extensions) == (262144, 65536, True)
+    assert (tunnel.stream_window, tunnel.max_frame_size, tunnel.extensions) == (1 << 20, 65536, True)
     assert tunnel.stream_log_rate == 100
     assert tunnel.description == "" and tunnel.entrances == () and tunnel.overrides == ()
 

@@ -10,10 +10,10 @@ from tcpmuxd.sockmux import DataReceived, StreamState, WindowUpdated
 from tcpmuxd.sockmux import frames as F
 from tcpmuxd.sockmux.windows import ReceiveWindow, SendWindow, lazy_threshold
 
-PLAIN = plain_config()
-EXT = config(secret=None, require_auth=False)
-WINDOW = 256 * 1024
+WINDOW = 256 * 1024  # explicit, not the default: the tests count frames of this window
 HALF = WINDOW // 2
+PLAIN = plain_config()
+EXT = config(secret=None, require_auth=False, stream_window=WINDOW)
 
 
 def ready_pair(a_cfg=EXT, b_cfg=EXT) -> ConnectionPair:
