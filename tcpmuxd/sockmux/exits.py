@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..handlers import SocketAddress
+from ..reaping import ExitWatch
 from ..systemd import EventLog, child_environment
 from .config import Exit
 
@@ -62,35 +63,18 @@ def _split(addr: str) -> tuple[str, int]:
 class _Child:
     """One exec exit's process: reaped as soon as it exits, ended after its stream."""
 
-    __slots__ = ("opener", "proc", "name", "pidfd", "poll", "timer", "stream_over")
+    __slots__ = ("opener", "proc", "name", "watch", "timer", "stream_over")
 
     def __init__(self, opener: ExitOpener, proc: subprocess.Popen[bytes], name: str) -> None:
         self.opener = opener
         self.proc = proc
         self.name = name
-        self.pidfd = -1
-        self.poll: asyncio.TimerHandle | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.stream_over = False
-        loop = opener.loop
-        try:
-            self.pidfd = os.pidfd_open(proc.pid)
-        except (AttributeError, OSError):
-            self.poll = loop.call_later(CHILD_POLL_INTERVAL, self._polled)
-        else:
-            loop.add_reader(self.pidfd, self._exited)
-
-    def _polled(self) -> None:
-        self.poll = None
-        if self.proc.poll() is None:
-            self.poll = self.opener.loop.call_later(CHILD_POLL_INTERVAL, self._polled)
-        else:
-            self._exited()
+        self.watch = ExitWatch(opener.loop, proc, self._exited, CHILD_POLL_INTERVAL)
 
     def _exited(self) -> None:
-        # poll() tolerates a child someone else reaped (tcpmuxd's dispatcher reaps with -1).
-        if self.proc.poll() is None:
-            return
+        """The process exited and poll() reaped it (every caller checks first)."""
         self._stop_watching()
         self.opener._children.discard(self)
         code = self.proc.returncode
@@ -98,15 +82,10 @@ class _Child:
         self.opener._debug(f"exit program {self.name} (pid {self.proc.pid}): {how}")
 
     def _stop_watching(self) -> None:
-        loop = self.opener.loop
-        if self.pidfd >= 0:
-            loop.remove_reader(self.pidfd)
-            os.close(self.pidfd)
-            self.pidfd = -1
-        for handle in (self.poll, self.timer):
-            if handle is not None:
-                handle.cancel()
-        self.poll = self.timer = None
+        self.watch.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def stream_finished(self) -> None:
         if self.proc.returncode is None and self.timer is None:

@@ -83,6 +83,7 @@ import subprocess
 import termios
 from typing import Any, Callable, Iterable, Sequence
 
+from tcpmuxd.reaping import ExitWatch
 from tcpmuxd.sockmux.tls import TLSSettings, client_context, server_context
 
 __all__ = [
@@ -1163,25 +1164,9 @@ class _Child:
         self.kill_timeout = kill_timeout
         self._waiters: list[Callable[[], None]] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._poll_handle: asyncio.TimerHandle | None = None
-        self._pidfd = -1
-        try:
-            self._pidfd = os.pidfd_open(proc.pid)
-        except (AttributeError, OSError):
-            self._poll_handle = loop.call_later(CHILD_POLL_INTERVAL, self._poll)
-        else:
-            loop.add_reader(self._pidfd, self._exited)
-
-    def _poll(self) -> None:
-        self._poll_handle = None
-        if self.proc.poll() is None:
-            self._poll_handle = self.loop.call_later(CHILD_POLL_INTERVAL, self._poll)
-        else:
-            self._exited()
+        self._watch = ExitWatch(loop, proc, self._exited, CHILD_POLL_INTERVAL)
 
     def _exited(self) -> None:
-        if self.proc.poll() is None:
-            return
         self._stop_watching()
         code = self.proc.returncode
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
@@ -1192,13 +1177,7 @@ class _Child:
             callback()
 
     def _stop_watching(self) -> None:
-        if self._pidfd >= 0:
-            self.loop.remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = -1
-        if self._poll_handle is not None:
-            self._poll_handle.cancel()
-            self._poll_handle = None
+        self._watch.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
