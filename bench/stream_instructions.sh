@@ -73,4 +73,9 @@ for side in exit entrance; do
     total=$(grep -m1 '^summary:' "$dump" | awk '{print $2}')
     printf '%-9s %8d instructions per stream\n' "$side" $((total / streams))
 done
-echo "tree: $tree"
+build=$(PYTHONPATH="$tree" "$py" -c 'import tcpmuxd.sockmux.daemon
+try:
+    from tcpmuxd.sockmux import native; print(native.describe())
+except ImportError:
+    print("pure Python")')
+echo "tree: $tree ($build)"

@@ -322,13 +322,19 @@ class Bench:
             tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
             return [f"sockmuxd does not start from {self.tree} (`{shlex.join(argv)}` exited "
                     f"{r.returncode}: {tail[0]})"]
+        # where it is imported from, and which build of its per-stream modules runs (a tree
+        # older than tcpmuxd.sockmux.native is pure Python)
         r2 = subprocess.run([sys.executable, "-c", "import os, tcpmuxd.sockmux.daemon as d; "
                              "print(os.path.dirname(os.path.dirname(os.path.dirname("
-                             "os.path.abspath(d.__file__)))))"],
+                             "os.path.abspath(d.__file__)))))\n"
+                             "try:\n from tcpmuxd.sockmux import native\n"
+                             " print(native.describe())\n"
+                             "except ImportError:\n print('pure Python')"],
                             env=self.env, cwd=self.tmp, capture_output=True, timeout=30, text=True)
-        self.versions["sockmuxd"] = f"from {r2.stdout.strip() or '?'}"
-        if os.path.realpath(r2.stdout.strip()) != os.path.realpath(self.tree):
-            return [f"sockmuxd is imported from {r2.stdout.strip() or '?'}, not from "
+        where, _, build = r2.stdout.strip().partition("\n")
+        self.versions["sockmuxd"] = f"from {where or '?'} ({build or '?'})"
+        if os.path.realpath(where) != os.path.realpath(self.tree):
+            return [f"sockmuxd is imported from {where or '?'}, not from "
                     f"{self.tree} (no tcpmuxd/sockmux/daemon.py there?)"]
         need = ("--accept", "--connect", "--entrance", "--exit", "--secret")
         lacking = [o for o in need if o not in r.stdout]

@@ -18,9 +18,16 @@ back, is written down in ``docs/sockmux-protocol.md``.
 Everything a driver needs is re-exported here::
 
     from tcpmuxd.sockmux import SockMuxConnection, SockMuxConfig, DataReceived, ...
+
+The per-stream modules may run compiled (mypyc); :mod:`tcpmuxd.sockmux.native` picks the
+build before anything else is imported.
 """
 
-from .connection import (
+from .native import select_build
+
+select_build()
+
+from .connection import (  # noqa: E402 (after the build is selected)
     CONNECTION_TRANSITIONS,
     EXTENSIONS_MAGIC,
     REASON_CLOSE,
@@ -57,7 +64,7 @@ from .connection import (
     TooManyStreams,
     WindowUpdated,
 )
-from .frames import (
+from .frames import (  # noqa: E402
     Frame,
     FrameDecoder,
     LocalProtocolError,

@@ -84,6 +84,15 @@ Events (slotted dataclasses, all subclasses of :class:`Event`; read-only by conv
 Not frozen: a frozen dataclass sets each field through ``object.__setattr__``, which doubles
 the cost of the events every data frame produces.
 
+Compiled
+--------
+This module, frames.py and windows.py (and the session driver) are compiled with mypyc where
+script/build-native ran (pyproject.toml ``[tool.sockmuxd-native]``), so they must type-check
+cleanly: the compiled code checks every declared type at run time. No dataclass here is
+frozen (mypyc's frozen dataclasses fail when built from compiled code), and the frame
+handler tables are module-level dicts after the class (a compiled class body cannot refer to
+its own methods).
+
 ``HandshakeComplete(peer_hello, features)``, ``Authenticated()``, ``LinkReady(authenticated)``,
 ``AuthenticationFailed(reason, closed_stream_ids)``, ``StreamRequested(stream_id, client_addr,
 entrance_addr, first_data)``, ``StreamAccepted(stream_id, first_data, server_addr,
@@ -171,7 +180,7 @@ class TooManyStreams(LocalProtocolError):
 # Configuration and negotiated features
 
 
-@dataclass(frozen=True)
+@dataclass  # read-only by convention: see "Compiled" above
 class SockMuxConfig:
     """Everything the protocol layer needs, with every limit explicit.
 
@@ -243,7 +252,12 @@ class SockMuxConfig:
 EXTENSIONS_MAGIC = "sockmuxd/1"
 
 
-@dataclass(frozen=True)
+#: The numeric words of an extension announcement, and their accepted ranges.
+_OFFER_RANGES = {"frame": (MIN_FRAME_SIZE, MAX_FRAME_SIZE), "window": (4096, 1 << 30),
+                 "streams": (1, 0xFFFF - 2)}
+
+
+@dataclass  # read-only by convention: see "Compiled" above
 class ExtensionOffer:
     """What one side announced in its SETOPT EXTENSIONS text.
 
@@ -256,9 +270,6 @@ class ExtensionOffer:
     frame_size: int | None = None
     window: int | None = None
     max_streams: int | None = None
-
-    _RANGES = {"frame": (MIN_FRAME_SIZE, MAX_FRAME_SIZE), "window": (4096, 1 << 30),
-               "streams": (1, 0xFFFF - 2)}
 
     def encode(self) -> bytes:
         words = [EXTENSIONS_MAGIC]
@@ -286,9 +297,9 @@ class ExtensionOffer:
             if not eq:
                 flags.add(word)
                 continue
-            if key not in cls._RANGES:
+            if key not in _OFFER_RANGES:
                 continue
-            low, high = cls._RANGES[key]
+            low, high = _OFFER_RANGES[key]
             if not value.isdigit() or not low <= int(value) <= high:
                 raise RemoteProtocolError(f"bad extension value {word!r}")
             values[key] = int(value)
@@ -297,7 +308,7 @@ class ExtensionOffer:
                    max_streams=values.get("streams"))
 
 
-@dataclass(frozen=True)
+@dataclass  # read-only by convention: see "Compiled" above
 class Features:
     """What this link uses, fixed when the handshake completes (and again after a restart)."""
 
@@ -549,7 +560,7 @@ class FrameIgnored(Event):
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass  # read-only by convention: see "Compiled" above
 class LinkStats:
     """Counters for STATUS= and logs (bytes include headers; data is SEND payload)."""
 
@@ -580,7 +591,7 @@ class _Stream:
     def __init__(self, stream_id: int, state: StreamState, local: bool, send_window: int,
                  recv_window: int, max_records: int, threshold: int | None = None) -> None:
         self.id = stream_id
-        self.peer_id: int | None = None
+        self.peer_id = NO_STREAM  # the peer's id for it, once CONNECT/CONNECTED told us
         self.state = state
         self.local = local  # opened by us
         self.send = SendWindow(send_window)
@@ -656,8 +667,7 @@ class SockMuxConnection:
         #: What _handle() dispatches to without further checks once the link is OPEN: the
         #: frames valid there, the extension types only when negotiated. The rest (HELLO of
         #: a restarting peer, SETOPT, unknown types...) takes the general path.
-        self._open_handlers: dict[int, Callable[[SockMuxConnection, Frame, list[Event]],
-                                                None]] = {}
+        self._open_handlers: dict[int, _Handler] = {}
         self._auth_state = AuthState.NOT_STARTED
         self._local_nonce = b""
         self._peer_nonce: bytes | None = None
@@ -914,20 +924,20 @@ class SockMuxConnection:
         self._decoder.limit = size
 
     def _negotiate(self) -> Features:
-        cfg, offer = self.config, self._peer_offer
-        ext = cfg.extensions and offer is not None
-        if ext and offer.window is not None:
+        cfg = self.config
+        offer = self._peer_offer if cfg.extensions else None  # None: plain SockMux
+        if offer is not None and offer.window is not None:
             send_window, recv_window = offer.window, cfg.stream_window
         else:
             send_window = recv_window = PLAIN_WINDOW
-        if ext and offer.max_streams is not None:
+        if offer is not None and offer.max_streams is not None:
             max_streams = min(cfg.max_streams, offer.max_streams)
         else:
             max_streams = min(cfg.max_streams, cfg.plain_max_streams)
         return Features(
-            extensions=ext,
-            half_close=ext and cfg.half_close and offer.half_close,
-            authentication=ext and cfg.secret is not None and offer.auth,
+            extensions=offer is not None,
+            half_close=offer is not None and cfg.half_close and offer.half_close,
+            authentication=offer is not None and cfg.secret is not None and offer.auth,
             conndata=self._peer_conndata,
             max_frame_size=self._send_frame_size,
             send_window=send_window,
@@ -939,9 +949,9 @@ class SockMuxConnection:
     def _finish_setup(self, events: list[Event]) -> None:
         features = self._negotiate()
         self._features = features
-        self._open_handlers = {t: h for t, h in self._HANDLERS.items()
+        self._open_handlers = {t: h for t, h in _HANDLERS.items()
                                if t not in EXTENSION_TYPES or self._extension_ok(t)}
-        self._open_handlers.update(self._LINK_HANDLERS)
+        self._open_handlers.update(_LINK_HANDLERS)
         self._decoder.limit = features.max_frame_size
         events.append(HandshakeComplete(self._peer_hello or "", features))
         if features.authentication:
@@ -1092,7 +1102,7 @@ class SockMuxConnection:
             events.append(FrameIgnored(t, frame.sender, frame.receiver,
                                        f"{type_name(t)} before the HELLO exchange finished"))
             return
-        handler = self._HANDLERS.get(t)
+        handler = _HANDLERS.get(t)
         if handler is not None and t in EXTENSION_TYPES and not self._extension_ok(t):
             handler = None
         if handler is None:
@@ -1119,7 +1129,7 @@ class SockMuxConnection:
             sid = self._by_peer.get(frame.sender)
             return None if sid is None else self._streams.get(sid)
         s = self._streams.get(frame.receiver)
-        if s is None or (s.peer_id is not None and s.peer_id != frame.sender):
+        if s is None or (s.peer_id != NO_STREAM and s.peer_id != frame.sender):
             return None
         return s
 
@@ -1134,7 +1144,7 @@ class SockMuxConnection:
 
     def _forget(self, s: _Stream) -> None:
         self._streams.pop(s.id, None)
-        if s.peer_id is not None and self._by_peer.get(s.peer_id) == s.id:
+        if s.peer_id != NO_STREAM and self._by_peer.get(s.peer_id) == s.id:
             del self._by_peer[s.peer_id]
 
     def _on_connect(self, frame: Frame, events: list[Event]) -> None:
@@ -1146,7 +1156,9 @@ class SockMuxConnection:
             return
         if peer_id in self._by_peer or peer_id == NO_STREAM:
             raise RemoteProtocolError(f"CONNECT reuses stream id {peer_id:#06x}, still open")
-        limit = self._features.max_streams
+        f = self._features
+        assert f is not None  # set when the link opened
+        limit = f.max_streams
         if len(self._streams) >= limit:
             self._refuse_connect(peer_id, addrs.first, addrs.second,
                                  f"{REASON_TOO_MANY_STREAMS} (limit {limit})", events)
@@ -1171,7 +1183,7 @@ class SockMuxConnection:
             # Accepted a stream we no longer know: tell the peer, so its side does not hang.
             self._queue(CLOSE, frame.receiver, frame.sender, _CLOSE_PAYLOAD)
             return
-        if s.state is StreamState.CLOSING and s.peer_id is None:
+        if s.state is StreamState.CLOSING and s.peer_id == NO_STREAM:
             return  # it crossed the CLOSE of our "cancel": the peer closes on that CLOSE
         if s.state not in (StreamState.CONNECTING, StreamState.CANCELLING):
             raise RemoteProtocolError(f"CONNECTED for stream {s.id} in state {s.state.value}")
@@ -1203,7 +1215,9 @@ class SockMuxConnection:
             return
         n = len(frame.payload)
         if urgent:  # DeleGate acknowledges out-of-band data at once, outside the window
-            if s.recv.free + n > 2 * self._features.max_payload:
+            f = self._features
+            assert f is not None  # streams exist only on an open link
+            if s.recv.free + n > 2 * f.max_payload:
                 raise RemoteProtocolError(
                     f"urgent data flood on stream {s.id}: more than two frames unwritten")
             self._queue(SENTOOB, s.id, frame.sender, count_payload(n))
@@ -1258,12 +1272,6 @@ class SockMuxConnection:
         events.append(StreamEnded(s.id))
         if new is StreamState.CLOSING:  # both directions ended: close it
             self._queue(CLOSE, s.id, s.peer_id, _CLOSE_PAYLOAD)
-
-    _HANDLERS: dict[int, Callable[[SockMuxConnection, Frame, list[Event]], None]] = {
-        CONNECT: _on_connect, CONNECTED: _on_connected, SEND: _on_send, SENT: _on_sent,
-        SENDOOB: _on_sendoob, SENTOOB: _on_sentoob, CLOSE: _on_close, CLOSED: _on_closed,
-        SHUT: _on_shut, AUTH: _on_auth,
-    }
 
     # -- streams: calls from the driver ---------------------------------------------------------
 
@@ -1489,11 +1497,6 @@ class SockMuxConnection:
             self._rtt = max(0.0, self._now - sent)
             events.append(Pong(self._rtt))
 
-    #: Link-level frames, answered in any state past HELLO (see _handle).
-    _LINK_HANDLERS: dict[int, Callable[[SockMuxConnection, Frame, list[Event]], None]] = {
-        NOOP: _on_noop, ECHO: _on_echo, ECHOOK: _on_echook,
-    }
-
     def tick(self, now: float) -> list[Event]:
         """Run the keep-alive timers: queue ECHO when idle, report DeadPeer when silent.
 
@@ -1532,3 +1535,20 @@ class SockMuxConnection:
         driver may flush data_to_send() first. Closing an already closed link lists nothing.
         """
         return [LinkClosed(reason, self._fail())]
+
+
+_Handler = Callable[[SockMuxConnection, Frame, list[Event]], None]
+
+#: The handler of each stream frame type (see ``_handle``).
+_HANDLERS: dict[int, _Handler] = {
+    CONNECT: SockMuxConnection._on_connect, CONNECTED: SockMuxConnection._on_connected,
+    SEND: SockMuxConnection._on_send, SENT: SockMuxConnection._on_sent,
+    SENDOOB: SockMuxConnection._on_sendoob, SENTOOB: SockMuxConnection._on_sentoob,
+    CLOSE: SockMuxConnection._on_close, CLOSED: SockMuxConnection._on_closed,
+    SHUT: SockMuxConnection._on_shut, AUTH: SockMuxConnection._on_auth,
+}
+
+#: Link-level frames, answered in any state past HELLO (see ``_handle``).
+_LINK_HANDLERS: dict[int, _Handler] = {
+    NOOP: SockMuxConnection._on_noop, ECHO: SockMuxConnection._on_echo, ECHOOK: SockMuxConnection._on_echook,
+}

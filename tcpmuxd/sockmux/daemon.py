@@ -46,7 +46,7 @@ from .. import __version__, systemd
 from ..addresses import Endpoint, parse_endpoint
 from ..dropins import parse_size, parse_timespan
 from . import config as tconfig
-from . import links, tls
+from . import links, native, tls
 from .config import Entrance, Exit, Tunnel, TunnelConfigError
 from .connection import SockMuxConfig
 from .exits import ExitOpener
@@ -988,7 +988,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _run(tunnel: Tunnel, args: argparse.Namespace, environ: dict[str, str],
                loop_name: str) -> int:
     daemon = Daemon(tunnel, args, environ)
-    daemon.record(f"sockmuxd {__version__} starting ({loop_name} event loop)", priority=7)
+    daemon.record(f"sockmuxd {__version__} starting ({loop_name} event loop, "
+                  f"{native.describe()})", priority=7)
     try:
         try:
             tls_context(tunnel)

@@ -197,6 +197,7 @@ class ExitOpener:
             if ep.is_unix:
                 await loop.create_unix_connection(lambda: stream, ep.path)
             else:
+                assert ep.host is not None and ep.port is not None  # not unix: host:port
                 await loop.create_connection(lambda: stream, ep.host, ep.port)
         except asyncio.CancelledError as exc:
             if exc.args != (_CONNECT_TIMED_OUT,):

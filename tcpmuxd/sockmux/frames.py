@@ -282,7 +282,8 @@ class FrameDecoder:
         """The next complete frame, or ``None`` when more bytes are needed."""
         buf, pos = self._buf, self._pos
         if len(buf) - pos < HEADER_SIZE:
-            return self._keep_rest()
+            self._keep_rest()
+            return None
         version, ftype, sender, receiver, length = HEADER.unpack_from(buf, pos)
         if version != VERSION:
             self._failed = True
@@ -298,7 +299,8 @@ class FrameDecoder:
                 f"negotiated maximum of {self._limit}")
         end = pos + HEADER_SIZE + length
         if len(buf) < end:
-            return self._keep_rest()
+            self._keep_rest()
+            return None
         self._pos = end
         return Frame(ftype, sender, receiver, buf[pos + HEADER_SIZE:end], version)
 
@@ -372,7 +374,7 @@ def parse_hello(payload: bytes, max_length: int) -> str:
     return split_c_string(payload, max_length, "HELLO text")[0]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention (see connection.py, "Compiled")
 class Addresses:
     """The text of CONNECT (``client``, ``entrance``) or CONNECTED (``server``, ``local``).
 

@@ -176,7 +176,7 @@ def port_of(addr: str) -> int | None:
     return None
 
 
-def _reset(transport: asyncio.BaseTransport) -> None:
+def _reset(transport: Any) -> None:
     """Close with RST where possible (SO_LINGER 0), so the other end sees a reset, not EOF."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
@@ -259,8 +259,7 @@ class Stream(asyncio.Protocol):
         if sid is None:
             if self.held:  # not opened yet: its first bytes open it (they ride in CONNECT)
                 self.pending = data if self.pending is None else self.pending + data
-                self.hub._first_data(self)
-                if self.pending is not None:  # held on (no link) or too big for CONNECT
+                if self.hub._first_data(self):  # held on (no link) or too big for CONNECT
                     self._pause()
             return
         if self.pending is not None or not self.open:
@@ -341,7 +340,9 @@ class Stream(asyncio.Protocol):
         if self.write_paused:  # pause_writing() ran inside write(): part of it is buffered
             self.unacked += len(data)
         else:
-            self.session.conn.acknowledge(self.sid, len(data))  # type: ignore[union-attr]
+            session, sid = self.session, self.sid
+            assert session is not None and sid is not None  # attached: data comes on a stream
+            session.conn.acknowledge(sid, len(data))
 
     def _remote_ended(self) -> None:
         self.eof_remote = True
@@ -1107,14 +1108,16 @@ class Hub:
         stream.reason = "refused: the link is down"
         _reset(stream.transport)
 
-    def _first_data(self, stream: Stream) -> None:
+    def _first_data(self, stream: Stream) -> bool:
         """The first bytes (or EOF) of a waiting entrance connection came, or the wait is
-        over: open its stream now."""
-        if self.first_wait.pop(stream, None) is None:
-            return
-        stream.held = False
-        if not stream.lost:
-            self._admit(stream, wait=False)
+        over: open its stream now. True while the stream still holds bytes (no link yet, or
+        too many for CONNECT): the caller pauses its reading. (A result rather than a second
+        look at ``stream.pending``: the compiled caller had narrowed it to ``bytes``.)"""
+        if self.first_wait.pop(stream, None) is not None:
+            stream.held = False
+            if not stream.lost:
+                self._admit(stream, wait=False)
+        return stream.pending is not None
 
     def _first_wait_over(self) -> None:
         """Open the streams whose wait for first bytes is over; wait again for the rest."""

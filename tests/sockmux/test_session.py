@@ -860,36 +860,36 @@ def test_entrance_connections_held_while_the_link_is_down():
     run(main())
 
 
-def test_client_first_bytes_ride_in_connect(monkeypatch):
+def test_client_first_bytes_ride_in_connect():
     """A client that speaks first: its bytes travel inside CONNECT (one round trip less);
-    a client that waits for the server: the stream opens after first_data_wait anyway."""
-    requested: list[bytes] = []
-    original = Session._requested
-
-    def spy(self, ev):
-        requested.append(ev.first_data)
-        return original(self, ev)
-
-    monkeypatch.setattr(Session, "_requested", spy)
+    a client that waits for the server: the stream opens after first_data_wait anyway.
+    (Seen in the exit's link counters: streams requested, and data that came in SEND frames,
+    which bytes inside CONNECT are not.)"""
 
     async def main() -> None:
         echo, eport = await serve(Echo)
         async with pair(b_exits=exits(f"127.0.0.1:{eport}")) as p:
             p.a.first_data_wait = 0.2
             port = await p.entrance(p.a)
+            assert p.b.current is not None
+            stats = p.b.current.conn.stats
+
+            def requested() -> int:
+                return stats().streams_requested
+
             r, w = await asyncio.open_connection("127.0.0.1", port)
             w.write(b"GET / HTTP/1.0\r\n\r\n")
             assert await r.readexactly(18) == b"GET / HTTP/1.0\r\n\r\n"
             w.close()
-            assert requested == [b"GET / HTTP/1.0\r\n\r\n"]
+            assert requested() == 1 and stats().data_received == 0  # all 18 in CONNECT
             # silent client: opened after the wait, without first data
             r, w = await asyncio.open_connection("127.0.0.1", port)
             start = time.monotonic()
-            await wait_for(lambda: len(requested) == 2, what="the stream to open")
+            await wait_for(lambda: requested() == 2, what="the stream to open")
             assert 0.15 <= time.monotonic() - start < 2
-            assert requested[1] == b""
             w.write(b"late")
             assert await r.readexactly(4) == b"late"
+            assert stats().data_received == 4  # in a SEND: the stream was open before them
             w.close()
             # silent clients arriving at different times each wait their own time (one
             # timer serves them all, re-armed for the next deadline)
@@ -901,7 +901,7 @@ def test_client_first_bytes_ride_in_connect(monkeypatch):
             t2 = time.monotonic()
             while len(opened) < 2:
                 assert time.monotonic() - t1 < 3, "the silent streams did not open"
-                for i in range(3, len(requested) + 1):
+                for i in range(3, requested() + 1):
                     opened.setdefault(i, time.monotonic())
                 await asyncio.sleep(0.005)
             assert 0.15 <= opened[3] - t1 < 2

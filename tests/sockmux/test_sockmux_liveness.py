@@ -36,7 +36,7 @@ def test_echo_after_the_idle_interval_and_pong_with_rtt():
     (echook,) = frames_of(pair.b.bytes_to_send())
     assert (echook.type, echook.payload) == (F.ECHOOK, echo.payload)
     events = pair.a.receive_data(echook.encode(), now=130.25)
-    assert events == [Pong(pytest.approx(0.25))]
+    assert [type(e) for e in events] == [Pong] and events[0].rtt == pytest.approx(0.25)
     assert pair.a.rtt == pytest.approx(0.25)
 
 
@@ -86,7 +86,7 @@ def test_ping_on_demand():
     pair.a.ping(now=101.0)
     pair.now = 101.5
     a_ev, _ = pair.pump()
-    assert a_ev == [Pong(pytest.approx(0.5))]
+    assert [type(e) for e in a_ev] == [Pong] and a_ev[0].rtt == pytest.approx(0.5)
 
 
 def test_delegates_echo_is_answered_with_its_own_clock_and_swapped_ids():

@@ -1,0 +1,24 @@
+"""Build hook for the optional compiled modules (everything else is in pyproject.toml).
+
+With ``SOCKMUXD_NATIVE=1`` the modules listed in pyproject.toml's ``[tool.sockmuxd-native]``
+are compiled with mypyc (needs mypy, gcc and the Python headers); without it the package is
+pure Python, as the distribution packages build it. ``script/build-native`` compiles them in
+place for a source checkout. The group name puts mypyc's shared runtime module inside the
+package (``tcpmuxd.sockmux._native__mypyc``), not at the top level of site-packages.
+"""
+import os
+import tomllib
+
+from setuptools import setup
+
+ext_modules = []
+if os.environ.get("SOCKMUXD_NATIVE") == "1":
+    from mypyc.build import mypycify
+
+    with open(os.path.join(os.path.dirname(__file__) or ".", "pyproject.toml"), "rb") as f:
+        modules = tomllib.load(f)["tool"]["sockmuxd-native"]["modules"]
+    # Imported modules are read for their types, not checked (they are not compiled).
+    options = ["--follow-imports=silent", "--ignore-missing-imports"]
+    ext_modules = mypycify(options + modules, opt_level="3", group_name="tcpmuxd.sockmux._native")
+
+setup(ext_modules=ext_modules)

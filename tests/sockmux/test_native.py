@@ -1,0 +1,88 @@
+"""The compiled build of sockmuxd's per-stream modules, and the switch back to the sources.
+
+script/bootstrap compiles the modules of pyproject.toml's [tool.sockmuxd-native] in place;
+script/test runs tests/sockmux on both builds. These tests check that each run really uses
+the build it claims to, in this process and in a fresh interpreter (as the daemons start).
+"""
+
+import importlib.machinery
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import tcpmuxd.sockmux.connection
+import tcpmuxd.sockmux.exits
+import tcpmuxd.sockmux.session
+from tcpmuxd.sockmux import native
+
+ROOT = Path(__file__).resolve().parents[2]
+LISTED = sorted(
+    "tcpmuxd.sockmux." + Path(m).stem
+    for m in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["sockmuxd-native"][
+        "modules"])
+SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
+BUILT = all((ROOT / (m.replace(".", "/") + SUFFIX)).exists() for m in LISTED)
+PURE = os.environ.get(native.PURE_PYTHON_ENV) == "1"
+
+PROBE = """
+import json, sys
+import tcpmuxd.sockmux.daemon  # imports everything a daemon runs
+from tcpmuxd.sockmux import native
+files = {n: m.__file__ for n, m in sys.modules.items() if n.startswith("tcpmuxd.sockmux.")
+         and getattr(m, "__file__", None)}
+print(json.dumps({"compiled": native.compiled_modules(), "describe": native.describe(),
+                  "files": files}))
+"""
+
+
+def probe(pure: bool) -> dict:
+    import json
+    env = dict(os.environ)
+    env.pop(native.PURE_PYTHON_ENV, None)
+    if pure:
+        env[native.PURE_PYTHON_ENV] = "1"
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    return json.loads(out)
+
+
+def test_this_run_uses_the_build_it_claims():
+    modules = [tcpmuxd.sockmux.connection, tcpmuxd.sockmux.session, tcpmuxd.sockmux.exits]
+    if PURE:
+        assert all(m.__file__.endswith(".py") for m in modules)
+        assert native.compiled_modules() == [] and native.describe() == "pure Python"
+    elif BUILT:
+        assert all(m.__file__.endswith(SUFFIX) for m in modules)
+        assert set(native.compiled_modules()) >= {m.__name__ for m in modules}
+    else:
+        pytest.skip("no compiled build in the tree (script/build-native was not run)")
+
+
+def test_pure_python_switch_loads_every_module_from_source():
+    got = probe(pure=True)
+    assert got["compiled"] == [] and got["describe"] == "pure Python"
+    assert got["files"] and all(f.endswith(".py") for f in got["files"].values())
+    assert set(LISTED) <= set(got["files"])
+
+
+@pytest.mark.skipif(not BUILT, reason="no compiled build in the tree (run script/build-native)")
+def test_compiled_build_is_exactly_the_listed_modules():
+    got = probe(pure=False)
+    assert got["compiled"] == LISTED  # all of them, and nothing else claims to be
+    assert got["describe"] == "compiled: " + ", ".join(m.rpartition(".")[2] for m in LISTED)
+    for name, path in got["files"].items():
+        assert path.endswith(SUFFIX) == (name in LISTED or name.endswith("__mypyc")), name
+
+
+def test_compiled_build_is_newer_than_its_sources():
+    """A stale build would test (and run) yesterday's code: script/build-native rebuilds
+    when any listed source changed, and bootstrap runs it before the tests."""
+    if not BUILT:
+        pytest.skip("no compiled build in the tree (script/build-native was not run)")
+    oldest = min((ROOT / (m.replace(".", "/") + SUFFIX)).stat().st_mtime for m in LISTED)
+    newest = max((ROOT / (m.replace(".", "/") + ".py")).stat().st_mtime for m in LISTED)
+    assert oldest >= newest
