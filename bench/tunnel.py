@@ -601,7 +601,7 @@ class Bench:
         row.entrance_pids = [connector.pid]
         row.procs.append(connector)
         self.wait_path(row, 60)
-        m = re.search(rb"starting \((\w+) event loop\)", _read(clog) + _read(rlog))
+        m = re.search(rb"starting \((\w+) event loop[,)]", _read(clog) + _read(rlog))
         if m:
             self.sockmuxd_loop = m.group(1).decode()
         if certs:
