@@ -221,6 +221,21 @@ def read_all(proc: subprocess.Popen, timeout: float, what: str) -> bytes:
 
 # --- what to print about the run -----------------------------------------------------------
 
+def help_text(argv: list[str], name: str, tree: str, env: dict[str, str],
+              cwd: str) -> tuple[str, list[str]]:
+    """Run ``argv`` (a daemon's --help, from the tree under test): its output, or the reason
+    it does not start there (a one-line problem, as the prerequisite checks report them)."""
+    try:
+        r = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, timeout=30, text=True)
+    except subprocess.TimeoutExpired:
+        return "", [f"{name}: `{shlex.join(argv[1:])}` did not finish within 30 s"]
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        return "", [f"{name} does not start from {tree} (`{shlex.join(argv)}` exited "
+                    f"{r.returncode}: {tail[0]})"]
+    return r.stdout, []
+
+
 def machine_summary() -> list[str]:
     cpus = os.cpu_count()
     try:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (REPO, run_benchmark, BenchError, Processes, command_line,  # noqa: E402
-                     fd_count, free_port, machine_summary, nofile_limit, percentile,
+                     fd_count, free_port, help_text, machine_summary, nofile_limit, percentile,
                      raise_nofile, read_all, read_line, rss_kib, wait_connectable, wait_until,
                      which)
 
@@ -356,18 +356,12 @@ class Bench:
     # --- prerequisites ------------------------------------------------------------------
 
     def check_tcpmuxd(self) -> list[str]:
-        argv = [sys.executable, "-m", "tcpmuxd", "--help"]
-        try:
-            r = subprocess.run(argv, env=self.env, cwd=self.tmp, capture_output=True,
-                               timeout=30, text=True)
-        except subprocess.TimeoutExpired:
-            return ["tcpmuxd: `python -m tcpmuxd --help` did not finish within 30 s"]
-        if r.returncode != 0:
-            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            return [f"tcpmuxd does not start from {self.tree} (`{shlex.join(argv)}` exited "
-                    f"{r.returncode}: {tail[0]})"]
+        text, problems = help_text([sys.executable, "-m", "tcpmuxd", "--help"], "tcpmuxd",
+                                   self.tree, self.env, self.tmp)
+        if problems:
+            return problems
         missing = [opt for opt in ("--listen", "--config-dir", "--name-timeout")
-                   if opt not in r.stdout]
+                   if opt not in text]
         if missing:
             return [f"tcpmuxd --help does not list {', '.join(missing)}"]
         return []

@@ -38,7 +38,7 @@ from statistics import median
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (REPO, run_benchmark, BenchError, OtherLoad, Processes, command_line,  # noqa: E402
-                     cpu_seconds, descendants, fd_count, free_port,
+                     cpu_seconds, descendants, fd_count, free_port, help_text,
                      machine_summary, nofile_limit, percentile, raise_nofile, read_all,
                      read_line, rss_kib, sched_cpu_seconds, wait_until, which)
 
@@ -312,16 +312,10 @@ class Bench:
                               "systemd-tmpfiles would for openssh-server")
 
     def check_sockmuxd(self) -> list[str]:
-        argv = [sys.executable, "-m", "tcpmuxd.sockmux.daemon", "--help"]
-        try:
-            r = subprocess.run(argv, env=self.env, cwd=self.tmp, capture_output=True,
-                               timeout=30, text=True)
-        except subprocess.TimeoutExpired:
-            return ["sockmuxd: `python -m tcpmuxd.sockmux.daemon --help` did not finish in 30 s"]
-        if r.returncode != 0:
-            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            return [f"sockmuxd does not start from {self.tree} (`{shlex.join(argv)}` exited "
-                    f"{r.returncode}: {tail[0]})"]
+        text, problems = help_text([sys.executable, "-m", "tcpmuxd.sockmux.daemon", "--help"],
+                                   "sockmuxd", self.tree, self.env, self.tmp)
+        if problems:
+            return problems
         # where it is imported from, and which build of its per-stream modules runs (a tree
         # older than tcpmuxd.sockmux.native is pure Python)
         r2 = subprocess.run([sys.executable, "-c", "import os, tcpmuxd.sockmux.daemon as d; "
@@ -337,10 +331,10 @@ class Bench:
             return [f"sockmuxd is imported from {where or '?'}, not from "
                     f"{self.tree} (no tcpmuxd/sockmux/daemon.py there?)"]
         need = ("--accept", "--connect", "--entrance", "--exit", "--secret")
-        lacking = [o for o in need if o not in r.stdout]
+        lacking = [o for o in need if o not in text]
         if lacking:
             return [f"sockmuxd --help does not list {', '.join(lacking)}"]
-        self.tls_flags = all(o in r.stdout for o in ("--tls-cert", "--tls-key", "--tls-ca"))
+        self.tls_flags = all(o in text for o in ("--tls-cert", "--tls-key", "--tls-ca"))
         if "sockmuxd-tls" in self.args.rows and not self.tls_flags:
             self.args.rows.remove("sockmuxd-tls")
             self.notes.append("sockmuxd --help lists no --tls-cert/--tls-key/--tls-ca: no TLS row")

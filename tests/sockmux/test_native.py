@@ -6,6 +6,7 @@ the build it claims to, in this process and in a fresh interpreter (as the daemo
 """
 
 import importlib.machinery
+import json
 import os
 import subprocess
 import sys
@@ -40,7 +41,6 @@ print(json.dumps({"compiled": native.compiled_modules(), "describe": native.desc
 
 
 def probe(pure: bool) -> dict:
-    import json
     env = dict(os.environ)
     env.pop(native.PURE_PYTHON_ENV, None)
     if pure:
