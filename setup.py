@@ -1,10 +1,11 @@
 """Build hook for the optional compiled modules (everything else is in pyproject.toml).
 
 With ``SOCKMUXD_NATIVE=1`` the modules listed in pyproject.toml's ``[tool.sockmuxd-native]``
-are compiled with mypyc (needs mypy, gcc and the Python headers); without it the package is
-pure Python, as the distribution packages build it. ``script/build-native`` compiles them in
-place for a source checkout. The group name puts mypyc's shared runtime module inside the
-package (``tcpmuxd.sockmux._native__mypyc``), not at the top level of site-packages.
+are compiled with mypyc (needs mypy >= 1.15, gcc and the Python headers); without it the
+package is pure Python. The distribution packages (packaging/) and ``script/build-native``
+(for a source checkout, in place) set it. The group name puts mypyc's shared runtime module
+inside the package (``tcpmuxd.sockmux._native__mypyc``), not at the top level of
+site-packages.
 """
 import os
 import tomllib
@@ -19,6 +20,9 @@ if os.environ.get("SOCKMUXD_NATIVE") == "1":
         modules = tomllib.load(f)["tool"]["sockmuxd-native"]["modules"]
     # Imported modules are read for their types, not checked (they are not compiled).
     options = ["--follow-imports=silent", "--ignore-missing-imports"]
-    ext_modules = mypycify(options + modules, opt_level="3", group_name="tcpmuxd.sockmux._native")
+    # One group with an explicit name, which works from mypy 1.15 (Debian 13's, which has no
+    # group_name= yet) to the mypy 2 of the development virtualenv.
+    ext_modules = mypycify(options + modules, opt_level="3",
+                           separate=[(modules, "tcpmuxd.sockmux._native")])
 
 setup(ext_modules=ext_modules)

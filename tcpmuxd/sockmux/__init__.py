@@ -11,7 +11,7 @@ The protocol layer is sans-I/O and standard-library only:
 * :mod:`tcpmuxd.sockmux.windows`: per-stream flow-control windows.
 * :mod:`tcpmuxd.sockmux.auth`: the HMAC-SHA256 challenge-response.
 
-The asyncio driver, transports and daemon live in ``session.py``, ``transports.py`` and
+The asyncio driver, transports and daemon live in ``session.py``, ``links.py`` and
 ``daemon.py``. The protocol, including tcpmuxd's extensions and how a plain DeleGate peer falls
 back, is written down in ``docs/sockmux-protocol.md``.
 

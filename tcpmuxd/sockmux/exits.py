@@ -193,6 +193,10 @@ class ExitOpener:
         ep = exit_.endpoint
         assert ep is not None
         loop = self.loop
+        # No ``finally`` here: mypyc before 2 (1.15, as in Debian 13, and 1.0.1) compiles
+        # this try/except/finally around an await into code that fails when the coroutine
+        # resumes ("attribute '__mypyc_temp__5' undefined"). A timer left running by an
+        # unexpected exception would only cancel a finished task.
         try:
             if ep.is_unix:
                 await loop.create_unix_connection(lambda: stream, ep.path)
@@ -200,16 +204,17 @@ class ExitOpener:
                 assert ep.host is not None and ep.port is not None  # not unix: host:port
                 await loop.create_connection(lambda: stream, ep.host, ep.port)
         except asyncio.CancelledError as exc:
+            deadline[0].cancel()
             if exc.args != (_CONNECT_TIMED_OUT,):
                 raise  # the stream gave up (the peer closed it first)
             stream.exit_failed(f"No server ({exit_.target}: no connection within "
                                f"{self.connect_timeout:g} s)")
             return
         except OSError as exc:
+            deadline[0].cancel()
             stream.exit_failed(f"No server ({exit_.target}: {_strerror(exc)})")
             return
-        finally:
-            deadline[0].cancel()
+        deadline[0].cancel()
         # CONNECTED names the server as configured: the peer only logs it, and asking the
         # socket (getpeername, getsockname) would cost two system calls per stream.
         stream.exit_connected("localhost:0" if ep.is_unix else exit_.target, "0.0.0.0:0")

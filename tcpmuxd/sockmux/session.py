@@ -533,13 +533,13 @@ class Session(asyncio.Protocol):
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.loop = hub.loop
-        self.conn = SockMuxConnection(hub.config)
+        self.conn: SockMuxConnection = SockMuxConnection(hub.config)
         self.streams: dict[int, Stream] = {}
         self.link_blocked: set[Stream] = set()
         self.transport: Any = None
         self.peer = "?"
         self.peer_hello = ""
-        self.link_paused = False
+        self.link_paused: bool = False
         self.read_paused = False
         self.ready = False
         self.ever_ready = False

@@ -212,35 +212,45 @@ class DebBuild:
     log: str
 
 
-_deb_cache: dict[str, object] = {}
+_deb_cache: dict[tuple[str, str], object] = {}
 
 
-def build_deb(tmp_path_factory) -> DebBuild:
-    """Build the .deb (packaging/build-deb) once per session; later calls return the same one.
+def deb_architecture() -> str:
+    """The host's Debian architecture: the package is Architecture: any (compiled modules)."""
+    return run(["dpkg", "--print-architecture"]).stdout.strip()
+
+
+def build_deb(tmp_path_factory, pythonpath: str | None = None) -> DebBuild:
+    """Build the .deb (packaging/build-deb) once per session and ``pythonpath``; later calls
+    return the same one. ``pythonpath`` is passed on to the build (a newer mypy, for the
+    compiled build on a system whose own mypy is too old).
 
     A failed build is remembered too: every test that needs it fails at once with its log.
     """
-    if "build" in _deb_cache:
-        return _deb_cache["build"]  # type: ignore[return-value]
-    if "error" in _deb_cache:
-        raise AssertionError(_deb_cache["error"])
+    key = pythonpath or ""
+    if ("build", key) in _deb_cache:
+        return _deb_cache["build", key]  # type: ignore[return-value]
+    if ("error", key) in _deb_cache:
+        raise AssertionError(_deb_cache["error", key])
     require_tools("dpkg-buildpackage", "dh", "dh_python3", "scdoc")
     require_debian_packages(*DEB_BUILD_DEPENDS)
     out = tmp_path_factory.mktemp("deb")
     start = time.monotonic()
-    with timed("Debian package (packaging/build-deb)"):
-        r = run(["sh", PACKAGING / "build-deb", out], check=False, timeout=900)
+    label = "Debian package (packaging/build-deb)" + (", compiled" if pythonpath else "")
+    with timed(label):
+        r = run(["sh", PACKAGING / "build-deb", out], check=False, timeout=900,
+                env={"PYTHONPATH": pythonpath} if pythonpath else None)
     seconds = time.monotonic() - start
     log = r.stdout + r.stderr
-    debs = sorted(out.glob("tcpmuxd_*_all.deb"))
+    debs = sorted(out.glob(f"tcpmuxd_*_{deb_architecture()}.deb"))
     changes = sorted(out.glob("tcpmuxd_*.changes"))
     if r.returncode != 0 or len(debs) != 1 or len(changes) != 1:
-        _deb_cache["error"] = (
+        _deb_cache["error", key] = (
             f"packaging/build-deb failed (exit {r.returncode}, {seconds:.1f} s)\n{log[-12000:]}"
         )
-        raise AssertionError(_deb_cache["error"])
-    _deb_cache["build"] = DebBuild(debs[0], changes[0], seconds, log)
-    return _deb_cache["build"]  # type: ignore[return-value]
+        raise AssertionError(_deb_cache["error", key])
+    _deb_cache["build", key] = DebBuild(debs[0], changes[0], seconds, log)
+    return _deb_cache["build", key]  # type: ignore[return-value]
 
 
 def built_deb(tmp_path_factory) -> Path:

@@ -26,6 +26,7 @@ from pkg_helpers import (
     UNITS,
     build_deb,
     commands,
+    deb_architecture,
     dist_info,
     example_files,
     expected_files,
@@ -83,6 +84,15 @@ def test_build_time(build):
     assert build.seconds < MAX_BUILD_SECONDS
 
 
+def test_build_says_whether_sockmuxd_is_compiled(build, members):
+    """Compiled with a system mypy >= 1.15 (Debian 13), else plain Python, said on stderr
+    (test_pkg_debian_native.py builds the compiled package on any system)."""
+    compiled = "build-deb: sockmuxd's per-stream modules compiled with mypy" in build.log
+    pure = "built as plain Python (build profile pkg.tcpmuxd.pure)" in build.log
+    assert compiled != pure, build.log[-4000:]
+    assert any(p.endswith(".so") for p in members) == compiled
+
+
 def test_contents_listing(deb):
     """``dpkg-deb -c``, shown in full for the record."""
     listing = run(["dpkg-deb", "-c", deb]).stdout
@@ -98,6 +108,8 @@ def test_every_file_is_where_it_belongs(members):
         f
         for f in files - expected
         if not f.startswith(dist_info(SITELIB) + "/")
+        and not (f.startswith(f"{SITELIB}/tcpmuxd/sockmux/") and f.endswith(".so"))  # compiled:
+        # built where the system's mypy can (test_pkg_debian_native.py checks them exactly)
         and f not in {f"{DOCDIR}/copyright", f"{DOCDIR}/changelog.gz", f"{DOCDIR}/README.md.gz",
                       f"{DOCDIR}/README.units.md.gz", f"{DOCDIR}/sockmux-protocol.md.gz",
                       "/usr/share/lintian/overrides/tcpmuxd"}
@@ -154,7 +166,7 @@ def test_control_fields(deb):
 
     assert field("Package") == "tcpmuxd"
     assert field("Version") == version()
-    assert field("Architecture") == "all"
+    assert field("Architecture") == deb_architecture()  # any: the compiled modules
     depends = [d.strip() for d in field("Depends").split(",")]
     names = {re.split(r"[\s(:]", d, maxsplit=1)[0] for d in depends}
     assert "python3-systemd" in names, depends
