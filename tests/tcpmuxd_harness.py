@@ -11,9 +11,11 @@ import os
 import re
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -180,3 +182,29 @@ class Daemon:
         return self.proc.returncode
 
 
+class EchoServer(socketserver.ThreadingTCPServer):
+    """Echoes each connection, passes the client's EOF on after the last byte."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            s = self.request
+            s.settimeout(60)
+            try:
+                while chunk := s.recv(1 << 16):
+                    s.sendall(chunk)
+                s.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), self.Handler)
+        self.port = self.server_address[1]
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()

@@ -19,16 +19,15 @@ import hashlib
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import tomllib
 from pathlib import Path
 
 import pytest
+from tcpmuxd_harness import EchoServer, free_port, talk
 
 from pkg_helpers import (
     REPO,
@@ -140,54 +139,12 @@ def test_the_package_runs_the_compiled_build(extracted):
     assert build == "compiled: " + ", ".join(compiled_names()), build
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Echo:
-    """An echo server on loopback, one thread per connection, until closed."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _through(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as s:
-        threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)),
-                         daemon=True).start()
-        chunks = []
-        while data := s.recv(65536):
-            chunks.append(data)
-    return b"".join(chunks)
-
-
 def test_sockmuxd_from_the_package_carries_streams(extracted, tmp_path):
     secret = tmp_path / "secret"
     secret.write_bytes(os.urandom(32).hex().encode())
     secret.chmod(0o600)
-    echo = _Echo()
-    link, entrance = _free_port(), _free_port()
+    echo = EchoServer()
+    link, entrance = free_port(), free_port()
     env = package_env(extracted)
     daemon = [sys.executable, "-S", "-m", "tcpmuxd.sockmux.daemon", "--secret", str(secret)]
     procs = [subprocess.Popen(daemon + ["--accept", f"127.0.0.1:{link}",
@@ -199,24 +156,24 @@ def test_sockmuxd_from_the_package_carries_streams(extracted, tmp_path):
                               env=env, cwd=extracted, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT)]
     try:
-        payloads = [os.urandom(n) for n in (1, 4096, 1 << 20)]
+        payloads = [os.urandom(n) for n in (1, 4096, 256 << 10)]
         deadline = time.monotonic() + IO_TIMEOUT
         while True:  # until the link is up: before, streams are refused (reset or EOF)
             try:
-                first = _through(entrance, payloads[0])
+                first = talk(entrance, payloads[0], timeout=IO_TIMEOUT)
             except OSError:
                 first = b""
             if first or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        got = [first] + [_through(entrance, p) for p in payloads[1:]]
+        got = [first] + [talk(entrance, p, timeout=IO_TIMEOUT) for p in payloads[1:]]
         assert [hashlib.sha256(g).hexdigest() for g in got] == \
             [hashlib.sha256(p).hexdigest() for p in payloads]
     finally:
         for p in procs:
             p.terminate()
         logs = [p.communicate(timeout=IO_TIMEOUT)[0].decode(errors="replace") for p in procs]
-        echo.close()
+        echo.stop()
     for log in logs:
         assert "compiled: " + ", ".join(compiled_names()) in log, log
         assert "Traceback" not in log, log
