@@ -17,11 +17,19 @@ import sys
 import textwrap
 import threading
 import time
+import tomllib
 from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+
+
+def native_modules() -> list[str]:
+    """The modules mypyc compiles (pyproject.toml, [tool.sockmuxd-native]), as sorted dotted
+    names: what the compiled build, from the tree or a package, must consist of."""
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["sockmuxd-native"]
+    return sorted("tcpmuxd.sockmux." + Path(m).stem for m in listed["modules"])
 
 
 def free_port(host: str = "127.0.0.1") -> int:

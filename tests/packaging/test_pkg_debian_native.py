@@ -23,14 +23,12 @@ import subprocess
 import sys
 import tarfile
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
-from tcpmuxd_harness import EchoServer, free_port, talk
+from tcpmuxd_harness import EchoServer, free_port, native_modules, talk
 
 from pkg_helpers import (
-    REPO,
     build_deb,
     dist_info,
     expected_files,
@@ -49,8 +47,7 @@ IO_TIMEOUT = 20.0
 
 def compiled_names() -> list[str]:
     """The module names pyproject.toml lists for compiling, e.g. ``frames``."""
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    return sorted(Path(m).stem for m in pyproject["tool"]["sockmuxd-native"]["modules"])
+    return [m.rpartition(".")[2] for m in native_modules()]
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+from tcpmuxd_harness import native_modules
 
 import tcpmuxd.sockmux.connection
 import tcpmuxd.sockmux.exits
@@ -21,10 +21,7 @@ import tcpmuxd.sockmux.session
 from tcpmuxd.sockmux import native
 
 ROOT = Path(__file__).resolve().parents[2]
-LISTED = sorted(
-    "tcpmuxd.sockmux." + Path(m).stem
-    for m in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["sockmuxd-native"][
-        "modules"])
+LISTED = native_modules()
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 BUILT = all((ROOT / (m.replace(".", "/") + SUFFIX)).exists() for m in LISTED)
 PURE = os.environ.get(native.PURE_PYTHON_ENV) == "1"
