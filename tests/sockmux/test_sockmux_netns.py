@@ -62,6 +62,8 @@ CUT_BOUND = DEAD_PEER + SLACK
 KILL_BOUND = 2.5
 #: From the peer being reachable again to the link being up.
 RECONNECT_BOUND = RECONNECT_MAX + 5.0
+#: From a daemon's first log line about an event to its last one reaching the test.
+LOG_SLACK = 2.0
 CLIENT_TIMEOUT = 20.0  # no socket operation of a client waits longer than this
 STREAMS = 4
 SIZE = 1 << 20
@@ -184,10 +186,20 @@ class NsProc:
                     return None
                 self.cond.wait(min(left, 0.2))
 
-    def matches(self, pattern: str, after: float = 0.0) -> list[re.Match]:
+    def wait_matches(self, pattern: str, after: float, count: int,
+                     timeout: float) -> list[re.Match]:
+        """Every line after ``after`` that matches, once there are ``count`` of them or the
+        timeout has passed. The daemon writes a link's loss before the streams it ended, and
+        the reader thread may hand the test the first line before the others."""
         rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
         with self.cond:
-            return [m for t, line in self.lines if t >= after and (m := rx.search(line))]
+            while True:
+                found = [m for t, line in self.lines if t >= after and (m := rx.search(line))]
+                left = deadline - time.monotonic()
+                if len(found) >= count or left <= 0:
+                    return found
+                self.cond.wait(min(left, 0.2))
 
     def text(self) -> str:
         with self.cond:
@@ -711,7 +723,8 @@ def test_silent_cut_closes_every_stream_and_the_link_comes_back(hosts):
         assert t - t_cut >= DEAD_PEER - KEEPALIVE, "noticed before any dead-peer timer could"
         assert streams >= STREAMS
         # each stream in flight is logged as ended by the link loss
-        ended = proc.matches(r"stream \d+: .*link down: peer dead", after=t_cut)
+        ended = proc.wait_matches(r"stream \d+: .*link down: peer dead", t_cut, STREAMS,
+                                  LOG_SLACK)
         assert len(ended) >= STREAMS, proc.text()
     assert h.connector_notify.wait("STATUS=link down", t_cut, CUT_BOUND + 2), \
         h.connector_notify.messages
@@ -754,7 +767,8 @@ def test_killed_receptor_resets_every_stream_and_the_link_comes_back(hosts):
     print(f"connector: link down after {t - t_kill:.2f} s: {reason} ({streams} streams)")
     assert not reason.startswith("peer dead"), reason
     assert streams >= STREAMS
-    assert len(h.connector.matches(r"stream \d+: .*link down: ", after=t_kill)) >= STREAMS
+    assert len(h.connector.wait_matches(r"stream \d+: .*link down: ", t_kill, STREAMS,
+                                        LOG_SLACK)) >= STREAMS
 
     t_restart = time.monotonic()
     receptor2, notify2 = h.start_receptor("receptor2")
