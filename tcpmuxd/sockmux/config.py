@@ -28,6 +28,7 @@ import shlex
 import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -235,9 +236,10 @@ class Exit:
     argv: tuple[str, ...] | None = None
     entrance_port: int | None = None
 
-    @property
+    @cached_property
     def target(self) -> str:
-        """The target as written in the file (without the entrance port)."""
+        """The target as written in the file (without the entrance port). Cached: every
+        stream to this exit asks for it (its log record, CONNECTED's text)."""
         if self.kind == "tcpmux":
             return "tcpmux"
         if self.kind == "exec":
