@@ -19,7 +19,11 @@ if os.environ.get("SOCKMUXD_NATIVE") == "1":
     with open(os.path.join(os.path.dirname(__file__) or ".", "pyproject.toml"), "rb") as f:
         modules = tomllib.load(f)["tool"]["sockmuxd-native"]["modules"]
     # Imported modules are read for their types, not checked (they are not compiled).
-    options = ["--follow-imports=silent", "--ignore-missing-imports"]
+    # No incremental cache: a PEP 517 frontend runs this file more than once per build (pip
+    # for the metadata, `python -m build` for the requirements, then for the wheel), and
+    # mypyc (1.15 at least) finds the group fresh in the cache the first run left, generates
+    # no C for it, and links an empty tcpmuxd.sockmux._native__mypyc (ImportError at start).
+    options = ["--follow-imports=silent", "--ignore-missing-imports", f"--cache-dir={os.devnull}"]
     # One group with an explicit name, which works from mypy 1.15 (Debian 13's, which has no
     # group_name= yet) to the mypy 2 of the development virtualenv.
     ext_modules = mypycify(options + modules, opt_level="3",

@@ -26,12 +26,16 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import tomllib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+from tcpmuxd_harness import native_modules
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGING = REPO / "packaging"
@@ -56,6 +60,11 @@ DEBIAN_PACKAGE_OF = {
     "man": "man-db",
     "rpmbuild": "rpm",
     "rpm": "rpm",
+    "rpmspec": "rpm",
+    "rpm2archive": "rpm",
+    "eu-strip": "elfutils",
+    "cpio": "cpio",
+    "readelf": "binutils",
     "bash": "bash",
 }
 
@@ -73,6 +82,29 @@ DEB_BUILD_DEPENDS = (
 #: How long each build took in this run (label -> seconds), shown at the end of the run by
 #: tests/packaging/conftest.py.
 TIMINGS: dict[str, float] = {}
+
+
+T = TypeVar("T")
+_built: dict[str, object] = {}
+_build_errors: dict[str, str] = {}
+
+
+def built_once(key: str, build: Callable[[], T]) -> T:
+    """``build()`` once per pytest session and ``key``; later calls return its result. Builds
+    take half a minute, and tests of each flavour of a package share one.
+
+    A failed build is remembered too: every later call fails at once with its message. A skip
+    is not (the skip's own condition decides again).
+    """
+    if key in _build_errors:
+        raise AssertionError(_build_errors[key])
+    if key not in _built:
+        try:
+            _built[key] = build()
+        except Exception as e:
+            _build_errors[key] = str(e)
+            raise
+    return _built[key]  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -198,6 +230,99 @@ def expected_files(*, unitdir: str, sitelib: str, docdir: str, man_suffix: str =
 
 def dist_info(sitelib: str) -> str:
     return f"{sitelib}/tcpmuxd-{version()}.dist-info"
+
+
+# ---------------------------------------------------------------------------------------------
+# sockmuxd's compiled modules (mypyc), as every package ships them.
+
+#: The mypy whose mypyc compiles the packages' modules here: Debian 13's python3-mypy, and the
+#: oldest that makes working code (this machine may be Debian 12, whose 1.0.1 makes code that
+#: crashes). It comes from PyPI into a directory that the builds get as PYTHONPATH.
+MYPY = "mypy==1.15.0"
+
+#: pip's words when it could not get MYPY from the index (offline, or no route to PyPI).
+_PIP_UNREACHABLE = ("No matching distribution found", "NewConnectionError", "connection broken by",
+                    "Temporary failure in name resolution", "Network is unreachable")
+
+#: An extension module's ABI tag and suffix, e.g. ``.cpython-311-x86_64-linux-gnu.so``.
+EXTENSION_SUFFIX = re.compile(r"\.cpython-3\d+-[a-z0-9_]+-linux-gnu[a-z0-9]*\.so$")
+
+_mypy_cache: dict[str, str] = {}
+
+
+def mypy_pythonpath(tmp_path_factory) -> str:
+    """A directory holding MYPY from PyPI, for the compiled builds' PYTHONPATH: installed once
+    per pytest session (every package's compiled build uses it).
+
+    Skips the test, saying so, when pip cannot get it from PyPI (no network); any other failure
+    of pip fails the test, with pip's output.
+    """
+    if "skip" in _mypy_cache:
+        pytest.skip(_mypy_cache["skip"])
+    if "dir" not in _mypy_cache:
+        target = tmp_path_factory.mktemp("mypy-1.15")
+        with timed(f"pip install {MYPY} (for the compiled packages)"):
+            r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
+                                "--disable-pip-version-check", "--retries", "2",
+                                "--target", str(target), MYPY],
+                               capture_output=True, text=True, timeout=600)
+        output = r.stdout + r.stderr
+        if r.returncode != 0 and any(words in output for words in _PIP_UNREACHABLE):
+            _mypy_cache["skip"] = (f"pip could not get {MYPY} from PyPI (no network?), which the "
+                                   f"compiled build needs here; pip: {output.strip().splitlines()[-1]}")
+            pytest.skip(_mypy_cache["skip"])
+        assert r.returncode == 0, f"pip install {MYPY} failed:\n{output}"
+        _mypy_cache["dir"] = str(target)
+    return _mypy_cache["dir"]
+
+
+def compiled_names() -> list[str]:
+    """The module names pyproject.toml lists for compiling, e.g. ``frames``."""
+    return [m.rpartition(".")[2] for m in native_modules()]
+
+
+def compiled_description() -> str:
+    """What tcpmuxd.sockmux.native.describe() (and sockmuxd's start-up line) says of a
+    complete compiled build."""
+    return "compiled: " + ", ".join(compiled_names())
+
+
+def compiled_stems(sitelib: str) -> set[str]:
+    """The shared objects a compiled package must hold, without their ABI suffix: one per
+    module pyproject.toml lists, beside its source, and mypyc's runtime of the group inside the
+    package (not at the top of site-packages)."""
+    pkg = f"{sitelib}/tcpmuxd/sockmux"
+    return {f"{pkg}/{n}" for n in compiled_names()} | {f"{pkg}/_native__mypyc"}
+
+
+def without_abi_suffix(paths: Iterable[str]) -> set[str]:
+    """Extension module paths without ``.cpython-3X-ARCH-linux-gnu.so``, to compare with
+    compiled_stems() on any Python and architecture."""
+    return {EXTENSION_SUFFIX.sub("", p) for p in paths}
+
+
+def package_env(root: Path, sitelib: str) -> dict[str, str]:
+    """The environment to run Python on a package unpacked at ``root``: its site directory
+    first, then this virtualenv's dependencies (uvloop, systemd). Run it with ``-S``, which
+    keeps the virtualenv's editable install of the tree out, and with ``root`` as the current
+    directory, so that the tree is not the current directory either."""
+    venv_site = next(p for p in sys.path if p.endswith("site-packages"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SOCKMUXD_", "PYTHON"))}
+    env["PYTHONPATH"] = f"{root}{sitelib}:{venv_site}"
+    return env
+
+
+def installed_build(root: Path, sitelib: str) -> tuple[str, str]:
+    """Import every module pyproject.toml lists for compiling from the package unpacked at
+    ``root``; returns where tcpmuxd was imported from, and which build ran (native.describe():
+    compiled_description() or ``pure Python``)."""
+    code = (f"import tcpmuxd, {', '.join(native_modules())}, tcpmuxd.sockmux.native as n; "
+            "print(tcpmuxd.__file__); print(n.describe())")
+    r = subprocess.run([sys.executable, "-S", "-c", code], env=package_env(root, sitelib),
+                       cwd=root, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    where, build = r.stdout.splitlines()
+    return where, build
 
 
 # ---------------------------------------------------------------------------------------------

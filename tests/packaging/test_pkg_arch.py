@@ -1,5 +1,11 @@
 """The Arch Linux PKGBUILD (packaging/arch/PKGBUILD): its syntax (``bash -n``), its metadata,
-and the files its ``package()`` installs.
+the files its ``package()`` installs, and that the installed tree runs the build it was made with.
+
+Two builds, each checked the same way: the default one, with sockmuxd's per-stream modules
+compiled by mypyc (arch x86_64 and aarch64), and ``_native=0``, the pure-Python fallback
+(arch any). mypyc needs mypy 1.15 or later, which this machine may not have (Debian 12's is
+1.0.1): mypy 1.15.0 comes from PyPI into a directory the build gets as PYTHONPATH
+(pkg_helpers.mypy_pythonpath; the compiled tests skip, saying so, when PyPI cannot be reached).
 
 There is no makepkg on Debian, so the test does what makepkg would: it sources the PKGBUILD in
 a bash subshell with errexit, with ``srcdir`` holding the unpacked tarball
@@ -9,11 +15,16 @@ a bash subshell with errexit, with ``srcdir`` holding the unpacked tarball
 - ``python`` (Arch's name for Python 3) is a shell function calling /usr/bin/python3, with
   Debian's python3-build and python3-installer for Arch's python-build and python-installer;
 - ``DEB_PYTHON_INSTALL_LAYOUT=deb_system`` makes Debian's installer use /usr/lib/python3/
-  dist-packages where Arch's uses /usr/lib/python3.X/site-packages.
+  dist-packages where Arch's uses /usr/lib/python3.X/site-packages;
+- ``MAKEPKG_FLAGS``: the compiler and linker flags makepkg exports to ``build()`` on x86_64
+  (Arch's makepkg.conf, with its default ``debug`` and ``lto`` options applied), so that mypyc's
+  C is compiled as on Arch; makepkg's own steps after ``package()`` (strip, the -debug
+  package) are not done.
 """
 
 from __future__ import annotations
 
+import platform
 import shlex
 import stat
 from pathlib import Path
@@ -23,14 +34,20 @@ import pytest
 from pkg_helpers import (
     EMPTY_DIRS,
     PACKAGING,
+    built_once,
     commands,
+    compiled_description,
+    compiled_stems,
     dist_info,
     expected_files,
+    installed_build,
+    mypy_pythonpath,
     require_debian_packages,
     require_tools,
     run,
     timed,
     version,
+    without_abi_suffix,
 )
 
 PKGBUILD = PACKAGING / "arch/PKGBUILD"
@@ -39,14 +56,27 @@ SITELIB = "/usr/lib/python3/dist-packages"  # see the docstring: Debian's layout
 DOCDIR = "/usr/share/doc/tcpmuxd"
 LICENSE_FILE = "/usr/share/licenses/tcpmuxd/LICENSE"
 EPOCH = "1622505600"
+#: The PKGBUILD's environment for each build: the default (compiled), and the fallback.
+FLAVOURS = {"native": {}, "pure": {"_native": "0"}}
+#: What makepkg exports to build() on x86_64 (Arch's makepkg.conf: CFLAGS, LDFLAGS, plus
+#: DEBUG_CFLAGS and LTOFLAGS for the default options debug and lto).
+MAKEPKG_FLAGS = {
+    "CFLAGS": "-march=x86-64 -mtune=generic -O2 -pipe -fno-plt -fexceptions "
+              "-Wp,-D_FORTIFY_SOURCE=3 -Wformat -Werror=format-security -fstack-clash-protection "
+              "-fcf-protection -fno-omit-frame-pointer -mno-omit-leaf-frame-pointer -g "
+              "-flto=auto",
+    "LDFLAGS": "-Wl,-O1 -Wl,--sort-common -Wl,--as-needed -Wl,-z,relro -Wl,-z,now "
+               "-Wl,-z,pack-relative-relocs -flto=auto",
+}
 
 
-def pkgbuild_vars(*names: str) -> dict[str, list[str]]:
-    """Variables of the PKGBUILD, each as a list (bash arrays, or one element)."""
+def pkgbuild_vars(*names: str, flavour: str = "native") -> dict[str, list[str]]:
+    """Variables of the PKGBUILD sourced for ``flavour``, each as a list (bash arrays, or one
+    element)."""
     script = f"set -e; source {shlex.quote(str(PKGBUILD))}; " + "; ".join(
         f'printf "%s\\0" "{n}" "${{#{n}[@]}}" "${{{n}[@]}}"' for n in names
     )
-    out = run(["bash", "-c", script]).stdout.split("\0")
+    out = run(["bash", "-c", script], env=FLAVOURS[flavour]).stdout.split("\0")
     result: dict[str, list[str]] = {}
     i = 0
     while i < len(out) - 1:
@@ -62,16 +92,26 @@ def test_syntax():
     assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
-def test_metadata():
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_metadata(flavour):
     v = pkgbuild_vars("pkgname", "pkgver", "pkgrel", "arch", "license", "depends", "makedepends",
-                      "backup", "install", "source")
+                      "backup", "install", "source", "options", flavour=flavour)
     print(v)
+    native = flavour == "native"
     assert v["pkgname"] == ["tcpmuxd"]
     assert v["pkgver"] == [version()]
-    assert v["arch"] == ["any"]
+    # Arch's and Arch Linux ARM's architectures for the compiled modules, of which this
+    # machine's must be one; the pure-Python fallback runs anywhere.
+    assert v["arch"] == (["x86_64", "aarch64"] if native else ["any"])
+    if native:
+        assert platform.machine() in v["arch"]
     assert v["license"] == ["MIT"]
-    assert v["depends"] == ["python", "python-systemd", "python-uvloop"]
+    assert v["depends"] == ["python", "python-systemd", "python-uvloop"] + (["glibc"] if native else [])
     assert {"python-build", "python-installer", "scdoc"} <= set(v["makedepends"])
+    # Arch's mypy; gcc is in base-devel, which makepkg assumes and packages do not list.
+    assert [d for d in v["makedepends"] if d.startswith(("mypy", "gcc"))] == \
+        (["mypy>=1.15"] if native else [])
+    assert v["options"] == [], "makepkg's defaults (strip, debug, lto) suit the compiled modules"
     assert v["backup"] == [], "no files in /etc (directories only), so nothing to back up"
     assert v["install"] == [], "no .install scriptlet: nothing is enabled or started on installation"
     assert v["source"] == [f"tcpmuxd-{version()}.tar.gz"]
@@ -83,11 +123,23 @@ def test_nothing_is_enabled_on_installation():
     assert not list(PKGBUILD.parent.glob("*.install"))
 
 
-@pytest.fixture(scope="module")
-def pkgdir(tmp_path_factory) -> Path:
+def build_package(tmp_path_factory, flavour: str) -> Path:
+    """The PKGBUILD's build() and package() for ``flavour``, once per session; returns pkgdir."""
+    return built_once(f"arch-{flavour}", lambda: _build_package(tmp_path_factory, flavour))
+
+
+def _build_package(tmp_path_factory, flavour: str) -> Path:
     require_tools("bash", "scdoc")
     require_debian_packages("python3-build", "python3-installer", "python3-setuptools", "python3-wheel")
-    work = tmp_path_factory.mktemp("arch")
+    env = {"SOURCE_DATE_EPOCH": EPOCH, "DEB_PYTHON_INSTALL_LAYOUT": "deb_system",
+           **FLAVOURS[flavour]}
+    if flavour == "native":
+        require_tools("gcc")
+        require_debian_packages("python3-dev")  # Arch's python has the headers
+        env["PYTHONPATH"] = mypy_pythonpath(tmp_path_factory)
+        if platform.machine() == "x86_64":
+            env.update(MAKEPKG_FLAGS)
+    work = tmp_path_factory.mktemp(f"arch-{flavour}")
     srcdir, pkgdir = work / "src", work / "pkg"
     srcdir.mkdir()
     pkgdir.mkdir()
@@ -102,25 +154,36 @@ def pkgdir(tmp_path_factory) -> Path:
         (cd "$srcdir" && build)
         (cd "$srcdir" && package)
     """
-    with timed("Arch package (PKGBUILD build() and package())"):
-        r = run(
-            ["bash", "-c", script],
-            env={"SOURCE_DATE_EPOCH": EPOCH, "DEB_PYTHON_INSTALL_LAYOUT": "deb_system"},
-            check=False,
-        )
+    with timed(f"Arch package (PKGBUILD build() and package()), {flavour}"):
+        r = run(["bash", "-c", script], env=env, check=False, timeout=900)
     assert r.returncode == 0, f"build()/package() failed:\n{(r.stdout + r.stderr)[-8000:]}"
     return pkgdir
 
 
-def test_package_file_list(pkgdir):
+@pytest.fixture(scope="module", params=sorted(FLAVOURS))
+def flavour(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def pkgdir(tmp_path_factory, flavour) -> Path:
+    """Each build's pkgdir in turn: the tests that take it hold for both."""
+    return build_package(tmp_path_factory, flavour)
+
+
+def test_package_file_list(pkgdir, flavour):
     entries = {"/" + str(p.relative_to(pkgdir)): p for p in pkgdir.rglob("*")}
     print("\n".join(sorted(entries)))
     files = {e for e, p in entries.items() if p.is_file() and not p.is_symlink()}
     expected = expected_files(unitdir=UNITDIR, sitelib=SITELIB, docdir=DOCDIR)
     assert expected - files == set(), "missing from the package"
+    # The compiled modules beside their sources, and nothing compiled in the fallback.
+    so = {f for f in files if f.endswith(".so")}
+    assert without_abi_suffix(so) == (compiled_stems(SITELIB) if flavour == "native" else set()), \
+        sorted(so)
     extra = {
         f
-        for f in files - expected
+        for f in files - expected - so
         if not f.startswith(dist_info(SITELIB) + "/")
         and "/__pycache__/" not in f
         and f not in {f"{DOCDIR}/README.md", f"{DOCDIR}/README.units.md", f"{DOCDIR}/sockmux-protocol.md",
@@ -142,4 +205,14 @@ def test_modes(pkgdir):
         assert p.read_text().startswith("#!/usr/bin/python3"), c
     for p in pkgdir.rglob("*"):
         if p.is_file() and p.parent.name != "bin":
-            assert not p.stat().st_mode & (stat.S_IXUSR | stat.S_IWGRP | stat.S_IWOTH), p
+            mode = p.stat().st_mode
+            assert not mode & (stat.S_IWGRP | stat.S_IWOTH), p
+            # Shared objects keep the x bits the linker gave them, as in Arch's packages.
+            if not p.name.endswith(".so"):
+                assert not mode & stat.S_IXUSR, p
+
+
+def test_the_installed_tree_runs_its_build(pkgdir, flavour):
+    where, described = installed_build(pkgdir, SITELIB)
+    assert where.startswith(str(pkgdir)), where
+    assert described == (compiled_description() if flavour == "native" else "pure Python")

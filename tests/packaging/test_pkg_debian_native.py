@@ -26,44 +26,33 @@ import time
 from pathlib import Path
 
 import pytest
-from tcpmuxd_harness import EchoServer, free_port, native_modules, talk
+from tcpmuxd_harness import EchoServer, free_port, talk
 
 from pkg_helpers import (
+    MYPY,
     build_deb,
+    compiled_description,
+    compiled_stems,
     dist_info,
     expected_files,
+    installed_build,
+    mypy_pythonpath,
+    package_env,
     require_tools,
     run,
     timed,
+    without_abi_suffix,
 )
 
-#: Debian 13's python3-mypy.
-MYPY = "mypy==1.15.0"
 SITELIB = "/usr/lib/python3/dist-packages"
 UNITDIR = "/lib/systemd/system"
 DOCDIR = "/usr/share/doc/tcpmuxd"
 IO_TIMEOUT = 20.0
 
 
-def compiled_names() -> list[str]:
-    """The module names pyproject.toml lists for compiling, e.g. ``frames``."""
-    return [m.rpartition(".")[2] for m in native_modules()]
-
-
 @pytest.fixture(scope="module")
-def mypy_dir(tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("mypy-1.15")
-    with timed(f"pip install {MYPY} (for the compiled Debian package)"):
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
-                            "--disable-pip-version-check", "--target", str(target), MYPY],
-                           capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"pip install {MYPY} failed:\n{r.stdout}\n{r.stderr}"
-    return target
-
-
-@pytest.fixture(scope="module")
-def build(tmp_path_factory, mypy_dir):
-    return build_deb(tmp_path_factory, pythonpath=str(mypy_dir))
+def build(tmp_path_factory):
+    return build_deb(tmp_path_factory, pythonpath=mypy_pythonpath(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +63,8 @@ def extracted(build, tmp_path_factory) -> Path:
 
 
 def test_the_build_compiled_with_mypy_1_15(build):
-    assert "build-deb: sockmuxd's per-stream modules compiled with mypy 1.15.0" in build.log, \
-        build.log[-4000:]
+    assert f"build-deb: sockmuxd's per-stream modules compiled with mypy {MYPY.split('==')[1]}" \
+        in build.log, build.log[-4000:]
 
 
 def test_the_package_holds_the_compiled_modules_beside_their_sources(build):
@@ -83,11 +72,8 @@ def test_the_package_holds_the_compiled_modules_beside_their_sources(build):
                           check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         files = {"/" + m.name.lstrip("./") for m in tar.getmembers() if m.isfile()}
-    pkg = f"{SITELIB}/tcpmuxd/sockmux"
     so = {f for f in files if f.endswith(".so")}
-    suffix = re.compile(r"\.cpython-3\d+-[a-z0-9_]+-linux-gnu[a-z0-9]*\.so$")
-    assert {suffix.sub("", f) for f in so} == (
-        {f"{pkg}/{n}" for n in compiled_names()} | {f"{pkg}/_native__mypyc"}), sorted(so)
+    assert without_abi_suffix(so) == compiled_stems(SITELIB), sorted(so)
     expected = expected_files(unitdir=UNITDIR, sitelib=SITELIB, docdir=DOCDIR, man_suffix=".gz")
     assert expected - files == set(), "missing from the .deb"
     assert {f for f in files - expected - so if not f.startswith(dist_info(SITELIB) + "/")
@@ -114,26 +100,10 @@ def test_lintian_reports_no_errors_or_warnings(build):
 # --- sockmuxd from the package ---------------------------------------------------------------
 
 
-def package_env(extracted: Path) -> dict[str, str]:
-    """Python sees the unpacked package first, then this virtualenv's dependencies (uvloop,
-    systemd). ``-S`` below keeps the virtualenv's editable install of the tree out, and the
-    commands run in the unpacked root, so that the tree is not the current directory either."""
-    venv_site = next(p for p in sys.path if p.endswith("site-packages"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SOCKMUXD_", "PYTHON"))}
-    env["PYTHONPATH"] = f"{extracted}{SITELIB}:{venv_site}"
-    return env
-
-
 def test_the_package_runs_the_compiled_build(extracted):
-    r = subprocess.run([sys.executable, "-S", "-c",
-                        "import tcpmuxd.sockmux.session, tcpmuxd.sockmux.exits, tcpmuxd, "
-                        "tcpmuxd.sockmux.native as n; print(tcpmuxd.__file__); print(n.describe())"],
-                       env=package_env(extracted), cwd=extracted, capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    where, build = r.stdout.splitlines()
+    where, build = installed_build(extracted, SITELIB)
     assert where.startswith(str(extracted)), where
-    assert build == "compiled: " + ", ".join(compiled_names()), build
+    assert build == compiled_description(), build
 
 
 def test_sockmuxd_from_the_package_carries_streams(extracted, tmp_path):
@@ -142,7 +112,7 @@ def test_sockmuxd_from_the_package_carries_streams(extracted, tmp_path):
     secret.chmod(0o600)
     echo = EchoServer()
     link, entrance = free_port(), free_port()
-    env = package_env(extracted)
+    env = package_env(extracted, SITELIB)
     daemon = [sys.executable, "-S", "-m", "tcpmuxd.sockmux.daemon", "--secret", str(secret)]
     procs = [subprocess.Popen(daemon + ["--accept", f"127.0.0.1:{link}",
                                         "--exit", f"{entrance}=127.0.0.1:{echo.port}"],
@@ -172,5 +142,5 @@ def test_sockmuxd_from_the_package_carries_streams(extracted, tmp_path):
         logs = [p.communicate(timeout=IO_TIMEOUT)[0].decode(errors="replace") for p in procs]
         echo.stop()
     for log in logs:
-        assert "compiled: " + ", ".join(compiled_names()) in log, log
+        assert compiled_description() in log, log
         assert "Traceback" not in log, log

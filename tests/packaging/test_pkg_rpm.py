@@ -1,18 +1,31 @@
 """The RPM package: packaging/rpm/tcpmuxd.spec built for real with ``rpmbuild -bb``
-(packaging/build-rpm), then checked with ``rpm -qp``: noarch, the files (``rpm -qlp``), the
-dependencies, and the systemd scriptlets (``rpm -qp --scripts``).
+(packaging/build-rpm), then checked with ``rpm -qp``: the architecture, the files (``rpm -qlp``),
+the dependencies, and the systemd scriptlets (``rpm -qp --scripts``); and unpacked, that it runs
+the build it was made with.
+
+Two builds, each checked the same way: the default one, with sockmuxd's per-stream modules
+compiled by mypyc (``%bcond native``, an arch-specific package, with Fedora's -debuginfo and
+-debugsource beside it), and ``--without native``, the noarch pure-Python fallback. mypyc needs
+mypy 1.15 or later, which this machine may not have (Debian 12's is 1.0.1): mypy 1.15.0 comes
+from PyPI into a directory the build gets as PYTHONPATH (pkg_helpers.mypy_pythonpath; the
+compiled tests skip, saying so, when PyPI cannot be reached).
 
 The spec is written for Fedora. This test runs on Debian, whose ``rpm`` package has rpmbuild
 but not Fedora's macro packages, so the test supplies stand-ins, plainly:
 
-- ``FEDORA_MACROS`` below: ``%python3``, ``%python3_sitelib`` (python3-rpm-macros), ``%_unitdir``,
+- ``FEDORA_MACROS`` below: ``%python3``, ``%python3_sitelib``, ``%python3_sitearch``
+  (python3-rpm-macros), ``%_unitdir``,
   ``%systemd_ordering``, ``%systemd_post``, ``%systemd_preun``, ``%systemd_postun_with_restart``
   (systemd-rpm-macros, copied from systemd's src/rpm/macros.systemd.in without the argument
-  count checks) and ``%_docdir_fmt`` (rpm's own default on Fedora: /usr/share/doc/NAME).
+  count checks), ``%_docdir_fmt`` (rpm's own default on Fedora: /usr/share/doc/NAME), and
+  redhat-rpm-config's debuginfo settings (``%_enable_debug_packages``, ``%_debugsource_packages``,
+  and the ``%install`` that inserts ``%debug_package``), so that the compiled build makes its
+  -debuginfo and -debugsource packages as on Fedora (find-debuginfo needs elfutils and cpio).
   They are loaded with ``rpmbuild --load``.
-- ``%python3_sitelib`` is Debian's /usr/lib/python3/dist-packages, and the build runs with
-  ``DEB_PYTHON_INSTALL_LAYOUT=deb_system``, which makes Debian's pip install there (and scripts
-  into /usr/bin) for ``--prefix /usr``, as Fedora's pip does into /usr/lib/python3.X/site-packages.
+- ``%python3_sitelib`` and ``%python3_sitearch`` are both Debian's /usr/lib/python3/dist-packages,
+  and the build runs with ``DEB_PYTHON_INSTALL_LAYOUT=deb_system``, which makes Debian's pip
+  install there (and scripts into /usr/bin) for ``--prefix /usr``, as Fedora's pip does into
+  /usr/lib/python3.X/site-packages and /usr/lib64/python3.X/site-packages.
 - ``--nodeps``: the BuildRequires are Fedora package names, and Debian has no RPM database
   of installed packages to check them against.
 """
@@ -20,16 +33,24 @@ but not Fedora's macro packages, so the test supplies stand-ins, plainly:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from pkg_helpers import (
     EMPTY_DIRS,
     PACKAGING,
+    built_once,
     commands,
+    compiled_description,
+    compiled_names,
+    compiled_stems,
     dist_info,
     example_files,
     expected_files,
+    installed_build,
+    mypy_pythonpath,
     plain_units,
     require_debian_packages,
     require_tools,
@@ -37,6 +58,7 @@ from pkg_helpers import (
     template_units,
     timed,
     version,
+    without_abi_suffix,
 )
 
 UNITDIR = "/usr/lib/systemd/system"
@@ -44,11 +66,15 @@ SITELIB = "/usr/lib/python3/dist-packages"
 DOCDIR = "/usr/share/doc/tcpmuxd"
 LICENSE_FILE = "/usr/share/licenses/tcpmuxd/LICENSE"
 UPDATE_HELPER = "/usr/lib/systemd/systemd-update-helper"
+SPEC = PACKAGING / "rpm/tcpmuxd.spec"
+#: rpmbuild options of each build: the default (compiled), and the pure-Python fallback.
+FLAVOURS = {"native": (), "pure": ("--without", "native")}
 
 FEDORA_MACROS = r"""
 # Stand-ins for Fedora's macro packages (see the test's docstring). Not for production use.
 %python3 /usr/bin/python3
 %python3_sitelib /usr/lib/python3/dist-packages
+%python3_sitearch /usr/lib/python3/dist-packages
 %_docdir_fmt %%{NAME}
 %_unitdir /usr/lib/systemd/system
 
@@ -78,47 +104,130 @@ if [ $1 -ge 1 ] && [ -x "/usr/lib/systemd/systemd-update-helper" ]; then \
     /usr/lib/systemd/systemd-update-helper mark-restart-system-units %{?*} || : \
 fi \
 %{nil}
+
+# redhat-rpm-config: -debuginfo and -debugsource packages for every arch-specific package.
+%_enable_debug_packages 1
+%_debugsource_packages 1
+%_missing_build_ids_terminate_build 1
+%install %{?_enable_debug_packages:%{?buildsubdir:%{debug_package}}}\
+%%install\
+%{nil}
 """
 
 
-@pytest.fixture(scope="module")
-def rpm(tmp_path_factory):
+@dataclass
+class RpmBuild:
+    """One rpmbuild run: its flavour (a key of FLAVOURS), its packages by name, and its log."""
+
+    flavour: str
+    packages: dict[str, Path]
+    log: str
+
+    @property
+    def native(self) -> bool:
+        return self.flavour == "native"
+
+    @property
+    def main(self) -> Path:
+        return self.packages["tcpmuxd"]
+
+
+def macros_file(work: Path) -> Path:
+    path = work / "fedora-standin.macros"
+    path.write_text(FEDORA_MACROS)
+    return path
+
+
+def build_rpm(tmp_path_factory, flavour: str) -> RpmBuild:
+    """packaging/build-rpm with the stand-in macros and FLAVOURS[flavour], once per session."""
+    return built_once(f"rpm-{flavour}", lambda: _build_rpm(tmp_path_factory, flavour))
+
+
+def _build_rpm(tmp_path_factory, flavour: str) -> RpmBuild:
     require_tools("rpmbuild", "rpm", "scdoc")
     # What the spec's BuildRequires are on Debian (%check runs the commands' --help).
     require_debian_packages("python3-pip", "python3-setuptools", "python3-wheel", "python3-systemd")
-    work = tmp_path_factory.mktemp("rpm")
-    macros = work / "fedora-standin.macros"
-    macros.write_text(FEDORA_MACROS)
+    env = {"DEB_PYTHON_INSTALL_LAYOUT": "deb_system"}
+    expected = {"tcpmuxd"}
+    if flavour == "native":
+        # BuildRequires gcc and python3-devel; find-debuginfo runs eu-strip and cpio.
+        require_tools("gcc", "eu-strip", "cpio")
+        require_debian_packages("python3-dev")
+        env["PYTHONPATH"] = mypy_pythonpath(tmp_path_factory)
+        expected |= {"tcpmuxd-debuginfo", "tcpmuxd-debugsource"}
+    work = tmp_path_factory.mktemp(f"rpm-{flavour}")
     out = work / "out"
-    with timed("RPM (packaging/build-rpm, rpmbuild -bb)"):
-        r = run(
-            ["sh", PACKAGING / "build-rpm", out, "--nodeps", f"--load={macros}"],
-            env={"DEB_PYTHON_INSTALL_LAYOUT": "deb_system"},
-            check=False,
-        )
-    rpms = sorted(out.glob("*.rpm")) if out.exists() else []
-    assert r.returncode == 0 and len(rpms) == 1, (
-        f"rpmbuild failed (exit {r.returncode}):\n{(r.stdout + r.stderr)[-12000:]}"
+    with timed(f"RPM (packaging/build-rpm, rpmbuild -bb), {flavour}"):
+        r = run(["sh", PACKAGING / "build-rpm", out, "--nodeps", f"--load={macros_file(work)}",
+                 *FLAVOURS[flavour]], env=env, check=False, timeout=900)
+    log = r.stdout + r.stderr
+    packages = {query(p, "--qf", "%{NAME}"): p for p in out.glob("*.rpm")} if out.exists() else {}
+    assert r.returncode == 0 and set(packages) == expected, (
+        f"rpmbuild failed (exit {r.returncode}, packages {sorted(packages)}):\n{log[-12000:]}"
     )
-    return rpms[0]
+    return RpmBuild(flavour, packages, log)
+
+
+@pytest.fixture(scope="module", params=sorted(FLAVOURS))
+def build(request, tmp_path_factory) -> RpmBuild:
+    """Each build in turn: the tests that take it hold for both."""
+    return build_rpm(tmp_path_factory, request.param)
+
+
+@pytest.fixture(scope="module")
+def rpm(build) -> Path:
+    """The tcpmuxd package of the build (not its -debuginfo or -debugsource)."""
+    return build.main
+
+
+def unpack(rpm: Path, root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    require_tools("rpm2archive")
+    run(["sh", "-c", 'rpm2archive - <"$1" | tar -C "$2" -xzf -', "sh", rpm, root])
+    return root
 
 
 def query(rpm, *args: str) -> str:
     return run(["rpm", "-qp", *args, rpm]).stdout
 
 
-def test_noarch_package_of_the_project_version(rpm):
-    assert query(rpm, "--qf", "%{NAME} %{VERSION} %{RELEASE} %{ARCH}") == f"tcpmuxd {version()} 1 noarch"
-    assert rpm.name == f"tcpmuxd-{version()}-1.noarch.rpm"
+def host_arch() -> str:
+    return run(["rpm", "--eval", "%_arch"]).stdout.strip()
 
 
 def test_spec_version_is_the_project_version():
-    spec = (PACKAGING / "rpm/tcpmuxd.spec").read_text()
+    spec = SPEC.read_text()
     assert re.search(rf"^Version:\s+{re.escape(version())}$", spec, re.M)
 
 
-def test_file_list(rpm):
-    listing = query(rpm, "--qf", r"[%{FILEMODES:perms} %{FILENAMES}\n]")
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_build_requires_and_architecture(flavour, tmp_path):
+    """The compiled build needs gcc and a mypy whose mypyc makes working code, and makes
+    arch-specific packages; the fallback needs neither and is noarch. Read from the spec with
+    rpmspec, as a build system does before it installs the BuildRequires."""
+    require_tools("rpmspec")
+
+    def rpmspec(*query: str) -> list[str]:
+        return run(["rpmspec", "-q", *query, f"--load={macros_file(tmp_path)}",
+                    *FLAVOURS[flavour], SPEC]).stdout.splitlines()
+
+    requires = set(rpmspec("--buildrequires"))
+    print(sorted(requires))
+    assert {"python3-devel", "python3-pip", "python3-wheel", "scdoc"} <= requires
+    native = {"gcc", "python3-mypy >= 1.15"}
+    assert native & requires == (native if flavour == "native" else set())
+    assert set(rpmspec("--qf", r"%{ARCH}\n")) == ({host_arch()} if flavour == "native" else {"noarch"})
+
+
+def test_package_of_the_project_version_and_architecture(build):
+    arch = host_arch() if build.native else "noarch"
+    assert query(build.main, "--qf", "%{NAME} %{VERSION} %{RELEASE} %{ARCH}") == \
+        f"tcpmuxd {version()} 1 {arch}"
+    assert build.main.name == f"tcpmuxd-{version()}-1.{arch}.rpm"
+
+
+def test_file_list(build):
+    listing = query(build.main, "--qf", r"[%{FILEMODES:perms} %{FILENAMES}\n]")
     print(listing)
     entries = dict(reversed(line.split(" ", 1)) for line in listing.splitlines())
     files = {p for p, mode in entries.items() if mode.startswith("-")}
@@ -126,9 +235,14 @@ def test_file_list(rpm):
     files = {re.sub(r"(/man/man\d/[^/]+)\.gz$", r"\1", f) for f in files}
     expected = expected_files(unitdir=UNITDIR, sitelib=SITELIB, docdir=DOCDIR)
     assert expected - files == set(), "missing from the RPM"
+    # The compiled modules beside their sources, and nothing compiled in the fallback.
+    so = {f for f in files if f.endswith(".so")}
+    assert without_abi_suffix(so) == (compiled_stems(SITELIB) if build.native else set()), sorted(so)
+    for f in so:
+        assert entries[f] == "-rw-r--r--", f"{f}: {entries[f]} (brp-elfperms clears x on DSOs)"
     extra = {
         f
-        for f in files - expected
+        for f in files - expected - so
         if not f.startswith(dist_info(SITELIB) + "/")
         and not re.search(r"/__pycache__/[^/]+\.pyc$", f)
         and f not in {f"{DOCDIR}/README.md", f"{DOCDIR}/README.units.md", f"{DOCDIR}/sockmux-protocol.md",
@@ -153,12 +267,47 @@ def test_no_config_files(rpm):
     assert query(rpm, "--configfiles").strip() == ""
 
 
-def test_requires_python3_systemd(rpm):
-    requires = query(rpm, "--requires")
+def test_requires(build):
+    requires = query(build.main, "--requires")
     print(requires)
     assert re.search(r"^python3-systemd\b", requires, re.M)
     assert re.search(r"^python3-uvloop\b", requires, re.M)
     assert "/usr/bin/python3" in requires
+    # The shared libraries' own dependencies, found by rpm's ELF dependency generator.
+    libc = re.findall(r"^libc\.so\.6\b.*$", requires, re.M)
+    assert bool(libc) == build.native, libc
+
+
+def test_check_verified_the_build(build):
+    """%check imports every listed module from the buildroot and asserts which build ran."""
+    expected = compiled_description() if build.native else "pure Python"
+    assert f"sockmuxd's modules: {expected}\n" in build.log, build.log[-4000:]
+
+
+def test_the_installed_tree_runs_its_build(build, tmp_path):
+    root = unpack(build.main, tmp_path / "root")
+    where, described = installed_build(root, SITELIB)
+    assert where.startswith(str(root)), where
+    assert described == (compiled_description() if build.native else "pure Python")
+
+
+def test_debuginfo_and_debugsource(tmp_path_factory, tmp_path):
+    """Fedora's default for an arch-specific package, kept: the shared objects are shipped
+    stripped, their DWARF is in -debuginfo and mypyc's generated C in -debugsource."""
+    require_tools("readelf")
+    native_build = build_rpm(tmp_path_factory, "native")
+    root = unpack(native_build.main, tmp_path / "root")
+    so = sorted(str(p.relative_to(root)) for p in root.rglob("*.so"))
+    assert without_abi_suffix(f"/{s}" for s in so) == compiled_stems(SITELIB)
+    for s in so:
+        sections = run(["readelf", "-S", "--wide", root / s]).stdout
+        assert ".debug_info" not in sections and ".gnu_debuglink" in sections, s
+    suffix = f"-{version()}-1.{host_arch()}.debug"
+    debug = set(query(native_build.packages["tcpmuxd-debuginfo"], "--list").split())
+    assert {f"/usr/lib/debug/{s}{suffix}" for s in so} <= debug, sorted(debug)
+    sources = set(query(native_build.packages["tcpmuxd-debugsource"], "--list").split())
+    c_files = {p.rsplit("/", 1)[1] for p in sources if p.endswith(".c")}
+    assert {f"{n}.c" for n in compiled_names()} <= c_files, sorted(sources)
 
 
 def test_systemd_scriptlets(rpm):
