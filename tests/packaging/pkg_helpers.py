@@ -312,17 +312,24 @@ def package_env(root: Path, sitelib: str) -> dict[str, str]:
     return env
 
 
-def installed_build(root: Path, sitelib: str) -> tuple[str, str]:
+def build_description(native: bool) -> str:
+    """What native.describe() says of a package's build: compiled_description(), or
+    ``pure Python`` for a package built without mypyc."""
+    return compiled_description() if native else "pure Python"
+
+
+def assert_runs_its_own_build(root: Path, sitelib: str, native: bool) -> None:
     """Import every module pyproject.toml lists for compiling from the package unpacked at
-    ``root``; returns where tcpmuxd was imported from, and which build ran (native.describe():
-    compiled_description() or ``pure Python``)."""
+    ``root``: tcpmuxd must come from ``root`` (not the tree or the virtualenv), and the build
+    that runs must be the one the package was made as."""
     code = (f"import tcpmuxd, {', '.join(native_modules())}, tcpmuxd.sockmux.native as n; "
             "print(tcpmuxd.__file__); print(n.describe())")
     r = subprocess.run([sys.executable, "-S", "-c", code], env=package_env(root, sitelib),
                        cwd=root, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    where, build = r.stdout.splitlines()
-    return where, build
+    where, described = r.stdout.splitlines()
+    assert where.startswith(str(root)), where
+    assert described == build_description(native), described
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,15 +32,14 @@ from pathlib import Path
 import pytest
 
 from pkg_helpers import (
+    assert_runs_its_own_build,
     EMPTY_DIRS,
     PACKAGING,
     built_once,
     commands,
-    compiled_description,
     compiled_stems,
     dist_info,
     expected_files,
-    installed_build,
     mypy_pythonpath,
     require_debian_packages,
     require_tools,
@@ -213,6 +212,4 @@ def test_modes(pkgdir):
 
 
 def test_the_installed_tree_runs_its_build(pkgdir, flavour):
-    where, described = installed_build(pkgdir, SITELIB)
-    assert where.startswith(str(pkgdir)), where
-    assert described == (compiled_description() if flavour == "native" else "pure Python")
+    assert_runs_its_own_build(pkgdir, SITELIB, native=flavour == "native")

@@ -29,13 +29,13 @@ import pytest
 from tcpmuxd_harness import EchoServer, free_port, talk
 
 from pkg_helpers import (
+    assert_runs_its_own_build,
     MYPY,
     build_deb,
     compiled_description,
     compiled_stems,
     dist_info,
     expected_files,
-    installed_build,
     mypy_pythonpath,
     package_env,
     require_tools,
@@ -101,9 +101,7 @@ def test_lintian_reports_no_errors_or_warnings(build):
 
 
 def test_the_package_runs_the_compiled_build(extracted):
-    where, build = installed_build(extracted, SITELIB)
-    assert where.startswith(str(extracted)), where
-    assert build == compiled_description(), build
+    assert_runs_its_own_build(extracted, SITELIB, native=True)
 
 
 def test_sockmuxd_from_the_package_carries_streams(extracted, tmp_path):

@@ -39,17 +39,17 @@ from pathlib import Path
 import pytest
 
 from pkg_helpers import (
+    assert_runs_its_own_build,
+    build_description,
     EMPTY_DIRS,
     PACKAGING,
     built_once,
     commands,
-    compiled_description,
     compiled_names,
     compiled_stems,
     dist_info,
     example_files,
     expected_files,
-    installed_build,
     mypy_pythonpath,
     plain_units,
     require_debian_packages,
@@ -280,15 +280,11 @@ def test_requires(build):
 
 def test_check_verified_the_build(build):
     """%check imports every listed module from the buildroot and asserts which build ran."""
-    expected = compiled_description() if build.native else "pure Python"
-    assert f"sockmuxd's modules: {expected}\n" in build.log, build.log[-4000:]
+    assert f"sockmuxd's modules: {build_description(build.native)}\n" in build.log, build.log[-4000:]
 
 
 def test_the_installed_tree_runs_its_build(build, tmp_path):
-    root = unpack(build.main, tmp_path / "root")
-    where, described = installed_build(root, SITELIB)
-    assert where.startswith(str(root)), where
-    assert described == (compiled_description() if build.native else "pure Python")
+    assert_runs_its_own_build(unpack(build.main, tmp_path / "root"), SITELIB, build.native)
 
 
 def test_debuginfo_and_debugsource(tmp_path_factory, tmp_path):
