@@ -15,9 +15,10 @@ Rows (each one path from a client to a target on 127.0.0.1):
                     comparison with ssh.
 
 Figures per row: one-stream bulk throughput (iperf3) and the tunnel's CPU per GB on each side,
-1-byte round trips over one connection (p50/p99), the new-stream rate of 4 parallel clients
-(connect, one byte there and back, close) with connect+first-byte latency, and the resident
-memory of each side with 1,000 concurrent idle streams. Ratios against ssh -L are checked
+1-byte round trips (p50/p99), messages per second over 64 busy streams (a small request and
+its echo in turn on each), the new-stream rate of 4 parallel clients (connect, one byte there
+and back, close) with connect+first-byte latency, and the resident memory of each side with
+1,000 concurrent idle streams. Ratios against ssh -L are checked
 against the targets of issue 3 (PASS/MISS; exit status 1 on any MISS, 2 when it cannot run).
 """
 
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 from statistics import median
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -59,9 +61,11 @@ QUIET = 0.10
 DISTURBED = 0.20
 
 #: round trips per round and row: this many bursts, each on a fresh connection, in turn with
-#: the other rows (Bench.rtt_round says why); each burst begins with RTT_WARMUP unmeasured
+#: the other rows (Bench.interleaved says why); each burst begins with RTT_WARMUP unmeasured
 RTT_BURSTS = 8
 RTT_WARMUP = 50
+#: new streams per round and row: --connections in this many bursts, in turn with the other rows
+RATE_BURSTS = 4
 
 ROW_KEYS = ("direct", "ssh", "ssh-aes", "sockmuxd", "sockmuxd-tls")
 TUNNEL_KEYS = ROW_KEYS[1:]
@@ -184,7 +188,69 @@ def role_rate(arg: str) -> None:
     sys.stdout.flush()
 
 
-ROLES = {"echo": role_echo, "rtt": role_rtt, "rate": role_rate}
+def role_busy(arg: str) -> None:
+    """Busy streams: ``conns`` connections to ``port``, each with one ``size``-byte message in
+    flight (send it, read its echo whole and check it, send the next), for ``seconds`` after
+    "go" on stdin. Many streams active in the same instant is where a tunnel can coalesce their
+    frames into one link write, or pay a system call for each. Prints JSON: messages echoed."""
+    import selectors
+
+    spec = json.loads(arg)
+    size, msg = spec["size"], bytes(range(256)) * (spec["size"] // 256 + 1)
+    msg = msg[:size]
+    sel = selectors.DefaultSelector()
+    socks: list[socket.socket] = []
+    error = None
+    try:
+        for _ in range(spec["conns"]):
+            s = _client_socket()
+            s.connect((HOST, spec["port"]))
+            s.setblocking(False)
+            socks.append(s)
+    except OSError as e:
+        error = _err(e)
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go" or error:
+        json.dump({"count": 0, "seconds": 0.0, "error": error or "no go"}, sys.stdout)
+        return
+    got = {s: 0 for s in socks}
+    for s in socks:
+        s.send(msg)       # size is far below the send buffer: all of it is taken
+        sel.register(s, selectors.EVENT_READ)
+    count = 0
+    cpu0 = time.process_time()
+    start = time.monotonic()
+    deadline = start + spec["seconds"]
+    while error is None and (now := time.monotonic()) < deadline:
+        for key, _ in sel.select(timeout=min(1.0, deadline - now)):
+            s = key.fileobj
+            try:
+                data = s.recv(65536)
+            except OSError as e:
+                error = _err(e)
+                break
+            if not data:
+                error = "a stream was closed before its echo"
+                break
+            have = got[s]
+            if data != msg[have:have + len(data)]:
+                error = f"wrong echo after {have} bytes of a message"
+                break
+            have += len(data)
+            if have == size:
+                count += 1
+                have = 0
+                s.send(msg)
+            got[s] = have
+    seconds = time.monotonic() - start
+    for s in socks:
+        s.close()
+    json.dump({"count": count, "seconds": seconds, "cpu": time.process_time() - cpu0,
+               "error": error}, sys.stdout)
+    sys.stdout.flush()
+
+
+ROLES = {"echo": role_echo, "rtt": role_rtt, "rate": role_rate, "busy": role_busy}
 
 
 # ============================================================================================
@@ -234,7 +300,7 @@ def _rss(pid: int) -> int:
 class Measure:
     """One measurement of one figure for one row."""
     row: str
-    figure: str                    # bulk | rtt | rate
+    figure: str                    # bulk | rtt | rate | busy
     value: float = 0.0             # the figure the rounds are ordered by
     data: dict = field(default_factory=dict)
     other: float = 0.0
@@ -701,29 +767,35 @@ class Bench:
             return [], f"round-trip client failed (exit status {proc.returncode})", cpu
         return [x / 1000.0 for x in res["lat"]], res["error"], cpu
 
-    def rtt_round(self, order: list[Row], rnd: int) -> list[Measure]:
-        """Round trips of every row, in RTT_BURSTS bursts interleaved row by row.
+    def interleaved(self, order: list[Row], rnd: int, figure: str, bursts: int,
+                    burst: Callable[[Row], Any], combine: Callable[[Measure, list[Any]], None]
+                    ) -> list[Measure]:
+        """One round of ``figure`` for every row, in ``bursts`` bursts taken row by row in
+        turn; ``combine`` makes each row's Measure from its bursts.
 
-        A round trip through two tunnel processes costs a few wake-ups, and whether those land
-        on an idle CPU or behind another process decides the p50: on 2 CPUs the same row
-        measured twice in one run gave p50s 30 % apart, in two levels, each lasting longer than
-        a measurement. Short bursts from fresh connections, taken in turn with the other rows,
-        let every row meet the same mix of levels, so their ratio holds. Repeated (--retries)
-        when others took more than DISTURBED of the CPUs; the cleaner attempt is kept."""
-        n = max(1, self.args.round_trips // RTT_BURSTS)
+        A round trip or a new stream through two tunnel processes costs a few wake-ups, and
+        whether those land on an idle CPU or behind another process decides the figure: on 2
+        CPUs the same row measured twice in one run gave round-trip p50s 30 % apart and stream
+        rates 25 % apart, in levels each lasting longer than a measurement. Short bursts taken
+        in turn with the other rows let every row meet the same mix of levels, so their ratio
+        holds. Repeated (--retries) when others took more than DISTURBED of the CPUs; the
+        cleaner attempt is kept."""
         best: list[Measure] | None = None
         for attempt in range(1 + self.args.retries):
             if attempt and self.quiet_budget <= 0:
                 break
             self.wait_quiet()
             mark = self.load.start()
-            bursts: dict[str, list[tuple[list[float], str | None, tuple[float, float]]]] = {
-                row.key: [] for row in order}
-            for _ in range(RTT_BURSTS):
+            got: dict[str, list[Any]] = {row.key: [] for row in order}
+            for _ in range(bursts):
                 for row in order:
-                    bursts[row.key].append(self.rtt_burst(row, n))
+                    got[row.key].append(burst(row))
             other, valid = self.load.share(mark)
-            ms = [self._rtt_measure(row, bursts[row.key], rnd, other, valid) for row in order]
+            ms = []
+            for row in order:
+                m = Measure(row.key, figure, other=other, other_valid=valid, round=rnd)
+                combine(m, got[row.key])
+                ms.append(m)
             errors = sum(m.error is not None for m in ms)
             if best is None or (errors, other) < (sum(m.error is not None for m in best),
                                                   best[0].other):
@@ -731,23 +803,28 @@ class Bench:
             if errors == 0 and other <= DISTURBED:
                 break
             if attempt < self.args.retries and errors == 0:
-                self.say(f"  round trips: other processes took {other:.0%} of the CPUs: "
+                self.say(f"  {figure}: other processes took {other:.0%} of the CPUs: "
                          f"measuring again")
         assert best is not None
         self.measures.extend(best)
         return best
 
+    def rtt_round(self, order: list[Row], rnd: int) -> list[Measure]:
+        """Round trips of every row: RTT_BURSTS connections each (see interleaved)."""
+        n = max(1, self.args.round_trips // RTT_BURSTS)
+        return self.interleaved(order, rnd, "rtt", RTT_BURSTS,
+                                lambda row: self.rtt_burst(row, n), self._rtt_measure)
+
     @staticmethod
-    def _rtt_measure(row: Row, bursts: list[tuple[list[float], str | None, tuple[float, float]]],
-                     rnd: int, other: float, valid: bool) -> Measure:
-        m = Measure(row.key, "rtt", other=other, other_valid=valid, round=rnd)
+    def _rtt_measure(m: Measure,
+                     bursts: list[tuple[list[float], str | None, tuple[float, float]]]) -> None:
         lat = sorted(x for b in bursts for x in b[0])
         errors = [e for _, e, _ in bursts if e]
         if errors:
             m.error = f"{errors[0]} ({len(errors)} of {len(bursts)} connections failed)"
         if not lat:
             m.error = m.error or "no round trip"
-            return m
+            return
         n = len(lat)
         m.value = percentile(lat, 50)
         # the CPU was read around whole bursts: warm-up round trips included
@@ -755,10 +832,17 @@ class Bench:
         m.data = {"p50": m.value, "p99": percentile(lat, 99), "mean": sum(lat) / n, "n": n,
                   "cpu_ent_us": sum(c[0] for _, _, c in bursts) / trips * 1e6,
                   "cpu_exit_us": sum(c[1] for _, _, c in bursts) / trips * 1e6}
-        return m
 
-    def rate(self, row: Row, total: int | None = None) -> Measure:
-        total = total or self.args.connections
+    def rate_round(self, order: list[Row], rnd: int) -> list[Measure]:
+        """New streams through every row: RATE_BURSTS bursts of --connections / RATE_BURSTS
+        each (see interleaved)."""
+        n = max(self.args.clients, self.args.connections // RATE_BURSTS)
+        return self.interleaved(order, rnd, "rate", RATE_BURSTS,
+                                lambda row: self.rate_burst(row, n), self._rate_measure)
+
+    def rate_burst(self, row: Row, total: int) -> dict:
+        """``total`` new streams through ``row`` from --clients processes started together:
+        their time span, connect+first-byte latencies, errors and CPU, or the failure."""
         k = self.args.clients
         counts = [total // k + (1 if i < total % k else 0) for i in range(k)]
         workers = []
@@ -775,15 +859,15 @@ class Bench:
             w.stdin.flush()
         starts, stops, lat, cli = [], [], [], 0.0
         errors: dict[str, int] = {}
-        m = Measure(row.key, "rate")
+        failed = None
         for w in workers:
             out = read_all(w, 60 + total * 0.05, f"client through {row.label}")
             self.procs.forget(w)
             try:
                 data = json.loads(out)
             except ValueError:
-                m.error = f"a load-generator client failed (exit status {w.returncode})"
-                return m
+                failed = f"a load-generator client failed (exit status {w.returncode})"
+                continue
             starts.append(data["start"])
             stops.append(data["stop"])
             lat.extend(data["lat"])
@@ -791,17 +875,71 @@ class Bench:
             for e, v in data["errors"].items():
                 errors[e] = errors.get(e, 0) + v
         cpu1 = row.cpu_ns()
-        lat.sort()
-        seconds = max(stops) - min(starts)
-        done = len(lat)
-        m.value = done / seconds if seconds > 0 else 0.0
-        m.data = {"done": done, "attempted": total, "seconds": seconds, "errors": errors,
-                  "p50": percentile(lat, 50) * 1e3, "p99": percentile(lat, 99) * 1e3,
-                  "cli_us": cli / total * 1e6,
-                  "cpu_ent_us": (cpu1[0] - cpu0[0]) / total * 1e6,
-                  "cpu_exit_us": (cpu1[1] - cpu0[1]) / total * 1e6}
+        return {"attempted": total, "seconds": max(stops) - min(starts) if stops else 0.0,
+                "lat": lat, "errors": errors, "cli": cli, "failed": failed,
+                "cpu_ent": cpu1[0] - cpu0[0], "cpu_exit": cpu1[1] - cpu0[1]}
+
+    @staticmethod
+    def _rate_measure(m: Measure, bursts: list[dict]) -> None:
+        failed = [b["failed"] for b in bursts if b["failed"]]
+        if failed:
+            m.error = failed[0]
+            return
+        total = sum(b["attempted"] for b in bursts)
+        seconds = sum(b["seconds"] for b in bursts)
+        lat = sorted(x for b in bursts for x in b["lat"])
+        errors: dict[str, int] = {}
+        for b in bursts:
+            for e, v in b["errors"].items():
+                errors[e] = errors.get(e, 0) + v
+        m.value = len(lat) / seconds if seconds > 0 else 0.0
+        m.data = {"done": len(lat), "attempted": total, "seconds": seconds, "errors": errors,
+                  "p50": percentile(lat, 50) * 1e3 if lat else 0.0,
+                  "p99": percentile(lat, 99) * 1e3 if lat else 0.0,
+                  "cli_us": sum(b["cli"] for b in bursts) / total * 1e6,
+                  "cpu_ent_us": sum(b["cpu_ent"] for b in bursts) / total * 1e6,
+                  "cpu_exit_us": sum(b["cpu_exit"] for b in bursts) / total * 1e6}
         if errors:
             m.error = f"{sum(errors.values())} of {total} failed ({next(iter(errors))})"
+
+    def busy(self, row: Row) -> Measure:
+        """--busy streams through ``row`` at once, spread over --busy-clients processes, each
+        stream a --busy-size-byte request and its echo in turn for --time seconds."""
+        a = self.args
+        k = min(a.busy_clients, a.busy)
+        counts = [a.busy // k + (1 if i < a.busy % k else 0) for i in range(k)]
+        workers = [self.procs.start(
+            "busy", [sys.executable, SELF, "--_role", "busy", json.dumps(
+                {"port": row.echo_port, "conns": n, "size": a.busy_size, "seconds": a.time})],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env, cwd=self.tmp)
+            for n in counts]
+        for w in workers:
+            read_line(w, 30, "busy-stream client")
+        cpu0 = row.cpu_ns()
+        for w in workers:
+            w.stdin.write(b"go\n")
+            w.stdin.flush()
+        m = Measure(row.key, "busy")
+        total, seconds, cli = 0, 0.0, 0.0
+        for w in workers:
+            out = read_all(w, a.time + 60, f"busy-stream client through {row.label}")
+            self.procs.forget(w)
+            try:
+                data = json.loads(out)
+            except ValueError:
+                m.error = f"a busy-stream client failed (exit status {w.returncode})"
+                return m
+            if data["error"]:
+                m.error = data["error"]
+            total += data["count"]
+            seconds = max(seconds, data["seconds"])
+            cli += data.get("cpu", 0.0)
+        cpu1 = row.cpu_ns()
+        m.value = total / seconds if seconds > 0 else 0.0
+        m.data = {"count": total, "seconds": seconds,
+                  "cpu_ent_us": (cpu1[0] - cpu0[0]) / max(total, 1) * 1e6,
+                  "cpu_exit_us": (cpu1[1] - cpu0[1]) / max(total, 1) * 1e6,
+                  "cli_us": cli / max(total, 1) * 1e6}
         return m
 
     def idle_streams(self, row: Row) -> None:
@@ -922,7 +1060,15 @@ class Bench:
                     if m.data else "") + (f"  ERROR: {m.error}" if m.error else "")
                     + self._other(m))
             for row in order:
-                m = self.measured(row, "rate", rnd, lambda: self.rate(row))
+                if not a.busy:
+                    break
+                m = self.measured(row, "busy", rnd, lambda: self.busy(row))
+                self.say(f"  busy  {row.label:<13} " + (
+                    f"{m.value:7.0f} msg/s" + (
+                        f"  CPU us/msg entrance {m.data['cpu_ent_us']:.1f}, exit "
+                        f"{m.data['cpu_exit_us']:.1f}" if row.tunnel else "") if m.data else "")
+                    + (f"  ERROR: {m.error}" if m.error else "") + self._other(m))
+            for row, m in zip(order, self.rate_round(order, rnd)):
                 self.say(f"  rate  {row.label:<13} " + (
                     f"{m.value:7.0f} conn/s  p50 {m.data['p50']:.3f} ms  p99 "
                     f"{m.data['p99']:.3f} ms" if m.data else "")
@@ -979,7 +1125,6 @@ class Bench:
         w(f"load:    {a.rounds} round(s), rows interleaved; the median round is shown, "
           f"(range) over rounds; all on {HOST}")
         rounds = a.rounds > 1
-        direct = self.pick("direct", "bulk")[0]
 
         def rng(key, figure, fmt):
             ms = [m.value for m in self.measures if m.row == key and m.figure == figure
@@ -991,68 +1136,82 @@ class Bench:
         def oth(m):
             return f"{m.other:.0%}" if m and m.other_valid else "-"
 
-        # bulk
+        def table(figure: str, header: str, cells, ref: str | None = "direct") -> None:
+            """A line per row: its median round of ``figure`` through ``cells(row, m, xd)``
+            (``xd``: its value over ``ref``'s), or FAILED with the first error."""
+            w(header)
+            base = self.pick(ref, figure)[0] if ref else None
+            for row in order:
+                m, _ = self.pick(row.key, figure)
+                if m is None:
+                    w(f"  {row.label:<14}{'FAILED':>8}  {self._errors(row.key, figure)}")
+                    continue
+                xd = f"{m.value / base.value:.2f}" if base and base.value else "-"
+                w(f"  {row.label:<14}" + cells(row, m, xd))
+
+        def tunnel_cpu(row: Row, values: tuple[float, ...], widths: tuple[int, ...],
+                       fmt: str) -> str:
+            """The tunnel processes' CPU columns; dashes for the direct row."""
+            return "".join(f"{v:>{n}{fmt}}" if row.tunnel else f"{'-':>{n}}"
+                           for v, n in zip(values, widths))
+
         w("")
         w(f"one-stream bulk throughput: iperf3 -t {a.time}, client -> server through the row "
           "(entrance -> exit)")
-        w(f"  {'row':<14}{'Gbit/s':>8}{'(range)':>13}{'x direct':>10}{'retr':>6}"
-          f"{'CPU s/GB: entrance':>20}{'exit':>7}{'both':>7}{'other':>7}")
-        for row in order:
-            m, _ = self.pick(row.key, "bulk")
-            if m is None:
-                w(f"  {row.label:<14}{'FAILED':>8}  {self._errors(row.key, 'bulk')}")
-                continue
-            d = m.data
-            xd = f"{m.value / direct.value:.2f}" if direct else "-"
-            cpu = (f"{d['ent_per_gb']:>20.2f}{d['exit_per_gb']:>7.2f}"
-                   f"{d['ent_per_gb'] + d['exit_per_gb']:>7.2f}" if row.tunnel
-                   else f"{'-':>20}{'-':>7}{'-':>7}")
-            w(f"  {row.label:<14}{m.value:>8.2f}{rng(row.key, 'bulk', '{:.2f}'):>13}{xd:>10}"
-              f"{d['retransmits']:>6}{cpu}{oth(m):>7}")
+        table("bulk", f"  {'row':<14}{'Gbit/s':>8}{'(range)':>13}{'x direct':>10}{'retr':>6}"
+                      f"{'CPU s/GB: entrance':>20}{'exit':>7}{'both':>7}{'other':>7}",
+              lambda row, m, xd: (
+                  f"{m.value:>8.2f}{rng(row.key, 'bulk', '{:.2f}'):>13}{xd:>10}"
+                  f"{m.data['retransmits']:>6}" + tunnel_cpu(
+                      row, (m.data["ent_per_gb"], m.data["exit_per_gb"],
+                            m.data["ent_per_gb"] + m.data["exit_per_gb"]), (20, 7, 7), ".2f")
+                  + f"{oth(m):>7}"))
         w("  CPU s/GB: utime+stime (/proc/PID/stat, 10 ms ticks) of the tunnel processes per GB "
           "received; entrance side = ssh / sockmuxd connector, exit side = sshd session / "
           "sockmuxd receptor")
 
-        # round trips
         w("")
         w(f"1-byte round trip: {RTT_BURSTS} connections per round, taken in turn with the "
           f"other rows, each {a.round_trips // RTT_BURSTS} round trips after {RTT_WARMUP} "
           "warm-up ones (echo target); CPU from schedstat, per round trip, warm-up ones and "
           "connecting included")
-        w(f"  {'row':<14}{'p50 us':>8}{'(range)':>15}{'p99 us':>9}{'mean us':>9}"
-          f"{'CPU us/rt: entrance':>21}{'exit':>7}{'other':>7}")
-        for row in order:
-            m, _ = self.pick(row.key, "rtt")
-            if m is None:
-                w(f"  {row.label:<14}{'FAILED':>8}  {self._errors(row.key, 'rtt')}")
-                continue
-            d = m.data
-            cpu = (f"{d['cpu_ent_us']:>21.1f}{d['cpu_exit_us']:>7.1f}" if row.tunnel
-                   else f"{'-':>21}{'-':>7}")
-            w(f"  {row.label:<14}{d['p50']:>8.1f}{rng(row.key, 'rtt', '{:.1f}'):>15}"
-              f"{d['p99']:>9.1f}{d['mean']:>9.1f}{cpu}{oth(m):>7}")
+        table("rtt", f"  {'row':<14}{'p50 us':>8}{'(range)':>15}{'p99 us':>9}{'mean us':>9}"
+                     f"{'CPU us/rt: entrance':>21}{'exit':>7}{'other':>7}",
+              lambda row, m, xd: (
+                  f"{m.data['p50']:>8.1f}{rng(row.key, 'rtt', '{:.1f}'):>15}"
+                  f"{m.data['p99']:>9.1f}{m.data['mean']:>9.1f}"
+                  + tunnel_cpu(row, (m.data["cpu_ent_us"], m.data["cpu_exit_us"]), (21, 7), ".1f")
+                  + f"{oth(m):>7}"), ref=None)
 
-        # new streams
         w("")
-        w(f"new streams: {a.connections} connections over {a.clients} parallel clients (each: "
+        w(f"new streams: {a.connections} connections per round in {RATE_BURSTS} bursts taken in "
+          f"turn with the other rows, each burst over {a.clients} parallel clients (each: "
           "connect, send 1 byte, read it back, close; one at a time per client)")
-        w(f"  {'row':<14}{'conn/s':>8}{'(range)':>13}{'x direct':>10}{'p50 ms':>8}{'p99 ms':>8}"
-          f"{'err':>5}{'CPU us/conn: entrance':>23}{'exit':>6}{'cli':>6}{'other':>7}")
-        direct_rate = self.pick("direct", "rate")[0]
-        for row in order:
-            m, _ = self.pick(row.key, "rate")
-            if m is None:
-                w(f"  {row.label:<14}{'FAILED':>8}  {self._errors(row.key, 'rate')}")
-                continue
-            d = m.data
-            xd = f"{m.value / direct_rate.value:.2f}" if direct_rate else "-"
-            nerr = sum(d["errors"].values())
-            cpu = (f"{d['cpu_ent_us']:>23.0f}{d['cpu_exit_us']:>6.0f}" if row.tunnel
-                   else f"{'-':>23}{'-':>6}")
-            w(f"  {row.label:<14}{m.value:>8.0f}{rng(row.key, 'rate', '{:.0f}'):>13}{xd:>10}"
-              f"{d['p50']:>8.3f}{d['p99']:>8.3f}{nerr:>5}{cpu}{d['cli_us']:>6.0f}{oth(m):>7}")
+        table("rate", f"  {'row':<14}{'conn/s':>8}{'(range)':>13}{'x direct':>10}{'p50 ms':>8}"
+                      f"{'p99 ms':>8}{'err':>5}{'CPU us/conn: entrance':>23}{'exit':>6}"
+                      f"{'cli':>6}{'other':>7}",
+              lambda row, m, xd: (
+                  f"{m.value:>8.0f}{rng(row.key, 'rate', '{:.0f}'):>13}{xd:>10}"
+                  f"{m.data['p50']:>8.3f}{m.data['p99']:>8.3f}{sum(m.data['errors'].values()):>5}"
+                  + tunnel_cpu(row, (m.data["cpu_ent_us"], m.data["cpu_exit_us"]), (23, 6), ".0f")
+                  + f"{m.data['cli_us']:>6.0f}{oth(m):>7}"))
         w("  p50/p99: connect + first byte back; CPU per connection from schedstat (all threads); "
           "cli: the load generator's")
+
+        if a.busy:
+            w("")
+            w(f"busy streams: {a.busy} streams at once over {min(a.busy_clients, a.busy)} client "
+              f"processes, each a {a.busy_size}-byte request and its echo in turn, {a.time} s")
+            table("busy", f"  {'row':<14}{'msg/s':>8}{'(range)':>15}{'x direct':>10}"
+                          f"{'CPU us/msg: entrance':>22}{'exit':>6}{'cli':>6}{'other':>7}",
+                  lambda row, m, xd: (
+                      f"{m.value:>8.0f}{rng(row.key, 'busy', '{:.0f}'):>15}{xd:>10}"
+                      + tunnel_cpu(row, (m.data["cpu_ent_us"], m.data["cpu_exit_us"]), (22, 6),
+                                   ".1f")
+                      + f"{m.data['cli_us']:>6.1f}{oth(m):>7}"))
+            w("  msg/s: requests echoed per second over all streams; CPU per message from "
+              "schedstat; many streams active at once is where a tunnel's link writes can carry "
+              "the frames of several streams")
 
         # memory
         if self.mem:
@@ -1128,11 +1287,13 @@ class Bench:
             if key not in self.rows:
                 continue
             label = self.rows[key].label
-            for ref in ("direct", "ssh-aes"):
+            for ref in ("ssh", "direct", "ssh-aes"):
                 if ref not in self.rows:
                     continue
                 parts = []
-                for fig, name in (("bulk", "throughput"), ("rate", "conn/s"), ("rtt", "p50 rtt")):
+                figures = (("bulk", "throughput"), ("rate", "conn/s"), ("rtt", "p50 rtt"),
+                           ("busy", "busy msg/s"))
+                for fig, name in figures[3:] if ref == "ssh" else figures:
                     ratios, _ = self.round_ratios(key, ref, fig)
                     if ratios:
                         parts.append(f"{name} {median(ratios):.2f}x")
@@ -1260,6 +1421,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=None, metavar="N",
                    help="connections per stream-rate measurement (default 4000, --quick 800)")
     p.add_argument("--clients", type=int, default=4, help="parallel stream-rate clients (4)")
+    p.add_argument("--busy", type=int, default=64, metavar="N",
+                   help="streams busy at once for the busy-streams figure, each a request and "
+                        "its echo in turn for --time seconds (64; 0: skip)")
+    p.add_argument("--busy-size", type=int, default=64, metavar="BYTES",
+                   help="bytes per busy-stream request (64)")
+    p.add_argument("--busy-clients", type=int, default=2, metavar="N",
+                   help="client processes the busy streams are spread over (2)")
     p.add_argument("--streams", type=int, default=1000, metavar="N",
                    help="concurrent idle streams for the memory figure (1000; 0: skip)")
     p.add_argument("--batch", type=int, default=100, metavar="N",
@@ -1298,8 +1466,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         rows = [r for r in ROW_KEYS if r in rows]
     args.rows = rows
     if min(args.time, args.round_trips, args.connections, args.clients, args.rounds,
-           args.batch) < 1 or args.streams < 0:
-        p.error("counts and times must be at least 1 (--streams 0 skips the memory figure)")
+           args.batch, args.busy_size, args.busy_clients) < 1 or min(args.streams,
+                                                                   args.busy) < 0:
+        p.error("counts and times must be at least 1 (--streams 0 skips the memory figure, "
+                "--busy 0 the busy streams)")
+    if args.busy_size > 65536:
+        p.error("--busy-size: at most 65536 bytes")
     if args.streams > 20000:
         p.error("--streams: at most 20000")
     return args
