@@ -423,7 +423,11 @@ _LET_GO = frozenset({_S.CLOSING, _S.CANCELLING})
 
 @dataclass(slots=True)
 class Event:
-    """Base class of everything :class:`SockMuxConnection` reports."""
+    """Base class of everything :class:`SockMuxConnection` reports.
+
+    The events made for every stream or data frame write their ``__init__`` out
+    (``init=False``): compiled, that is a native constructor, where a dataclass's generated
+    one is interpreted Python reached through a generic call (see frames.Frame)."""
 
 
 @dataclass(slots=True)
@@ -458,24 +462,38 @@ class AuthenticationFailed(Event):
     closed_stream_ids: tuple[int, ...] = ()
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class StreamRequested(Event):
     """The peer opened a stream; call accept_stream() or refuse_stream() (e.g. "No server")."""
 
     stream_id: int
     client_addr: str
     entrance_addr: str
-    first_data: bytes = b""
+    first_data: bytes
+
+    def __init__(self, stream_id: int, client_addr: str, entrance_addr: str,
+                 first_data: bytes = b"") -> None:
+        self.stream_id = stream_id
+        self.client_addr = client_addr
+        self.entrance_addr = entrance_addr
+        self.first_data = first_data
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class StreamAccepted(Event):
     """The peer connected our stream to its server; the send window is open now."""
 
     stream_id: int
-    first_data: bytes = b""
-    server_addr: str = ""
-    local_addr: str = ""
+    first_data: bytes
+    server_addr: str
+    local_addr: str
+
+    def __init__(self, stream_id: int, first_data: bytes = b"", server_addr: str = "",
+                 local_addr: str = "") -> None:
+        self.stream_id = stream_id
+        self.first_data = first_data
+        self.server_addr = server_addr
+        self.local_addr = local_addr
 
 
 @dataclass(slots=True)
@@ -488,36 +506,52 @@ class StreamRefused(Event):
     reason: str
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class DataReceived(Event):
     """Data for the stream's destination; acknowledge() it once written there."""
 
     stream_id: int
     data: bytes
-    urgent: bool = False
+    urgent: bool
+
+    def __init__(self, stream_id: int, data: bytes, urgent: bool = False) -> None:
+        self.stream_id = stream_id
+        self.data = data
+        self.urgent = urgent
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class WindowUpdated(Event):
     """Credit came back (SENT); ``available`` bytes may be passed to send_data() now."""
 
     stream_id: int
     available: int
 
+    def __init__(self, stream_id: int, available: int) -> None:
+        self.stream_id = stream_id
+        self.available = available
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class StreamEnded(Event):
     """The peer half-closed: no more data will come on this stream (shut down writing)."""
 
     stream_id: int
 
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class StreamClosed(Event):
     """The stream is over (peer's CLOSE or refusal): flush what you hold, close the socket."""
 
     stream_id: int
     reason: str
+
+    def __init__(self, stream_id: int, reason: str) -> None:
+        self.stream_id = stream_id
+        self.reason = reason
 
 
 @dataclass(slots=True)

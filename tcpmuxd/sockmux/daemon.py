@@ -690,7 +690,6 @@ class Daemon:
         self.ready_sent = False
         self.stop: asyncio.Future[str] = self.loop.create_future()
         self.exit_code = EXIT_OK
-        self._status_pending = False
         self._last_status = ""
         self.hub: Hub
 
@@ -712,13 +711,7 @@ class Daemon:
                         "service is ready anyway; still trying", priority=4)
             self.notifier.ready(self.hub.status())
 
-    def _on_change(self) -> None:
-        if self.notifier.enabled and not self._status_pending:
-            self._status_pending = True
-            self.loop.call_later(STATUS_MIN_INTERVAL, self._push_status)
-
     def _push_status(self) -> None:
-        self._status_pending = False
         text = self.hub.status()
         if text != self._last_status:
             self._last_status = text
@@ -823,7 +816,9 @@ class Daemon:
         self.hub = hub = Hub(
             protocol_config(t), exits=t.exits, opener=opener, log=self.log, name=t.name,
             handshake_timeout=max(MIN_HANDSHAKE_TIMEOUT, HANDSHAKE_FACTOR * t.connect_timeout),
-            on_ready=self._on_ready, on_change=self._on_change, debug=args.debug,
+            on_ready=self._on_ready, debug=args.debug,
+            on_change=self._push_status if self.notifier.enabled else None,
+            change_delay=STATUS_MIN_INTERVAL,
             hold_timeout=args.hold, first_data_wait=args.first_data_wait,
             stream_log_rate=t.stream_log_rate)
         if not t.require_auth:

@@ -198,7 +198,7 @@ class ExitOpener:
         # resumes ("attribute '__mypyc_temp__5' undefined"). A timer left running by an
         # unexpected exception would only cancel a finished task.
         try:
-            if ep.is_unix:
+            if ep.path is not None:  # unix (not ep.is_unix: an interpreted call per stream)
                 await loop.create_unix_connection(lambda: stream, ep.path)
             else:
                 assert ep.host is not None and ep.port is not None  # not unix: host:port
@@ -217,7 +217,8 @@ class ExitOpener:
         deadline[0].cancel()
         # CONNECTED names the server as configured: the peer only logs it, and asking the
         # socket (getpeername, getsockname) would cost two system calls per stream.
-        stream.exit_connected("localhost:0" if ep.is_unix else exit_.target, "0.0.0.0:0")
+        stream.exit_connected("localhost:0" if ep.path is not None else exit_.target,
+                              "0.0.0.0:0")
 
     def _environment(self, stream: Any) -> dict[str, str]:
         host, port = _split(stream.client)

@@ -187,18 +187,28 @@ CONNDATA_ON = b"\x01\x00"
 Chunk = Union[bytes, memoryview]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Frame:
     """One decoded frame. ``payload`` is an independent ``bytes`` (safe to keep).
 
-    Read-only by convention, not frozen: the decoder makes one per frame received, and a
-    frozen dataclass's ``__init__`` (``object.__setattr__`` per field) costs twice as much."""
+    Read-only by convention, not frozen: the decoder makes one per frame received. The
+    ``__init__`` is written out: compiled, it is a native constructor, where the dataclass's
+    generated one is interpreted Python reached through a generic call (args tuple, kwargs
+    dict), which cost more than decoding the header."""
 
     type: int
     sender: int
     receiver: int
-    payload: bytes = b""
-    version: int = VERSION
+    payload: bytes
+    version: int
+
+    def __init__(self, type: int, sender: int, receiver: int, payload: bytes = b"",
+                 version: int = VERSION) -> None:
+        self.type = type
+        self.sender = sender
+        self.receiver = receiver
+        self.payload = payload
+        self.version = version
 
     @property
     def name(self) -> str:
@@ -284,7 +294,13 @@ class FrameDecoder:
         if len(buf) - pos < HEADER_SIZE:
             self._keep_rest()
             return None
-        version, ftype, sender, receiver, length = HEADER.unpack_from(buf, pos)
+        # Indexing, not HEADER.unpack_from: compiled, a byte index is a plain C read, where
+        # unpack_from builds a tuple of five ints for every frame.
+        version = buf[pos]
+        ftype = buf[pos + 1]
+        sender = (buf[pos + 2] << 8) | buf[pos + 3]
+        receiver = (buf[pos + 4] << 8) | buf[pos + 5]
+        length = (buf[pos + 6] << 8) | buf[pos + 7]
         if version != VERSION:
             self._failed = True
             if version == VERSION_ENCRYPTED:
@@ -374,18 +390,24 @@ def parse_hello(payload: bytes, max_length: int) -> str:
     return split_c_string(payload, max_length, "HELLO text")[0]
 
 
-@dataclass(slots=True)  # read-only by convention (see connection.py, "Compiled")
+@dataclass(slots=True, init=False)  # read-only by convention (see connection.py, "Compiled")
 class Addresses:
     """The text of CONNECT (``client``, ``entrance``) or CONNECTED (``server``, ``local``).
 
     DeleGate writes ``98304 PEER LOCAL`` of the socket concerned: for CONNECT the accepted
     client and the entrance it came in at, for CONNECTED the server connected to and the
     local end of that connection. ``first`` and ``second`` are kept as the ``HOST:PORT`` texts.
+    One per stream: ``__init__`` written out, as for :class:`Frame`.
     """
 
     first: str
     second: str
-    tag: int = CONNECT_TAG
+    tag: int
+
+    def __init__(self, first: str, second: str, tag: int = CONNECT_TAG) -> None:
+        self.first = first
+        self.second = second
+        self.tag = tag
 
 
 def _check_address(addr: str, max_length: int) -> None:

@@ -916,7 +916,9 @@ class Hub:
     ``exits`` maps an entrance port (``None``: the default) to an :class:`Exit`; ``opener``
     connects them (:class:`tcpmuxd.sockmux.exits.ExitOpener`, or anything with its ``open``).
     ``on_ready(session)``, ``on_down(session, reason)`` and ``on_change()`` are the
-    daemon's hooks (READY=1, STATUS=).
+    daemon's hooks (READY=1, STATUS=). ``on_change`` runs ``change_delay`` seconds after a
+    change (streams, links), once for all the changes meanwhile: a busy tunnel changes
+    thousands of times a second, and STATUS= needs one line a second, not a call each.
     """
 
     def __init__(self, config: SockMuxConfig, *, exits: Mapping[int | None, Exit] | None = None,
@@ -925,7 +927,7 @@ class Hub:
                  link_high: int = LINK_WRITE_HIGH, link_low: int = LINK_WRITE_LOW,
                  on_ready: Callable[[Session], None] | None = None,
                  on_down: Callable[[Session, str], None] | None = None,
-                 on_change: Callable[[], None] | None = None,
+                 on_change: Callable[[], None] | None = None, change_delay: float = 1.0,
                  stream_log_rate: float | None = None, debug: bool = False,
                  hold_timeout: float = 0.0,
                  first_data_wait: float = FIRST_DATA_WAIT) -> None:
@@ -941,7 +943,9 @@ class Hub:
         self.link_low = link_low
         self.on_ready = on_ready
         self.on_down = on_down
-        self.on_change = on_change or (lambda: None)
+        self.on_change = on_change
+        self.change_delay = change_delay
+        self._change_timer: asyncio.TimerHandle | None = None
         #: Per-stream records: at most this many per second (a token bucket as deep), the
         #: streams beyond are counted and summed up in one record per STREAM_LOG_SUMMARY
         #: seconds (None: every stream gets its record). A busy tunnel would otherwise hit
@@ -1026,12 +1030,12 @@ class Hub:
                 self._open(stream, session)
         if self.on_ready is not None:
             self.on_ready(session)
-        self.on_change()
+        self._changed()
 
     def _link_unready(self, session: Session) -> None:
         if self.current is session:
             self.current = None
-        self.on_change()
+        self._changed()
 
     def _link_down(self, session: Session, reason: str, was_ready: bool, streams: int,
                    priority: int) -> None:
@@ -1050,7 +1054,7 @@ class Hub:
                        SOCKMUX_REASON=reason)
         if self.on_down is not None:
             self.on_down(session, reason)
-        self.on_change()
+        self._changed()
 
     # -- entrances -------------------------------------------------------------------------
 
@@ -1169,7 +1173,7 @@ class Hub:
         stream.sid = stream.number = sid
         session.streams[sid] = stream
         session._flush()
-        self.on_change()
+        self._changed()
 
     # -- exits -----------------------------------------------------------------------------
 
@@ -1180,6 +1184,15 @@ class Hub:
         return exits.get(None)
 
     # -- streams ---------------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        if self.on_change is not None and self._change_timer is None:
+            self._change_timer = self.loop.call_later(self.change_delay, self._report_change)
+
+    def _report_change(self) -> None:
+        self._change_timer = None
+        if self.on_change is not None:
+            self.on_change()
 
     def _stream_finished(self, stream: Stream) -> None:
         stats = self.stats
@@ -1214,7 +1227,7 @@ class Hub:
                 SOCKMUX_DURATION_USEC=int(duration * 1e6),
                 SOCKMUX_REASON=reason,
             )
-        self.on_change()
+        self._changed()
 
     def _may_log_stream(self, stream: Stream) -> bool:
         """Take a token for the stream's record, or count the stream for the summary."""
@@ -1294,4 +1307,7 @@ class Hub:
             session.close(reason)
         if self._summary_timer is not None:
             self._summary_timer.cancel()
+        if self._change_timer is not None:
+            self._change_timer.cancel()
+            self._change_timer = None
         self._log_summary()  # now: the tunnel is going away (says nothing if all were logged)

@@ -830,6 +830,37 @@ def test_status_line_and_counters():
     run(main())
 
 
+def test_changes_reach_the_status_hook_once_per_delay():
+    """Streams change the hub (opened, finished) many times; on_change runs change_delay
+    after a change, once for every change meanwhile, and sees the counters of them all."""
+    delay = 0.3
+
+    async def main() -> None:
+        echo, eport = await serve(Echo)
+        async with pair(b_exits=exits(f"127.0.0.1:{eport}")) as p:
+            loop = p.a.loop
+            calls: list[tuple[float, int]] = []
+            p.a.change_delay = delay
+            p.a.on_change = lambda: calls.append((loop.time(), p.a.stats.finished))
+            port = await p.entrance(p.a)
+            start = loop.time()
+            await asyncio.gather(*(echo_roundtrip(port, 100, seed) for seed in range(20)))
+            await wait_for(lambda: p.a.stats.finished == 20)
+            done = loop.time()
+            await asyncio.sleep(delay + 0.2)
+            # 40 changes or more; one call per delay at most, none before the first delay
+            assert 1 <= len(calls) <= (done - start) / delay + 2, (calls, done - start)
+            assert all(t >= start + delay - 0.01 for t, _ in calls), (calls, start)
+            assert all(b - a >= delay - 0.01 for (a, _), (b, _) in zip(calls, calls[1:])), calls
+            assert calls[-1][1] == 20, calls
+            before = len(calls)
+            await echo_roundtrip(port, 100, 99)
+            await wait_for(lambda: len(calls) > before and calls[-1][1] == 21,
+                           what="a call for the next change")
+        echo.close()
+    run(main())
+
+
 def test_entrance_connections_held_while_the_link_is_down():
     """With hold_timeout, a client arriving before the link waits for it (its first bytes
     kept); without a link in time it is reset."""
