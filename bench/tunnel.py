@@ -1453,10 +1453,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--_role", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     q = args.quick
-    args.time = args.time or (2 if q else 5)
-    args.round_trips = args.round_trips or (500 if q else 2000)
-    args.connections = args.connections or (800 if q else 4000)
-    args.rounds = args.rounds or (1 if q else 3)
+    for name, quick, full in (("time", 2, 5), ("round_trips", 500, 2000),
+                              ("connections", 800, 4000), ("rounds", 1, 3)):
+        if getattr(args, name) is None:  # 0 stays 0, and is refused below
+            setattr(args, name, quick if q else full)
     rows = list(ROW_KEYS)
     if args.only:
         rows = [r.strip() for r in args.only.split(",") if r.strip()]
