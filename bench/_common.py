@@ -41,6 +41,19 @@ def exit_on_signals() -> None:
         signal.signal(signum, handler)
 
 
+# --- event loop ----------------------------------------------------------------------------
+
+def install_fastest_loop() -> str:
+    """uvloop for the asyncio helpers when it is installed (as sockmuxd uses it); returns the
+    loop's name for the report."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    uvloop.install()
+    return "uvloop"
+
+
 # --- statistics ----------------------------------------------------------------------------
 
 def percentile(sorted_values: Sequence[float], p: float) -> float:

@@ -30,8 +30,8 @@ import time
 from statistics import median
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (BenchError, Processes, command_line, machine_summary,  # noqa: E402
-                     percentile, read_all, read_line, run_benchmark, which)
+from _common import (BenchError, Processes, command_line, install_fastest_loop,  # noqa: E402
+                     machine_summary, percentile, read_all, read_line, run_benchmark, which)
 
 HOST = "127.0.0.1"
 SELF = os.path.abspath(__file__)
@@ -52,13 +52,7 @@ def role_echo(arg: str) -> None:
     import asyncio
 
     mode, certdir = arg.split(",", 1)
-    loop_name = "asyncio"
-    try:
-        import uvloop
-        uvloop.install()
-        loop_name = "uvloop"
-    except ImportError:
-        pass
+    loop_name = install_fastest_loop()
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(os.path.join(certdir, "cert.pem"), os.path.join(certdir, "key.pem"))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3

@@ -41,8 +41,9 @@ from statistics import median
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (REPO, run_benchmark, BenchError, OtherLoad, Processes, command_line,  # noqa: E402
                      cpu_seconds, descendants, fd_count, free_port, help_text,
-                     machine_summary, nofile_limit, percentile, raise_nofile, read_all,
-                     read_line, rss_kib, sched_cpu_seconds, wait_until, which)
+                     install_fastest_loop, machine_summary, nofile_limit, percentile,
+                     raise_nofile, read_all, read_line, rss_kib, sched_cpu_seconds, wait_until,
+                     which)
 
 HOST = "127.0.0.1"
 SELF = os.path.abspath(__file__)
@@ -83,13 +84,7 @@ def role_echo(arg: str) -> None:
     when installed; prints the ports as a JSON list."""
     import asyncio
 
-    loop_name = "asyncio"
-    try:
-        import uvloop
-        uvloop.install()
-        loop_name = "uvloop"
-    except ImportError:
-        pass
+    loop_name = install_fastest_loop()
 
     class Echo(asyncio.Protocol):
         def connection_made(self, transport):
