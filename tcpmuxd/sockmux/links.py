@@ -21,7 +21,10 @@ command         (``--command``)        :func:`open_command` (its stdout + stdin)
 two open fds    -                      :func:`connect_fds`
 ==============  =====================  ==========================================================
 
-TCP links are the loop's own TCP (or TLS) transports, with TCP_NODELAY and SO_KEEPALIVE set.
+TCP links are the loop's own TCP transports, with TCP_NODELAY and SO_KEEPALIVE set; with TLS,
+the socket is taken over by an ``ssl.SSLSocket`` and a :class:`~tcpmuxd.sockmux.tlslink.
+TLSTransport` (OpenSSL reads and writes the socket itself: a third of the CPU per record of
+the loop's TLS, see that module).
 The other kinds are a :class:`PipePairTransport`: a read transport from
 ``loop.connect_read_pipe`` and a write transport, combined. The combination adds no Python call
 per chunk: the read transport calls the link protocol's own bound ``data_received`` (or
@@ -42,9 +45,9 @@ stdio tty's settings restored, a command's process reaped.
 
 Loop notes (asyncio and uvloop are both supported and tested):
 
-* Bytes that arrive while a link is being handed to its protocol (TLS 1.3 lets the first
-  application bytes ride with the handshake) are held and delivered right after
-  ``connection_made``, even if that paused reading.
+* Bytes that arrive while a link is being handed to its protocol are held and delivered
+  right after ``connection_made``, even if that paused reading (with TLS, what OpenSSL read
+  with the handshake is delivered on the loop's next pass).
 * asyncio's pipe transports have no BufferedProtocol support: under asyncio a BufferedProtocol
   gets pipe bytes copied into its buffer (uvloop reads straight into it).
 * A ``pause_reading()`` inside ``connection_made`` is honoured for every kind (both loops'
@@ -85,6 +88,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from tcpmuxd.reaping import ExitWatch
 from tcpmuxd.sockmux.tls import TLSSettings, client_context, server_context
+from tcpmuxd.sockmux.tlslink import TLSTransport, handshake, link_info, takes_buffers
 
 __all__ = [
     "TLSSettings", "client_context", "server_context",
@@ -115,12 +119,6 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
 
 # --- shared helpers -------------------------------------------------------------------------
 
-def _is_buffered(protocol: object) -> bool:
-    """Whether a protocol takes bytes through get_buffer/buffer_updated (uvloop's test)."""
-    return isinstance(protocol, asyncio.BufferedProtocol) or (
-        hasattr(protocol, "get_buffer") and not isinstance(protocol, asyncio.Protocol))
-
-
 def _feed_buffered(protocol: Any, data: bytes) -> None:
     """Copy *data* into a BufferedProtocol's buffers (only for bytes a transport handed us)."""
     view = memoryview(data)
@@ -135,7 +133,7 @@ def _feed_buffered(protocol: Any, data: bytes) -> None:
 
 
 def _feed(protocol: Any, data: bytes) -> None:
-    if _is_buffered(protocol):
+    if takes_buffers(protocol):
         _feed_buffered(protocol, data)
     else:
         protocol.data_received(data)
@@ -177,7 +175,6 @@ class _Handoff(asyncio.Protocol):
         self.eof = False
         self.lost = False
         self.exc: BaseException | None = None
-        self.tls = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
@@ -189,7 +186,7 @@ class _Handoff(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        return not self.tls  # SSL transports close on EOF anyway (and warn about True)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -235,20 +232,50 @@ async def connect_tcp(host: str, port: int, protocol_factory: ProtocolFactory, *
             async with asyncio.timeout(timeout):
                 transport, handoff = await loop.create_connection(_Handoff, host, port)
                 if tls is not None:
-                    handoff.tls = True
-                    transport = await loop.start_tls(
-                        transport, handoff, tls, server_hostname=server_hostname or host,
-                        # longer than the overall timeout, which is then what fires
-                        ssl_handshake_timeout=None if timeout is None else timeout + 1.0)
-                    assert transport is not None
+                    # the receptor speaks only after our ClientHello: nothing was read yet
+                    sock = _take_socket(transport)
+                    transport = None
+                    tls_sock = await handshake(sock, tls, server_side=False,
+                                               server_hostname=server_hostname or host)
         except TimeoutError:
             raise TimeoutError(f"connecting to {_fmt_addr((host, port))} timed out "
                                f"after {timeout} s") from None
-        return transport, handoff.hand_over(transport, protocol_factory)
+        if tls is None:
+            assert transport is not None
+            return transport, handoff.hand_over(transport, protocol_factory)
+        return _start_tls_link(loop, tls_sock, protocol_factory)
     except BaseException:
         if transport is not None:
             transport.abort()
         raise
+
+
+def _take_socket(transport: Any) -> socket.socket:
+    """The connection of a fresh plain transport, as a socket of its own: its descriptor is
+    duplicated and the transport aborted (which closes only the transport's descriptor)."""
+    try:
+        return socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+    finally:
+        transport.abort()
+
+
+def _start_tls_link(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket,
+                    protocol_factory: ProtocolFactory) -> tuple[TLSTransport, asyncio.BaseProtocol]:
+    """A handshaken socket's transport, its protocol made and told (closed if that fails;
+    the factory is not called for a link that is gone already)."""
+    try:
+        extra = link_info(sock)
+        protocol = protocol_factory()
+        transport = TLSTransport(loop, sock, protocol, extra)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        transport.start()
+    except BaseException:
+        transport.abort()
+        raise
+    return transport, protocol
 
 
 class _Acceptor:
@@ -257,10 +284,9 @@ class _Acceptor:
     With TLS, no byte of an accepted connection is ever read outside the TLS layer: the loop's
     plain transport is only a vehicle for the accept. In its ``connection_made`` (which both
     loops call before they start reading) the socket is duplicated and that transport aborted,
-    and the duplicate goes to ``loop.connect_accepted_socket(..., ssl=...)``, the loop's own
-    server-side TLS, whose protocol is the socket's reader from its first byte on. (Reading
-    raw first and calling ``start_tls`` later loses a ClientHello that arrived in between: the
-    handshake then stalls until it times out.)
+    and the duplicate is the SSLSocket's, which reads it from its first byte on. (Letting a
+    plain transport read first loses a ClientHello that arrived in between: the handshake then
+    stalls until it times out.)
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, protocol_factory: ProtocolFactory,
@@ -288,37 +314,35 @@ class _Acceptor:
         the socket over for TLS and drop that transport."""
         peer = _fmt_addr(raw.get_extra_info("peername"))
         try:
-            sock = socket.socket(fileno=os.dup(raw.get_extra_info("socket").fileno()))
+            sock = _take_socket(raw)
         except OSError as exc:  # EMFILE, ENFILE: refuse this one, keep serving
-            raw.abort()
             log.warning("link from %s refused: %s", peer, exc)
             return
-        raw.abort()  # closes its descriptor only; the connection lives on in the duplicate
         task = self.loop.create_task(self.handshake(sock, peer))
         self.handshakes.add(task)
         task.add_done_callback(self.handshakes.discard)
 
     async def handshake(self, sock: socket.socket, peer: str) -> None:
         assert self.tls is not None
-        handoff = _Handoff()
-        handoff.tls = True
         try:
-            sock.setblocking(False)
-            transport, _ = await self.loop.connect_accepted_socket(
-                lambda: handoff, sock, ssl=self.tls,
-                ssl_handshake_timeout=self.handshake_timeout)
-        except asyncio.CancelledError:
-            if handoff.transport is not None:
-                handoff.transport.abort()
-            sock.close()
-            raise
-        except Exception as exc:
-            # The loop has closed its transport, and with it the socket (a no-op if so).
-            sock.close()
+            async with asyncio.timeout(self.handshake_timeout):
+                tls_sock = await handshake(sock, self.tls, server_side=True)
+        except Exception as exc:  # the socket is closed
+            if isinstance(exc, TimeoutError):
+                exc = TimeoutError(f"no handshake within {self.handshake_timeout:g} s")
             log.warning("link from %s refused: TLS handshake failed: %s",
                         peer, str(exc) or type(exc).__name__)
             return
-        self.deliver(handoff, transport)
+        if self.server is not None and not self.server.is_serving():
+            log.info("link from %s dropped: the listener has been closed", peer)
+            tls_sock.close()
+            return
+        try:
+            _start_tls_link(self.loop, tls_sock, self.factory)
+        except OSError as exc:  # reset right after the handshake (the socket is closed)
+            log.info("link from %s lost during setup: %s", peer, exc)
+        except Exception:
+            log.exception("link from %s: the protocol factory failed", peer)
 
     def deliver(self, handoff: _Handoff, transport: asyncio.Transport) -> None:
         peer = _fmt_addr(transport.get_extra_info("peername"))
@@ -400,7 +424,7 @@ class _ReadSide(asyncio.BaseProtocol):
     def go_live(self, protocol: Any) -> None:
         for name in ("get_buffer", "buffer_updated"):
             self.__dict__.pop(name, None)
-        if _is_buffered(protocol):
+        if takes_buffers(protocol):
             self.get_buffer = protocol.get_buffer
             self.buffer_updated = protocol.buffer_updated
             # asyncio's read pipe transport only knows data_received

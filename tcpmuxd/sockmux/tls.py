@@ -18,10 +18,10 @@ off explicitly:
   a client certificate is verified when one is offered; with neither, any client is accepted.
 
 With TLS 1.3 the client finishes its side of the handshake before the server has checked the
-client certificate: a client the server refuses may see its connect succeed and the link close
-at once (neither asyncio nor uvloop sends the TLS alert on a failed server handshake, so the
-client may get a plain EOF rather than an ``ssl.SSLError``). The server never hands such a link
-up, and logs why it refused it.
+client certificate: a client the server refuses sees its connect succeed, then the link lost
+with the server's alert as an ``ssl.SSLError`` (e.g. "certificate required"). The server never
+hands such a link up, and logs why it refused it. The links themselves run over ``SSLSocket``
+(:mod:`tcpmuxd.sockmux.tlslink`), not the event loop's TLS.
 """
 
 from __future__ import annotations

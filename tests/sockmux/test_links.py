@@ -581,6 +581,60 @@ def test_tls_client_without_certificate_refused(run, certs, caplog):
     _assert_handshake_failure_logged(caplog)
 
 
+class TinyBufferPeer(BufferedPeer):
+    """Hands out 100-byte buffers: a TLS record (up to 16 KiB) then spans many reads, and
+    what OpenSSL holds decrypted must be read without the socket turning readable again."""
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self.buf)[:100]
+
+
+def test_tls_record_larger_than_the_protocols_buffer(run, certs, tmp_path):
+    """1 MiB each way through 100-byte buffers arrives intact (SHA-256), over TLS."""
+    a_data, b_data = os.urandom(1 << 20), os.urandom(1 << 20)
+
+    async def main():
+        pa, pb = await make_link("tls", tmp_path, certs,
+                                 lambda: TinyBufferPeer(a_data, len(b_data)),
+                                 lambda: TinyBufferPeer(b_data, len(a_data)))
+        await asyncio.wait_for(asyncio.gather(pa.done_fut, pb.done_fut), 30)
+        pa.transport.close()
+        await asyncio.gather(pa.lost_fut, pb.lost_fut)
+        return pa, pb
+
+    pa, pb = run(main())
+    assert pa.digest.hexdigest() == sha(b_data)
+    assert pb.digest.hexdigest() == sha(a_data)
+    assert pa.losts == [None] and pb.losts == [None]
+
+
+def test_tls_refused_client_is_told_why(run, certs):
+    """The receptor refuses a client without a certificate with a TLS alert (OpenSSL writes
+    it on the socket itself), so the connector learns the reason rather than an EOF: from the
+    dial (TLS 1.2) or as the error its link is lost with (TLS 1.3: the alert comes after the
+    client has finished its side of the handshake)."""
+    server_ctx, _ = tls_contexts(certs)
+    anonymous = client_context(TLSSettings(cafile=certs.ca))
+
+    async def main() -> BaseException | None:
+        server, port, accepted = await _serve_tls(server_ctx)
+        try:
+            try:
+                _, p = await links.connect_tcp("127.0.0.1", port, StreamPeer, tls=anonymous,
+                                               server_hostname="localhost", timeout=5)
+            except ssl.SSLError as exc:
+                return exc
+            await asyncio.wait_for(p.lost_fut, 5)
+            assert p.received == 0 and accepted == []
+            return p.losts[0]
+        finally:
+            server.close()
+
+    exc = run(main())
+    assert isinstance(exc, ssl.SSLError), repr(exc)
+    assert "CERTIFICATE_REQUIRED" in str(exc).upper().replace(" ", "_"), str(exc)
+
+
 def test_tls_client_certificate_from_another_ca_refused(run, certs, caplog):
     caplog.set_level(logging.INFO, LOGGER)
     server_ctx, _ = tls_contexts(certs)
