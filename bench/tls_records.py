@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
-"""TLS per record: the event loop's own TLS against a non-blocking ssl.SSLSocket, one run.
+"""TLS per record: sockmuxd's TLS link layer against the event loop's own TLS, one run.
 
     .venv/bin/python bench/tls_records.py [--quick]
 
-Why: sockmuxd's TLS links run on the loop's TLS (uvloop's SSLProtocol: memory BIOs, one
-Python-level state machine per record), and bench/tunnel.py finds the TLS row behind ssh -L on
-round trips and new streams while the plain row keeps up. This measures what a record costs
-that way, against an ``ssl.SSLSocket`` that does its own socket I/O (``recv_into``/``send``
-from a reader callback), which a link transport of our own could use.
+Why: sockmuxd's TLS links used to run on the loop's TLS (uvloop's SSLProtocol: memory BIOs
+inside a general state machine, several Python-level steps per record), and bench/tunnel.py
+found the TLS row behind ssh -L on round trips and new streams while the plain row kept up.
+``tcpmuxd.sockmux.tlslink`` does the same OpenSSL work over memory BIOs with lean socket I/O
+(one recv per readiness event, one send per write). This measures what a record costs each
+way.
 
-An echo server process (uvloop when installed, else asyncio) serves one TLS 1.3 connection
-in each way, and a plain one as the floor; a blocking client sends 1 byte and reads it back,
-``--round-trips`` times after 200 unmeasured ones. Figures: the client's round-trip p50 and
-the server's CPU per round trip (``time.process_time`` from the connection on: one record
+An echo server process (uvloop when installed, else asyncio) serves one connection plain (the
+floor), one in the loop's TLS, and one through tlslink (its handshake and TLSTransport, as a
+sockmuxd link); a blocking client sends 1 byte and reads it back, ``--round-trips`` times
+after 200 unmeasured ones. Figures: the client's round-trip p50 and the server's CPU per round
+trip (``time.process_time`` from ``connection_made`` on, after the handshake: one record
 decrypted and one encrypted per round trip). Rows are taken in turn, ``--rounds`` times; the
-median round is shown. The ratio that matters: TLS CPU above plain, SSLSocket over the loop's.
+median round is shown, and the TLS CPU above plain of tlslink over the loop's.
 """
 
 from __future__ import annotations
@@ -30,15 +32,15 @@ import time
 from statistics import median
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (BenchError, Processes, command_line, install_fastest_loop,  # noqa: E402
+from _common import (REPO, BenchError, Processes, command_line, install_fastest_loop,  # noqa: E402
                      machine_summary, percentile, read_all, read_line, run_benchmark, which)
 
 HOST = "127.0.0.1"
 SELF = os.path.abspath(__file__)
 WARMUP = 200
-MODES = ("plain", "loop-tls", "sslsocket")
+MODES = ("plain", "loop-tls", "tlslink")
 LABELS = {"plain": "plain TCP (floor)", "loop-tls": "loop's TLS",
-          "sslsocket": "ssl.SSLSocket"}
+          "tlslink": "sockmuxd's tlslink"}
 
 
 # ============================================================================================
@@ -47,8 +49,7 @@ LABELS = {"plain": "plain TCP (floor)", "loop-tls": "loop's TLS",
 
 def role_echo(arg: str) -> None:
     """Echo one connection in MODE; print the port; on "stop" (stdin) print the CPU seconds
-    used since the connection came (its handshake excluded for the loop's TLS, whose protocol
-    hears of the connection once it is done; included for SSLSocket: a few hundred us)."""
+    used since the protocol's connection_made (after the handshake)."""
     import asyncio
 
     mode, certdir = arg.split(",", 1)
@@ -67,39 +68,13 @@ def role_echo(arg: str) -> None:
         def data_received(self, data):
             self.transport.write(data)
 
-    class SocketEcho:
-        """The SSLSocket does the socket I/O; the loop only says when it is readable."""
-
-        def __init__(self, loop, raw: socket.socket) -> None:
-            since[0] = time.process_time()
-            raw.setblocking(False)
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.loop = loop
-            self.sock = ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
-            self.shaking = True
-            self.buf = bytearray(65536)
-            self.view = memoryview(self.buf)
-            loop.add_reader(self.sock.fileno(), self.readable)
-
-        def readable(self) -> None:
-            sock = self.sock
-            try:
-                if self.shaking:
-                    sock.do_handshake()
-                    self.shaking = False
-                while True:
-                    n = sock.recv_into(self.buf)
-                    if not n:
-                        break
-                    sock.send(self.view[:n])  # 1 byte: always taken whole
-                    if not sock.pending():
-                        return
-            except ssl.SSLWantReadError:
-                return
-            except (ssl.SSLError, OSError):
-                pass
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
+    async def tlslink_echo(listener: socket.socket) -> None:
+        """sockmuxd's TLS link layer (tcpmuxd.sockmux.tlslink) under the same Echo."""
+        from tcpmuxd.sockmux import tlslink
+        loop = asyncio.get_running_loop()
+        raw, _ = await loop.sock_accept(listener)
+        conn = await tlslink.handshake(raw, ctx, server_side=True)
+        tlslink.TLSTransport(loop, conn, Echo(), conn.info()).start()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -107,16 +82,18 @@ def role_echo(arg: str) -> None:
         listener.bind((HOST, 0))
         listener.listen(4)
         listener.setblocking(False)
+        accepting: asyncio.Task[None] | None = None
         if mode == "plain":
             await loop.create_server(Echo, sock=listener)
         elif mode == "loop-tls":
             await loop.create_server(Echo, sock=listener, ssl=ctx)
         else:
-            loop.add_reader(listener.fileno(),
-                            lambda: SocketEcho(loop, listener.accept()[0]))
+            accepting = loop.create_task(tlslink_echo(listener))
         print(json.dumps({"port": listener.getsockname()[1], "loop": loop_name}), flush=True)
         await loop.run_in_executor(None, sys.stdin.readline)
         print(json.dumps({"cpu": time.process_time() - since[0]}), flush=True)
+        if accepting is not None and accepting.done():
+            accepting.result()  # a failed tlslink handshake says so
 
     asyncio.run(main())
 
@@ -134,6 +111,9 @@ class Bench:
         self.procs = procs
         self.tmp = tmp
         self.results: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
+        self.env = dict(os.environ)  # the echo role imports tcpmuxd from this repository
+        self.env["PYTHONPATH"] = REPO + (os.pathsep + self.env["PYTHONPATH"]
+                                         if self.env.get("PYTHONPATH") else "")
         self.loop_name = "?"
 
     def make_cert(self) -> None:
@@ -150,7 +130,8 @@ class Bench:
         n = self.args.round_trips
         server = self.procs.start("echo", [sys.executable, SELF, "--_role", "echo",
                                            f"{mode},{self.tmp}"],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=self.tmp)
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=self.tmp,
+                                  env=self.env)
         hello = json.loads(read_line(server, 30, f"{mode} echo server"))
         self.loop_name = hello["loop"]
         sock = socket.create_connection((HOST, hello["port"]), timeout=10)
@@ -215,8 +196,8 @@ class Bench:
             print(f"  {LABELS[mode]:<20}{lat:>8.1f}{rl:>15}{cpu:>18.1f}{rc:>15}{extra}")
         print()
         if above["loop-tls"] > 0:
-            print(f"TLS CPU above plain, ssl.SSLSocket / loop's TLS: "
-                  f"{above['sslsocket'] / above['loop-tls']:.2f} "
+            print(f"TLS CPU above plain, sockmuxd's tlslink / loop's TLS: "
+                  f"{above['tlslink'] / above['loop-tls']:.2f} "
                   "(each round trip is one record in and one out)")
         print("=" * 88)
         return 0
@@ -224,7 +205,7 @@ class Bench:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="TLS per record: the event loop's TLS against ssl.SSLSocket, with plain "
+        description="TLS per record: sockmuxd's tlslink against the event loop's TLS, with plain "
                     "TCP as the floor (see bench/README.md)")
     p.add_argument("--quick", action="store_true", help="5,000 round trips, 1 round")
     p.add_argument("--round-trips", type=int, default=None, metavar="N",

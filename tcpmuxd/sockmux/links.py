@@ -22,9 +22,8 @@ two open fds    -                      :func:`connect_fds`
 ==============  =====================  ==========================================================
 
 TCP links are the loop's own TCP transports, with TCP_NODELAY and SO_KEEPALIVE set; with TLS,
-the socket is taken over by an ``ssl.SSLSocket`` and a :class:`~tcpmuxd.sockmux.tlslink.
-TLSTransport` (OpenSSL reads and writes the socket itself: a third of the CPU per record of
-the loop's TLS, see that module).
+the socket is taken over by a :class:`~tcpmuxd.sockmux.tlslink.TLSTransport` (OpenSSL over
+memory BIOs with lean socket I/O instead of the loop's TLS machinery: see that module).
 The other kinds are a :class:`PipePairTransport`: a read transport from
 ``loop.connect_read_pipe`` and a write transport, combined. The combination adds no Python call
 per chunk: the read transport calls the link protocol's own bound ``data_received`` (or
@@ -88,7 +87,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from tcpmuxd.reaping import ExitWatch
 from tcpmuxd.sockmux.tls import TLSSettings, client_context, server_context
-from tcpmuxd.sockmux.tlslink import TLSTransport, handshake, link_info, takes_buffers
+from tcpmuxd.sockmux.tlslink import TLSConnection, TLSTransport, handshake, takes_buffers
 
 __all__ = [
     "TLSSettings", "client_context", "server_context",
@@ -235,7 +234,7 @@ async def connect_tcp(host: str, port: int, protocol_factory: ProtocolFactory, *
                     # the receptor speaks only after our ClientHello: nothing was read yet
                     sock = _take_socket(transport)
                     transport = None
-                    tls_sock = await handshake(sock, tls, server_side=False,
+                    tls_conn = await handshake(sock, tls, server_side=False,
                                                server_hostname=server_hostname or host)
         except TimeoutError:
             raise TimeoutError(f"connecting to {_fmt_addr((host, port))} timed out "
@@ -243,7 +242,7 @@ async def connect_tcp(host: str, port: int, protocol_factory: ProtocolFactory, *
         if tls is None:
             assert transport is not None
             return transport, handoff.hand_over(transport, protocol_factory)
-        return _start_tls_link(loop, tls_sock, protocol_factory)
+        return _start_tls_link(loop, tls_conn, protocol_factory)
     except BaseException:
         if transport is not None:
             transport.abort()
@@ -259,16 +258,16 @@ def _take_socket(transport: Any) -> socket.socket:
         transport.abort()
 
 
-def _start_tls_link(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket,
+def _start_tls_link(loop: asyncio.AbstractEventLoop, conn: TLSConnection,
                     protocol_factory: ProtocolFactory) -> tuple[TLSTransport, asyncio.BaseProtocol]:
-    """A handshaken socket's transport, its protocol made and told (closed if that fails;
-    the factory is not called for a link that is gone already)."""
+    """A handshaken connection's transport, its protocol made and told (closed if that
+    fails; the factory is not called for a link that is gone already)."""
     try:
-        extra = link_info(sock)
+        extra = conn.info()
         protocol = protocol_factory()
-        transport = TLSTransport(loop, sock, protocol, extra)
+        transport = TLSTransport(loop, conn, protocol, extra)
     except BaseException:
-        sock.close()
+        conn.sock.close()
         raise
     try:
         transport.start()
@@ -284,7 +283,7 @@ class _Acceptor:
     With TLS, no byte of an accepted connection is ever read outside the TLS layer: the loop's
     plain transport is only a vehicle for the accept. In its ``connection_made`` (which both
     loops call before they start reading) the socket is duplicated and that transport aborted,
-    and the duplicate is the SSLSocket's, which reads it from its first byte on. (Letting a
+    and the duplicate is the TLS layer's, which reads it from its first byte on. (Letting a
     plain transport read first loses a ClientHello that arrived in between: the handshake then
     stalls until it times out.)
     """
@@ -326,7 +325,7 @@ class _Acceptor:
         assert self.tls is not None
         try:
             async with asyncio.timeout(self.handshake_timeout):
-                tls_sock = await handshake(sock, self.tls, server_side=True)
+                tls_conn = await handshake(sock, self.tls, server_side=True)
         except Exception as exc:  # the socket is closed
             if isinstance(exc, TimeoutError):
                 exc = TimeoutError(f"no handshake within {self.handshake_timeout:g} s")
@@ -335,10 +334,10 @@ class _Acceptor:
             return
         if self.server is not None and not self.server.is_serving():
             log.info("link from %s dropped: the listener has been closed", peer)
-            tls_sock.close()
+            tls_conn.sock.close()
             return
         try:
-            _start_tls_link(self.loop, tls_sock, self.factory)
+            _start_tls_link(self.loop, tls_conn, self.factory)
         except OSError as exc:  # reset right after the handshake (the socket is closed)
             log.info("link from %s lost during setup: %s", peer, exc)
         except Exception:

@@ -20,8 +20,8 @@ off explicitly:
 With TLS 1.3 the client finishes its side of the handshake before the server has checked the
 client certificate: a client the server refuses sees its connect succeed, then the link lost
 with the server's alert as an ``ssl.SSLError`` (e.g. "certificate required"). The server never
-hands such a link up, and logs why it refused it. The links themselves run over ``SSLSocket``
-(:mod:`tcpmuxd.sockmux.tlslink`), not the event loop's TLS.
+hands such a link up, and logs why it refused it. The links themselves run on
+:mod:`tcpmuxd.sockmux.tlslink`, not the event loop's TLS.
 """
 
 from __future__ import annotations

@@ -1,24 +1,26 @@
-"""TLS links over ``ssl.SSLSocket``: OpenSSL does the socket I/O, the loop only says when.
+"""TLS links: OpenSSL over memory BIOs, with the socket I/O and the bookkeeping kept lean.
 
 The event loops' own TLS (asyncio's and uvloop's ``SSLProtocol``) passes every record through
-memory BIOs and a Python-level state machine. A link carries every frame of every stream, and
-``bench/tls_records.py`` puts that at 9.7 us of CPU per round trip (a record in, a record out)
-above plain TCP, against 3.6 us through a non-blocking ``SSLSocket`` that reads and writes the
-socket itself from the loop's readiness callbacks. So sockmuxd's TLS links are that:
+memory BIOs too, but inside a general state machine with several Python-level steps per
+record, and a link carries every frame of every stream. ``bench/tls_records.py`` puts that at
+9.7 us of CPU per round trip (a record in, a record out) above plain TCP, against 3.6 us
+through a non-blocking ``SSLSocket``. An SSLSocket, though, makes a write(2) per 16 KiB record
+and two read(2)s per record (header, then body), which bulk transfers feel. So a link's TLS is
+an ``ssl.SSLObject`` between two ``MemoryBIO``\\ s, and this module does the socket I/O: one
+recv(2) takes whatever records have arrived, one send(2) carries whatever records a write
+made.
 
-* :func:`handshake` wraps a connected TCP socket (non-blocking) and drives the handshake with
-  ``add_reader``/``add_writer``; the caller bounds it in time. OpenSSL sends its alerts itself,
-  so a peer refused for its certificate learns why.
-* :class:`TLSTransport` is an ``asyncio.Transport`` over the handshaken socket, for a Protocol
-  or a BufferedProtocol. A readiness event reads records until the socket has no more, at most
-  :data:`READS_PER_EVENT` (OpenSSL reads a record's header and body with a read(2) each);
-  writes go out at once when the socket takes them, the rest is buffered with
-  ``pause_writing``/``resume_writing`` at the marks, and a write of several records is corked
-  into one segment. ``close()`` stops reading, flushes, sends
-  close_notify and closes; ``abort()`` drops the buffer. A peer's close_notify or TCP EOF is
-  ``eof_received``; a TLS or socket error aborts the link and is ``connection_lost``'s argument,
-  which is called exactly once, after which the socket is closed. There is no half-close
-  (``can_write_eof()`` is False), as with the loops' TLS.
+* :func:`handshake` drives the handshake over a connected non-blocking TCP socket with the
+  loop's readiness callbacks; the caller bounds it in time. The alert of a failed handshake is
+  sent before the error is raised, so a peer refused for its certificate learns why.
+* :class:`TLSTransport` is an ``asyncio.Transport`` over the handshaken connection, for a
+  Protocol or a BufferedProtocol. A readiness event reads the socket once and delivers every
+  complete record; writes go out at once when the socket takes them, the rest is buffered
+  (encrypted) with ``pause_writing``/``resume_writing`` at the marks. ``close()`` stops
+  reading, flushes, sends close_notify and closes; ``abort()`` drops the buffer. The peer's
+  close_notify or TCP EOF is ``eof_received``; a TLS or socket error aborts the link and is
+  ``connection_lost``'s argument, which is called exactly once, after which the socket is
+  closed. There is no half-close (``can_write_eof()`` is False), as with the loops' TLS.
 """
 
 from __future__ import annotations
@@ -28,19 +30,33 @@ import socket
 import ssl
 from typing import Any, Iterable
 
-__all__ = ["handshake", "link_info", "TLSTransport", "takes_buffers"]
+__all__ = ["TLSConnection", "handshake", "TLSTransport", "takes_buffers"]
 
-#: Write-buffer marks (asyncio's defaults).
+#: Write-buffer marks (asyncio's defaults), in encrypted bytes.
 WRITE_BUFFER_HIGH = 64 * 1024
 WRITE_BUFFER_LOW = 16 * 1024
-#: The read buffer: more than a TLS record holds (16 KiB), so one recv takes a whole record.
-READ_SIZE = 64 * 1024
-#: Records read per readiness event at most (then the loop's other callbacks get their turn;
-#: the socket stays readable, so the rest comes on the next pass).
-READS_PER_EVENT = 8
-#: A write longer than this makes several records, each its own write(2): corked, the kernel
-#: sends them as one segment (as one write of them all would), not one segment per record.
-CORK_ABOVE = 16 * 1024
+#: Bytes one recv(2) may take (uvloop's read size).
+READ_SIZE = 256 * 1024
+
+
+class TLSConnection:
+    """A connected TCP socket (non-blocking) and the TLS state over it."""
+
+    __slots__ = ("sock", "obj", "incoming", "outgoing")
+
+    def __init__(self, sock: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO) -> None:
+        self.sock = sock
+        self.obj = obj
+        self.incoming = incoming
+        self.outgoing = outgoing
+
+    def info(self) -> dict[str, Any]:
+        """``get_extra_info``'s answers (OSError if the connection is gone already)."""
+        obj = self.obj
+        return {"socket": self.sock, "ssl_object": obj, "peercert": obj.getpeercert(),
+                "cipher": obj.cipher(), "compression": obj.compression(),
+                "peername": self.sock.getpeername(), "sockname": self.sock.getsockname()}
 
 
 def _set(fut: asyncio.Future[None]) -> None:
@@ -63,46 +79,69 @@ async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
             loop.remove_reader(fd)
 
 
+async def _send_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except BlockingIOError:
+            await _ready(loop, sock.fileno(), write=True)
+
+
 async def handshake(sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
-                    server_hostname: str | None = None) -> ssl.SSLSocket:
-    """The TLS handshake on connected ``sock``, which the returned SSLSocket takes over (it
-    is closed if the handshake fails or is cancelled). Raises ``ssl.SSLError`` (e.g.
-    ``SSLCertVerificationError``) or ``OSError`` as the handshake does."""
+                    server_hostname: str | None = None) -> TLSConnection:
+    """The TLS handshake on connected ``sock`` (closed if the handshake fails or is
+    cancelled). Raises ``ssl.SSLError`` (e.g. ``SSLCertVerificationError``) or ``OSError``
+    (``ConnectionResetError`` when the peer closes mid-handshake) as the handshake goes."""
     loop = asyncio.get_running_loop()
-    sock.setblocking(False)
-    tls = context.wrap_socket(sock, server_side=server_side, server_hostname=server_hostname,
-                              do_handshake_on_connect=False)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     try:
+        sock.setblocking(False)
+        obj = context.wrap_bio(incoming, outgoing, server_side=server_side,
+                               server_hostname=server_hostname)
         while True:
             try:
-                tls.do_handshake()
-                return tls
+                obj.do_handshake()
+                done = True
             except ssl.SSLWantReadError:
-                await _ready(loop, tls.fileno(), write=False)
-            except ssl.SSLWantWriteError:
-                await _ready(loop, tls.fileno(), write=True)
+                done = False
+            except ssl.SSLError:
+                try:  # the alert, if the socket takes it now: tell the peer why
+                    sock.send(outgoing.read())
+                except OSError:
+                    pass
+                raise
+            await _send_all(loop, sock, outgoing.read())
+            if done:
+                return TLSConnection(sock, obj, incoming, outgoing)
+            while True:
+                try:
+                    data = sock.recv(READ_SIZE)
+                    break
+                except BlockingIOError:
+                    await _ready(loop, sock.fileno(), write=False)
+            if not data:
+                raise ConnectionResetError("the peer closed the connection during the TLS "
+                                           "handshake")
+            incoming.write(data)
     except BaseException:
-        tls.close()
+        sock.close()
         raise
 
 
-def link_info(sock: ssl.SSLSocket) -> dict[str, Any]:
-    """``get_extra_info``'s answers for a handshaken socket (OSError if it is gone already)."""
-    return {"socket": sock, "ssl_object": sock, "peercert": sock.getpeercert(),
-            "cipher": sock.cipher(), "compression": sock.compression(),
-            "peername": sock.getpeername(), "sockname": sock.getsockname()}
-
-
 class TLSTransport(asyncio.Transport):
-    """A link's transport over a handshaken non-blocking SSLSocket (see the module docstring).
+    """A link's transport over a handshaken :class:`TLSConnection` (see the module docstring).
     Call :meth:`start` to give the protocol ``connection_made`` and begin reading."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket,
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: TLSConnection,
                  protocol: asyncio.BaseProtocol, extra: dict[str, Any]) -> None:
         super().__init__(extra)
         self._loop = loop
-        self._sock = sock
-        self._fd = sock.fileno()
+        self._sock = conn.sock
+        self._obj = conn.obj
+        self._incoming = conn.incoming
+        self._outgoing = conn.outgoing
+        self._fd = conn.sock.fileno()
         self._protocol: Any = protocol
         self._buffered = takes_buffers(protocol)
         self._read_buffer = bytearray(READ_SIZE)
@@ -115,15 +154,17 @@ class TLSTransport(asyncio.Transport):
         self._reading = False     # registered with the loop for readability
         self._writing = False     # registered with the loop for writability
         self._closing = False
+        self._at_eof = False      # eof_received given (close_notify, or TCP EOF)
         self._lost = False        # connection_lost scheduled
 
     def start(self) -> None:
-        """``connection_made`` (it may pause reading, or write), then reading; a first look at
-        what OpenSSL may already hold comes on the next pass of the loop."""
+        """``connection_made`` (it may pause reading, or write), then reading; what came with
+        the handshake's last read is delivered on the loop's next pass."""
         self._protocol.connection_made(self)
         if not self._read_paused and not self._closing:
             self._start_reading()
-            self._loop.call_soon(self._read_ready)
+            if self._incoming.pending:
+                self._loop.call_soon(self._deliver)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -138,38 +179,56 @@ class TLSTransport(asyncio.Transport):
             self._loop.remove_reader(self._fd)
 
     def _read_ready(self) -> None:
-        sock = self._sock
+        try:
+            n = self._sock.recv_into(self._read_buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._force_close(exc)
+            return
+        if not n:
+            self._deliver()
+            self._eof()  # TCP EOF without close_notify: the link ends all the same
+            return
+        self._incoming.write(self._read_view[:n])
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Every complete record the incoming BIO holds, while the protocol reads."""
+        obj = self._obj
+        incoming = self._incoming
         protocol = self._protocol
-        for _ in range(READS_PER_EVENT):
-            if self._read_paused or self._closing:
-                return
+        while (incoming.pending or obj.pending()) and not (self._read_paused or self._closing):
             try:
                 if self._buffered:
                     buf = protocol.get_buffer(-1)
                     if not len(buf):
                         raise RuntimeError("get_buffer() returned an empty buffer")
-                    n = sock.recv_into(buf)
+                    n: int = obj.read(len(buf), buf)  # type: ignore[assignment]
                     data = b""
                 else:
-                    n = sock.recv_into(self._read_buffer)
-                    data = self._read_view[:n].tobytes()
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                return
-            except OSError as exc:  # ssl.SSLError included
-                self._fatal(exc)
+                    data = obj.read(READ_SIZE)
+                    n = len(data)
+            except ssl.SSLWantReadError:
+                break  # the rest of a record is still on its way
+            except ssl.SSLError as exc:
+                self._force_close(exc)
                 return
             if not n:
-                self._eof()
+                self._eof()  # close_notify
                 return
             if self._buffered:
                 protocol.buffer_updated(n)
             else:
                 protocol.data_received(data)
-        if sock.pending() and not (self._read_paused or self._closing):
-            self._loop.call_soon(self._read_ready)  # decrypted already: no readiness to come
+        if self._outgoing.pending:
+            self._send_outgoing()  # a TLS 1.3 post-handshake answer (KeyUpdate)
 
     def _eof(self) -> None:
         self._stop_reading()
+        if self._at_eof:
+            return
+        self._at_eof = True
         try:
             keep_open = self._protocol.eof_received()
         except BaseException:
@@ -188,8 +247,8 @@ class TLSTransport(asyncio.Transport):
         self._read_paused = False
         if not self._closing:
             self._start_reading()
-            if self._sock.pending():
-                self._loop.call_soon(self._read_ready)
+            if self._incoming.pending or self._obj.pending():
+                self._loop.call_soon(self._deliver)
 
     def is_reading(self) -> bool:
         return self._reading
@@ -199,34 +258,36 @@ class TLSTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or not data:
             return
-        if not self._buffer:
-            try:
-                n = self._send(data)
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-                n = 0
-            except OSError as exc:
-                self._fatal(exc)
-                return
-            if n == len(data):
-                return
-            data = memoryview(data)[n:]
-            self._start_writing()
-        self._buffer += data
-        self._maybe_pause()
+        try:
+            self._obj.write(data)  # into the outgoing BIO, as many records as it takes
+        except ssl.SSLError as exc:
+            self._force_close(exc)
+            return
+        self._send_outgoing()
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         # one buffer, so that a few small frames make one record, not a record each
         self.write(b"".join(list_of_data))
 
-    def _send(self, data: bytes | bytearray | memoryview) -> int:
-        if len(data) <= CORK_ABOVE:
-            return self._sock.send(data)
-        sock = self._sock
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    def _send_outgoing(self) -> None:
+        data = self._outgoing.read()
+        if not data:
+            return
+        if self._buffer:
+            self._buffer += data
+            self._maybe_pause()
+            return
         try:
-            return sock.send(data)
-        finally:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+            n = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as exc:
+            self._force_close(exc)
+            return
+        if n < len(data):
+            self._buffer += memoryview(data)[n:]
+            self._start_writing()
+            self._maybe_pause()
 
     def _start_writing(self) -> None:
         if not self._writing:
@@ -239,14 +300,12 @@ class TLSTransport(asyncio.Transport):
             self._loop.remove_writer(self._fd)
 
     def _write_ready(self) -> None:
-        # a retry after WANT_WRITE starts with the same bytes (the buffer only grows at its
-        # end), as OpenSSL requires; the ssl module allows the buffer to move
         try:
-            n = self._send(self._buffer)
-        except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+            n = self._sock.send(self._buffer)
+        except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._fatal(exc)
+            self._force_close(exc)
             return
         del self._buffer[:n]
         self._maybe_resume()
@@ -304,15 +363,17 @@ class TLSTransport(asyncio.Transport):
         self._force_close(None)
 
     def _shutdown(self) -> None:
-        """close_notify (best effort: the peer's is not waited for), then connection_lost."""
+        """close_notify if the socket takes it now (the peer's is not waited for), then
+        connection_lost."""
         try:
-            self._sock.unwrap()
-        except (OSError, ValueError):
-            pass  # SSLWantReadError (the peer's close_notify not there yet), or a dead socket
+            self._obj.unwrap()
+        except ssl.SSLError:
+            pass  # SSLWantReadError: the peer's close_notify is not there (nor awaited)
+        try:
+            self._sock.send(self._outgoing.read())
+        except OSError:
+            pass
         self._schedule_lost(None)
-
-    def _fatal(self, exc: BaseException) -> None:
-        self._force_close(exc)
 
     def _force_close(self, exc: BaseException | None) -> None:
         self._closing = True
