@@ -88,6 +88,7 @@ from typing import Any, Callable, Iterable, Sequence
 from tcpmuxd.reaping import ExitWatch
 from tcpmuxd.sockmux.tls import TLSSettings, client_context, server_context
 from tcpmuxd.sockmux.tlslink import TLSConnection, TLSTransport, handshake, takes_buffers
+from tcpmuxd.sockmux.writebuf import BufferedWrites
 
 __all__ = [
     "TLSSettings", "client_context", "server_context",
@@ -105,10 +106,6 @@ ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 TCP_KEEPALIVE_IDLE = 60
 TCP_KEEPALIVE_INTERVAL = 15
 TCP_KEEPALIVE_COUNT = 4
-
-#: Default write-buffer bounds of :class:`_FdWriteTransport` (the same as asyncio's).
-WRITE_BUFFER_HIGH = 64 * 1024
-WRITE_BUFFER_LOW = 16 * 1024
 
 #: How often a command's exit is polled for when pidfds are unavailable.
 CHILD_POLL_INTERVAL = 0.05
@@ -691,48 +688,42 @@ class PipePairTransport(asyncio.Transport):
         return f"<PipePairTransport {self._extra.get('peername', '?')} {state}>"
 
 
-class _FdWriteTransport(asyncio.WriteTransport):
+class _FdWriteTransport(BufferedWrites, asyncio.WriteTransport):
     """Write transport over a non-blocking descriptor, driven by ``loop.add_writer``.
 
     Used for ttys and sockets, where the loop's write-pipe transport would read from the
     descriptor (see the module docstring). Writes go out at once when the descriptor takes
-    them; the rest is buffered, with pause_writing/resume_writing at the high/low marks.
-    ``writelines`` uses writev. Owns *fd* and closes it after ``connection_lost``.
+    them; the rest is buffered, with pause_writing/resume_writing at the high/low marks
+    (:class:`~tcpmuxd.sockmux.writebuf.BufferedWrites`). ``writelines`` uses writev. Owns
+    *fd* and closes it after ``connection_lost``.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int,
                  protocol: asyncio.BaseProtocol, extra: dict[str, Any] | None = None) -> None:
-        super().__init__(extra)
+        asyncio.WriteTransport.__init__(self, extra)
         os.set_blocking(fd, False)
         self._loop = loop
         self._fd = fd
         self._protocol = protocol
-        self._buffer = bytearray()
+        self._init_writes()
         self._closing = False
         self._lost_scheduled = False
-        self._paused = False
-        self._high = WRITE_BUFFER_HIGH
-        self._low = WRITE_BUFFER_LOW
-        self._writing = False
         protocol.connection_made(self)
+
+    def _raw_write(self, data: bytes | bytearray | memoryview) -> int:
+        return os.write(self._fd, data)
+
+    def _write_failed(self, exc: OSError) -> None:
+        self._force_close(exc)
+
+    def _drained(self) -> None:
+        if self._closing:
+            self._schedule_lost(None)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or not data:
             return
-        if not self._buffer:
-            try:
-                n = os.write(self._fd, data)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as exc:
-                self._force_close(exc)
-                return
-            if n == len(data):
-                return
-            data = memoryview(data)[n:]
-            self._start_writing()
-        self._buffer += data
-        self._maybe_pause()
+        self._send(data)
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         if self._closing:
@@ -742,7 +733,7 @@ class _FdWriteTransport(asyncio.WriteTransport):
             return
         if self._buffer or len(chunks) > _IOV_MAX:
             for data in chunks:
-                self.write(data)
+                self._send(data)
             return
         try:
             n = os.writev(self._fd, chunks)
@@ -756,56 +747,8 @@ class _FdWriteTransport(asyncio.WriteTransport):
             if n >= len(view):
                 n -= len(view)
                 continue
-            self._buffer += view[n:]
+            self._keep(view[n:])
             n = 0
-        if self._buffer:
-            self._start_writing()
-            self._maybe_pause()
-
-    def _start_writing(self) -> None:
-        if not self._writing:
-            self._writing = True
-            self._loop.add_writer(self._fd, self._write_ready)
-
-    def _stop_writing(self) -> None:
-        if self._writing:
-            self._writing = False
-            self._loop.remove_writer(self._fd)
-
-    def _write_ready(self) -> None:
-        try:
-            n = os.write(self._fd, self._buffer)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._force_close(exc)
-            return
-        del self._buffer[:n]
-        self._maybe_resume()
-        if not self._buffer:
-            self._stop_writing()
-            if self._closing:
-                self._schedule_lost(None)
-
-    def _maybe_pause(self) -> None:
-        if not self._paused and len(self._buffer) > self._high:
-            self._paused = True
-            try:
-                self._protocol.pause_writing()
-            except Exception as exc:
-                self._loop.call_exception_handler({
-                    "message": "protocol.pause_writing() failed", "exception": exc,
-                    "transport": self, "protocol": self._protocol})
-
-    def _maybe_resume(self) -> None:
-        if self._paused and len(self._buffer) <= self._low:
-            self._paused = False
-            try:
-                self._protocol.resume_writing()
-            except Exception as exc:
-                self._loop.call_exception_handler({
-                    "message": "protocol.resume_writing() failed", "exception": exc,
-                    "transport": self, "protocol": self._protocol})
 
     def _force_close(self, exc: BaseException | None) -> None:
         self._closing = True
@@ -820,7 +763,7 @@ class _FdWriteTransport(asyncio.WriteTransport):
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         try:
-            self._protocol.connection_lost(exc)  # type: ignore[arg-type]
+            self._protocol.connection_lost(exc)
         finally:
             fd, self._fd = self._fd, -1
             os.close(fd)
@@ -844,27 +787,11 @@ class _FdWriteTransport(asyncio.WriteTransport):
     def write_eof(self) -> None:
         raise NotImplementedError
 
-    def get_write_buffer_size(self) -> int:
-        return len(self._buffer)
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._low, self._high
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if high is None:
-            high = WRITE_BUFFER_HIGH if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high, self._low = high, low
-        self._maybe_pause()
-
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
 
     def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._protocol
+        return self._protocol  # type: ignore[no-any-return]
 
 
 def _check_streamable(fd: int) -> int:

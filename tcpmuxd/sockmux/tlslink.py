@@ -30,11 +30,10 @@ import socket
 import ssl
 from typing import Any, Iterable
 
+from tcpmuxd.sockmux.writebuf import BufferedWrites
+
 __all__ = ["TLSConnection", "handshake", "TLSTransport", "takes_buffers"]
 
-#: Write-buffer marks (asyncio's defaults), in encrypted bytes.
-WRITE_BUFFER_HIGH = 64 * 1024
-WRITE_BUFFER_LOW = 16 * 1024
 #: Bytes one recv(2) may take (uvloop's read size).
 READ_SIZE = 256 * 1024
 
@@ -129,13 +128,13 @@ async def handshake(sock: socket.socket, context: ssl.SSLContext, *, server_side
         raise
 
 
-class TLSTransport(asyncio.Transport):
+class TLSTransport(BufferedWrites, asyncio.Transport):
     """A link's transport over a handshaken :class:`TLSConnection` (see the module docstring).
     Call :meth:`start` to give the protocol ``connection_made`` and begin reading."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, conn: TLSConnection,
                  protocol: asyncio.BaseProtocol, extra: dict[str, Any]) -> None:
-        super().__init__(extra)
+        asyncio.Transport.__init__(self, extra)
         self._loop = loop
         self._sock = conn.sock
         self._obj = conn.obj
@@ -146,13 +145,9 @@ class TLSTransport(asyncio.Transport):
         self._buffered = takes_buffers(protocol)
         self._read_buffer = bytearray(READ_SIZE)
         self._read_view = memoryview(self._read_buffer)
-        self._buffer = bytearray()
-        self._high = WRITE_BUFFER_HIGH
-        self._low = WRITE_BUFFER_LOW
-        self._write_paused = False
+        self._init_writes()       # the buffer holds encrypted bytes
         self._read_paused = False
         self._reading = False     # registered with the loop for readability
-        self._writing = False     # registered with the loop for writability
         self._closing = False
         self._at_eof = False      # eof_received given (close_notify, or TCP EOF)
         self._lost = False        # connection_lost scheduled
@@ -271,74 +266,18 @@ class TLSTransport(asyncio.Transport):
 
     def _send_outgoing(self) -> None:
         data = self._outgoing.read()
-        if not data:
-            return
-        if self._buffer:
-            self._buffer += data
-            self._maybe_pause()
-            return
-        try:
-            n = self._sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError as exc:
-            self._force_close(exc)
-            return
-        if n < len(data):
-            self._buffer += memoryview(data)[n:]
-            self._start_writing()
-            self._maybe_pause()
+        if data:
+            self._send(data)
 
-    def _start_writing(self) -> None:
-        if not self._writing:
-            self._writing = True
-            self._loop.add_writer(self._fd, self._write_ready)
+    def _raw_write(self, data: bytes | bytearray | memoryview) -> int:
+        return self._sock.send(data)
 
-    def _stop_writing(self) -> None:
-        if self._writing:
-            self._writing = False
-            self._loop.remove_writer(self._fd)
+    def _write_failed(self, exc: OSError) -> None:
+        self._force_close(exc)
 
-    def _write_ready(self) -> None:
-        try:
-            n = self._sock.send(self._buffer)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._force_close(exc)
-            return
-        del self._buffer[:n]
-        self._maybe_resume()
-        if not self._buffer:
-            self._stop_writing()
-            if self._closing:
-                self._shutdown()
-
-    def _maybe_pause(self) -> None:
-        if not self._write_paused and len(self._buffer) > self._high:
-            self._write_paused = True
-            self._protocol.pause_writing()
-
-    def _maybe_resume(self) -> None:
-        if self._write_paused and len(self._buffer) <= self._low:
-            self._write_paused = False
-            self._protocol.resume_writing()
-
-    def get_write_buffer_size(self) -> int:
-        return len(self._buffer)
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._low, self._high
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if high is None:
-            high = WRITE_BUFFER_HIGH if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high, self._low = high, low
-        self._maybe_pause()
+    def _drained(self) -> None:
+        if self._closing:
+            self._shutdown()
 
     def can_write_eof(self) -> bool:
         return False
