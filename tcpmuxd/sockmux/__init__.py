@@ -11,8 +11,9 @@ The protocol layer is sans-I/O and standard-library only:
 * :mod:`tcpmuxd.sockmux.windows`: per-stream flow-control windows.
 * :mod:`tcpmuxd.sockmux.auth`: the HMAC-SHA256 challenge-response.
 
-The asyncio driver, transports and daemon live in ``session.py``, ``links.py`` and
-``daemon.py``. The protocol, including tcpmuxd's extensions and how a plain DeleGate peer falls
+The asyncio driver, transports and daemon live in ``session.py``, ``links.py`` (with
+``tlslink.py``, TLS links, and ``writebuf.py``, the write side of the module's own transports)
+and ``daemon.py``. The protocol, including tcpmuxd's extensions and how a plain DeleGate peer falls
 back, is written down in ``docs/sockmux-protocol.md``.
 
 Everything a driver needs is re-exported here::
