@@ -1,8 +1,9 @@
 """Exits: connecting a stream that arrived from the peer to its destination on this side.
 
 :class:`ExitOpener` connects a :class:`~tcpmuxd.sockmux.session.Stream` to an
-:class:`~tcpmuxd.sockmux.config.Exit` and then calls ``stream.exit_connected(...)`` (the
-session answers CONNECTED) or ``stream.exit_failed(reason)`` (CLOSE with the reason). Kinds:
+:class:`~tcpmuxd.sockmux.config.Exit`. It sets ``stream.connected_as`` first: the stream
+answers CONNECTED with it as soon as its transport is made. If the exit cannot be reached it
+calls ``stream.exit_failed(reason)`` (CLOSE with the reason). Kinds:
 
 * ``tcp`` / ``unix``: a connection to the server, within ``connect_timeout`` seconds.
 * ``exec``: the program runs with one end of a socketpair as its stdin and stdout (stderr is
@@ -18,8 +19,9 @@ session answers CONNECTED) or ``stream.exit_failed(reason)`` (CLOSE with the rea
   tcpmuxd's own port, with the far client's address for access rules and logs. Services with
   ``User=`` need sockmuxd to be allowed to switch users (see sockmuxd(8)).
 
-Each open is one short task (opening a connection is a coroutine); the stream cancels it when
-the peer gives up first.
+Opening a tcp or unix exit is the event loop's connect coroutine, driven without a Task
+(:class:`_Connecting`); exec and tcpmux exits are one short task each. The stream cancels
+either when the peer gives up first.
 """
 
 from __future__ import annotations
@@ -44,8 +46,6 @@ __all__ = ["ExitOpener"]
 TERMINATE_GRACE = 2.0
 KILL_GRACE = 3.0
 CHILD_POLL_INTERVAL = 0.1
-#: The message of the cancellation that ends a connect attempt after connect_timeout.
-_CONNECT_TIMED_OUT = "sockmuxd: exit connect timed out"
 
 
 def _strerror(exc: BaseException) -> str:
@@ -121,6 +121,73 @@ class _Child:
         self.opener._children.discard(self)
 
 
+class _Connecting:
+    """One tcp or unix exit connecting: the event loop's connect coroutine, without a Task.
+
+    Its first step runs at once, in the callback that received the peer's CONNECT; a Task
+    would run it one loop iteration later (Python 3.12's eager tasks would not, and 3.11 has
+    none) and costs a weak-set registration per stream besides. Its later steps run from the
+    done callback of the future it waits on, as a Task's do. The stream answers CONNECTED
+    from connection_made (``Stream.connected_as``), so success needs nothing from here; a
+    connect error or the timeout refuses the stream. ``cancel()`` is the stream giving up
+    first (or, with ``timed_out``, the deadline): what Task.cancel() would be.
+    """
+
+    __slots__ = ("opener", "exit_", "stream", "coro", "waiting", "finished", "cancelling",
+                 "timed_out")
+
+    def __init__(self, opener: ExitOpener, exit_: Exit, stream: Any, coro: Any) -> None:
+        self.opener = opener
+        self.exit_ = exit_
+        self.stream = stream
+        self.coro = coro
+        self.waiting: Any = None  # the future the coroutine waits on
+        self.finished = False
+        self.cancelling = False
+        self.timed_out = False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def cancel(self, timed_out: bool = False) -> bool:
+        if self.finished or self.cancelling:
+            return False
+        self.cancelling = True
+        self.timed_out = timed_out
+        waiting = self.waiting
+        if waiting is not None:
+            waiting.cancel()  # its done callback steps the coroutine into CancelledError
+        return True
+
+    def step(self, future: Any = None) -> None:
+        self.waiting = None
+        try:
+            if self.cancelling and (future is None or not future.cancelled()):
+                # the future finished before cancel() could cancel it: throw, as a Task does
+                waiting = self.coro.throw(asyncio.CancelledError())
+            else:
+                waiting = self.coro.send(None)
+        except StopIteration:
+            self.finished = True
+            return
+        except asyncio.CancelledError:
+            self.finished = True
+            if self.timed_out:
+                self.stream.exit_failed(
+                    f"No server ({self.exit_.target}: no connection within "
+                    f"{self.opener.connect_timeout:g} s)")
+            return  # else the stream gave up (the peer closed it first)
+        except Exception as exc:  # OSError mostly; anything else must not break the link
+            self.finished = True
+            self.stream.exit_failed(f"No server ({self.exit_.target}: {_strerror(exc)})")
+            return
+        if waiting is None:  # a bare yield: run again on the next iteration
+            self.opener.loop.call_soon(self.step)
+        else:
+            self.waiting = waiting
+            waiting.add_done_callback(self.step)
+
+
 class ExitOpener:
     """Connects streams to exits; owns exec exits' processes and the tcpmux dispatcher."""
 
@@ -166,19 +233,29 @@ class ExitOpener:
 
     # -- opening -----------------------------------------------------------------------------
 
-    def open(self, exit_: Exit, stream: Any) -> asyncio.Task[None] | None:
+    def open(self, exit_: Exit, stream: Any) -> _Connecting | asyncio.Task[None] | None:
         """Start connecting ``stream`` to ``exit_``; the stream hears back by a call."""
         kind = exit_.kind
         if kind == "tcp" or kind == "unix":
-            # The timeout is a plain timer cancelling the task (asyncio.timeout() is a
-            # Python-level context manager: a few microseconds per stream, and streams are
-            # opened thousands of times a second). The timer goes into ``deadline`` before
-            # the task's first step runs.
-            deadline: list[asyncio.TimerHandle] = []
-            task = self.loop.create_task(self._connect(exit_, stream, deadline))
-            deadline.append(self.loop.call_later(self.connect_timeout, task.cancel,
-                                                 _CONNECT_TIMED_OUT))
-            return task
+            ep = exit_.endpoint
+            assert ep is not None
+            # CONNECTED names the server as configured: the peer only logs it, and asking
+            # the socket (getpeername, getsockname) would cost two system calls per stream.
+            stream.connected_as = ("localhost:0" if ep.path is not None else exit_.target,
+                                   "0.0.0.0:0", None)
+            if ep.path is not None:  # unix (not ep.is_unix: an interpreted call per stream)
+                connect = self.loop.create_unix_connection(lambda: stream, ep.path)
+            else:
+                assert ep.host is not None and ep.port is not None  # not unix: host:port
+                connect = self.loop.create_connection(lambda: stream, ep.host, ep.port)
+            connecting = _Connecting(self, exit_, stream, connect)
+            # The timeout is a plain timer (asyncio.timeout() is a Python-level context
+            # manager: a few microseconds per stream, and streams are opened thousands of
+            # times a second). The stream stops it once it is over.
+            stream.deadline = self.loop.call_later(self.connect_timeout,
+                                                   connecting.cancel, True)
+            connecting.step()
+            return connecting
         if kind == "exec":
             coro = self._exec(exit_, stream)
         elif kind == "tcpmux":
@@ -187,38 +264,6 @@ class ExitOpener:
             stream.exit_failed(f"No server (unknown exit kind {kind})")
             return None
         return self.loop.create_task(coro)
-
-    async def _connect(self, exit_: Exit, stream: Any,
-                       deadline: list[asyncio.TimerHandle]) -> None:
-        ep = exit_.endpoint
-        assert ep is not None
-        loop = self.loop
-        # No ``finally`` here: mypyc before 2 (1.15, as in Debian 13, and 1.0.1) compiles
-        # this try/except/finally around an await into code that fails when the coroutine
-        # resumes ("attribute '__mypyc_temp__5' undefined"). A timer left running by an
-        # unexpected exception would only cancel a finished task.
-        try:
-            if ep.path is not None:  # unix (not ep.is_unix: an interpreted call per stream)
-                await loop.create_unix_connection(lambda: stream, ep.path)
-            else:
-                assert ep.host is not None and ep.port is not None  # not unix: host:port
-                await loop.create_connection(lambda: stream, ep.host, ep.port)
-        except asyncio.CancelledError as exc:
-            deadline[0].cancel()
-            if exc.args != (_CONNECT_TIMED_OUT,):
-                raise  # the stream gave up (the peer closed it first)
-            stream.exit_failed(f"No server ({exit_.target}: no connection within "
-                               f"{self.connect_timeout:g} s)")
-            return
-        except OSError as exc:
-            deadline[0].cancel()
-            stream.exit_failed(f"No server ({exit_.target}: {_strerror(exc)})")
-            return
-        deadline[0].cancel()
-        # CONNECTED names the server as configured: the peer only logs it, and asking the
-        # socket (getpeername, getsockname) would cost two system calls per stream.
-        stream.exit_connected("localhost:0" if ep.path is not None else exit_.target,
-                              "0.0.0.0:0")
 
     def _environment(self, stream: Any) -> dict[str, str]:
         host, port = _split(stream.client)
@@ -252,14 +297,13 @@ class ExitOpener:
             if previous is not None:
                 previous(s)
         stream.on_finish = finished
+        stream.connected_as = ("localhost:0", "localhost:0", f"{exit_.target} (pid {proc.pid})")
         try:
             await self.loop.connect_accepted_socket(lambda: stream, ours)
         except BaseException:
             ours.close()
             child.stream_finished()
             raise
-        stream.exit_connected("localhost:0", "localhost:0",
-                              target=f"{exit_.target} (pid {proc.pid})")
 
     async def _tcpmux(self, stream: Any) -> None:
         try:
@@ -278,12 +322,12 @@ class ExitOpener:
             theirs.close()
             stream.exit_failed(f"No server (tcpmux: {_strerror(exc)})")
             return
+        stream.connected_as = ("localhost:1", "localhost:0", None)
         try:
             await self.loop.connect_accepted_socket(lambda: stream, ours)
         except BaseException:
             ours.close()
             raise
-        stream.exit_connected("localhost:1", "localhost:0")
 
     # -- shutdown ----------------------------------------------------------------------------
 

@@ -422,12 +422,16 @@ def _check_address(addr: str, max_length: int) -> None:
 def connect_text(first: str, second: str, tag: int = CONNECT_TAG,
                  max_length: int = 512) -> bytes:
     """NUL-terminated ``TAG FIRST SECOND`` for CONNECT / CONNECTED (first data goes after)."""
-    _check_address(first, max_length)
-    _check_address(second, max_length)
-    raw = c_string(f"{tag} {first} {second}")
-    if len(raw) - 1 > max_length:
+    text = f"{tag} {first} {second}"
+    # One check of the whole text on the path every stream takes (both addresses non-empty,
+    # visible ASCII, exactly the two separating spaces); the addresses one by one only to
+    # say which is wrong.
+    if (not first or not second or len(text) > max_length or not text.isascii()
+            or not text.isprintable() or text.count(" ") != 2):
+        _check_address(first, max_length)
+        _check_address(second, max_length)
         raise LocalProtocolError(f"CONNECT text longer than {max_length} bytes")
-    return raw
+    return text.encode("ascii") + b"\0"
 
 
 def parse_connect(payload: bytes, max_length: int) -> tuple[Addresses, bytes]:

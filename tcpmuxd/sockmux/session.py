@@ -85,7 +85,7 @@ import asyncio
 import socket
 import struct
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 from ..systemd import EventLog
 from .config import Exit
@@ -144,6 +144,14 @@ ENTRANCE_BACKLOG = 4096
 READ_CHUNK = 256 * 1024
 
 _RST = struct.pack("ii", 1, 0)
+
+
+class Opening(Protocol):
+    """An exit being opened (what the exit opener returns): a Task, or its own lighter kind."""
+
+    def done(self) -> bool: ...
+
+    def cancel(self) -> bool: ...
 
 
 def format_address(addr: Any) -> str:
@@ -211,7 +219,8 @@ class Stream(asyncio.Protocol):
         "hub", "session", "sid", "number", "outbound", "transport", "label", "client",
         "entrance", "target", "pending", "early", "open", "reading", "write_paused",
         "unacked", "eof_local", "ended", "eof_remote", "up", "down", "started", "reason",
-        "linger", "linger_size", "task", "finished", "lost", "on_finish", "held",
+        "linger", "linger_size", "task", "deadline", "connected_as", "finished", "lost",
+        "on_finish", "held",
     )
 
     def __init__(self, hub: Hub, outbound: bool, label: str = "") -> None:
@@ -240,7 +249,10 @@ class Stream(asyncio.Protocol):
         self.reason: str | None = None
         self.linger: asyncio.TimerHandle | None = None
         self.linger_size = 0
-        self.task: asyncio.Task[None] | None = None
+        self.task: Opening | None = None  # the exit opener's, while it connects
+        self.deadline: asyncio.TimerHandle | None = None  # ends the task after connect_timeout
+        # What CONNECTED reports once the exit's transport is made (the exit opener sets it).
+        self.connected_as: tuple[str, str, str | None] | None = None
         self.finished = False
         self.lost = False
         self.on_finish: Callable[[Stream], None] | None = None
@@ -253,6 +265,11 @@ class Stream(asyncio.Protocol):
         transport.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]
         if self.outbound:
             self.hub._entrance_connected(self)
+        elif self.connected_as is not None:
+            # The exit is up: answer CONNECTED now. The event loop makes the protocol before
+            # it resumes the opener's connect coroutine, which would be one iteration later.
+            server_addr, local_addr, target = self.connected_as
+            self.exit_connected(server_addr, local_addr, target)
 
     def data_received(self, data: bytes) -> None:
         sid = self.sid
@@ -417,8 +434,9 @@ class Stream(asyncio.Protocol):
     # -- exits -------------------------------------------------------------------------------
 
     def exit_connected(self, server_addr: str, local_addr: str, target: str | None = None) -> None:
-        """Called by the exit opener once the local transport is connected (and made)."""
+        """Called once the exit's transport is made (by connection_made, see connected_as)."""
         self.task = None
+        self._stop_deadline()
         if target is not None:
             self.target = target
         session = self.session
@@ -450,6 +468,7 @@ class Stream(asyncio.Protocol):
     def exit_failed(self, reason: str) -> None:
         """Called by the exit opener when the exit cannot be reached: refuse the stream."""
         self.task = None
+        self._stop_deadline()
         session = self.session
         if self.sid is not None and session is not None:
             try:
@@ -479,6 +498,13 @@ class Stream(asyncio.Protocol):
         task, self.task = self.task, None
         if task is not None and not task.done():
             task.cancel()
+        self._stop_deadline()
+
+    def _stop_deadline(self) -> None:
+        deadline = self.deadline
+        if deadline is not None:
+            self.deadline = None
+            deadline.cancel()
 
     def _close_local(self, abort: bool) -> None:
         t = self.transport

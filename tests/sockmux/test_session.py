@@ -21,8 +21,8 @@ import pytest
 
 from tcpmuxd.sockmux import SockMuxConfig
 from tcpmuxd.sockmux.config import parse_exit
-from tcpmuxd.sockmux.exits import ExitOpener
-from tcpmuxd.sockmux.session import Hub, Session
+from tcpmuxd.sockmux.exits import ExitOpener, _Connecting
+from tcpmuxd.sockmux.session import Hub, Session, Stream
 
 SECRET = b"a shared secret of 32 bytes....."
 OTHER = b"another shared secret, 32 bytes."
@@ -330,6 +330,46 @@ def test_no_server_refusal():
             assert "Connection refused" in p.log_a.streams()[2]["SOCKMUX_REASON"]
         echo.close()
     run(main())
+
+
+@pytest.mark.parametrize("timed_out", [False, True])
+@pytest.mark.parametrize("loop", LOOPS)
+def test_exit_connect_cancelled_after_its_future_finished(loop, timed_out):
+    """The exit's connect coroutine runs without a Task (exits._Connecting). A cancel that
+    comes after the future it waits on has finished, before its done callback ran, must
+    still end the coroutine with CancelledError, as Task.cancel() would, not let it go on
+    as connected. A timeout refuses the stream; the stream giving up only ends the attempt.
+    The coroutine stands in for the event loop's create_connection (which cannot be made
+    to finish at this exact point); it yields on a bare ``sleep(0)`` first, as the
+    standard loop's may."""
+    async def main() -> None:
+        hub = Hub(cfg(), opener=ExitOpener())
+        stream = Stream(hub, False)
+        future = asyncio.get_running_loop().create_future()
+        seen = []
+
+        async def connect() -> None:
+            await asyncio.sleep(0)
+            seen.append("stepped")
+            try:
+                await future
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+            seen.append("connected")
+
+        connecting = _Connecting(hub.opener, parse_exit("127.0.0.1:9"), stream, connect())
+        connecting.step()
+        assert seen == [] and not connecting.done()
+        await wait_for(lambda: seen == ["stepped"], what="the step after sleep(0)")
+        future.set_result(None)  # its done callback is scheduled, not run yet
+        assert connecting.cancel(timed_out)
+        assert not connecting.cancel()  # once
+        await wait_for(connecting.done, what="the coroutine ended")
+        assert seen == ["stepped", "cancelled"]
+        assert stream.finished is timed_out  # refused (exit_failed) only on a timeout
+        assert hub.stats.finished == (1 if timed_out else 0)
+    run(main(), loop)
 
 
 @pytest.mark.parametrize("loop", LOOPS)

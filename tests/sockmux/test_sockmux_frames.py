@@ -185,6 +185,21 @@ def test_bad_local_address(addr):
         F.connect_text(addr, "b:2")
 
 
+@pytest.mark.parametrize("addr", ["", "a b:2", "tab\t:2", "del\x7f:2", "nul\0:2", "é:2"])
+def test_bad_second_address_is_named(addr):
+    with pytest.raises(LocalProtocolError, match="bad address"):
+        F.connect_text("a:1", addr)
+
+
+def test_connect_text_at_its_length_limit():
+    room = 64 - len(f"{F.CONNECT_TAG}  b:2")  # what the first address may take
+    text = F.connect_text("a" * room, "b:2", max_length=64)
+    assert text == f"{F.CONNECT_TAG} {'a' * room} b:2\0".encode()
+    assert len(text) == 65
+    with pytest.raises(LocalProtocolError, match="CONNECT text longer than 64 bytes"):
+        F.connect_text("a" * (room + 1), "b:2", max_length=64)
+
+
 def test_text_longer_than_the_limit_is_refused():
     with pytest.raises(RemoteProtocolError, match="longer than 64"):
         F.split_c_string(b"x" * 65 + b"\0", 64)
