@@ -830,7 +830,7 @@ class SockMuxConnection:
     def data_to_send(self) -> list[Chunk]:
         """Everything queued, as chunks for ``writelines()``; the queue is emptied.
 
-        Chunks may be memoryviews of ``bytes`` passed to send_data()/open_stream().
+        Chunks may be the ``bytes`` passed to send_data()/open_stream(), or memoryviews of them.
         """
         out, self._out, self._out_bytes = self._out, [], 0
         self._urgent = False
@@ -1229,12 +1229,12 @@ class SockMuxConnection:
         s.recv.grant_free(len(first))
         if self._step(s, "recv CONNECTED") is StreamState.CLOSING:  # we cancelled meanwhile
             if s.graceful and s.pending_first:
-                self._send_frames(s, memoryview(s.pending_first))
+                self._send_frames(s, s.pending_first)
             self._queue(CLOSE, s.id, s.peer_id, reason_payload(s.close_reason))
             return
         events.append(StreamAccepted(s.id, first, addrs.first, addrs.second))
         if s.pending_first:
-            self._send_frames(s, memoryview(s.pending_first))
+            self._send_frames(s, s.pending_first)
             s.pending_first = b""
         if s.end_pending:
             self._end(s)
@@ -1397,7 +1397,7 @@ class SockMuxConnection:
         else:
             self._queue(CONNECTED, s.id, s.peer_id, text)
             if first_data:
-                self._send_frames(s, memoryview(first_data))
+                self._send_frames(s, first_data)
 
     def refuse_stream(self, stream_id: int, reason: str = REASON_NO_SERVER) -> None:
         """Answer a StreamRequested with CLOSE ``reason`` (e.g. "No server")."""
@@ -1410,8 +1410,8 @@ class SockMuxConnection:
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
         """Queue up to the stream's credit of ``data``; returns how many bytes were taken.
 
-        ``bytes`` are not copied (the chunks are memoryviews of them); other buffers are copied
-        once. 0 means no credit now: keep the rest and retry after WindowUpdated (or
+        ``bytes`` are not copied (the frames hold them, or memoryviews of them); other buffers
+        are copied once. 0 means no credit now: keep the rest and retry after WindowUpdated (or
         StreamAccepted for a stream still CONNECTING). Raises StreamClosedError for a stream
         that is gone, LocalProtocolError after end_stream().
         """
@@ -1423,19 +1423,25 @@ class SockMuxConnection:
         n = min(len(data), s.send.available)
         if n <= 0:
             return 0
+        body: bytes | memoryview
         if isinstance(data, bytes):
-            view = memoryview(data)[:n]
+            body = data if n == len(data) else memoryview(data)[:n]
         else:
-            view = memoryview(bytes(memoryview(data)[:n]))
-        self._send_frames(s, view)
+            body = bytes(memoryview(data)[:n])
+        self._send_frames(s, body)
         return n
 
-    def _send_frames(self, s: _Stream, view: memoryview) -> None:
-        s.send.consume(len(view))
+    def _send_frames(self, s: _Stream, body: bytes | memoryview) -> None:
+        n = len(body)
+        s.send.consume(n)
         step = self._send_frame_size - HEADER_SIZE
-        for start in range(0, len(view), step):
-            self._queue_data(SEND, s.id, s.peer_id, b"", view[start:start + step])
-        self._data_sent += len(view)
+        if n <= step:  # one frame: most writes of an interactive stream
+            self._queue_data(SEND, s.id, s.peer_id, b"", body)
+        else:
+            view = memoryview(body)
+            for start in range(0, n, step):
+                self._queue_data(SEND, s.id, s.peer_id, b"", view[start:start + step])
+        self._data_sent += n
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         """The driver wrote ``n`` more bytes of this stream's data to the destination.

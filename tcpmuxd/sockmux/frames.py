@@ -16,8 +16,8 @@ This module knows frames and the small texts inside them, nothing about sessions
 Encoding
     :func:`encode_header` packs a header into an 8-byte ``bytes`` with a precompiled
     :class:`struct.Struct`; payloads are never concatenated onto it by the connection. A frame
-    to send is a list of *chunks* (``[header, payload]``, the payload often a ``memoryview``
-    of the caller's data) meant for ``transport.writelines()``. :func:`encode_frame` gives a
+    to send is a list of *chunks* (``[header, payload]``, the payload often the caller's
+    ``bytes`` or a ``memoryview`` of them) meant for ``transport.writelines()``. :func:`encode_frame` gives a
     single ``bytes`` for small control frames and tests.
 
 Decoding

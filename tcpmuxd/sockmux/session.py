@@ -16,8 +16,8 @@ Where the bytes go
     server <--TCP-- exit <--Stream._deliver (write)--- DataReceived <--- conn.receive_data()
 
 * **Local -> link.** ``Stream.data_received`` hands the chunk to ``send_data``, which takes at
-  most the stream's send window (zero-copy: the chunk's ``bytes`` become memoryview frame
-  payloads). The session flushes ``data_to_send()`` once per loop iteration, before the
+  most the stream's send window (zero-copy: the chunk's ``bytes`` become the frame payload,
+  or memoryviews of it when it takes several frames or more than the window). The session flushes ``data_to_send()`` once per loop iteration, before the
   loop polls again: what every callback of one poll round queued (data, SENT, CONNECT... of
   every stream) goes out in one ``writelines`` (one writev). What the window did not take
   stays in ``Stream.pending`` (one read's worth at most) and the local transport stops reading
@@ -809,7 +809,9 @@ class Session(asyncio.Protocol):
         if hub.opener is None:
             stream.exit_failed(f"{REASON_NO_SERVER} (no exit opener)")
             return
-        stream.task = hub.opener.open(exit_, stream)
+        opening = hub.opener.open(exit_, stream)
+        if opening is not None and not opening.done():  # else it failed already, at once
+            stream.task = opening
 
     def _ready(self, authenticated: bool) -> None:
         self.ready = True

@@ -720,6 +720,27 @@ def test_exec_exit_and_unix_exit(tmp_path):
     run(main())
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_unix_exit_without_its_socket_is_refused(loop, tmp_path):
+    """A unix exit whose socket file is missing: the standard loop's connect fails in its
+    first step, inside the callback that took the CONNECT (uvloop's reports it a step
+    later). Either way the client is closed, the reason names the error, and the stream is
+    gone from the session."""
+    async def main() -> None:
+        path = tmp_path / "missing.sock"
+        async with pair(b_exits={None: parse_exit(f"unix:{path}")}) as p:
+            port = await p.entrance(p.a)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"hello")
+            assert await reader.read() == b""
+            writer.close()
+            await wait_for(lambda: len(p.log_b.streams()) == 1)
+            reason = p.log_b.streams()[0]["SOCKMUX_REASON"]
+            assert f"No server (unix:{path}: No such file or directory)" in reason, reason
+            assert p.sb.streams == {}  # not left waiting on its connect
+    run(main(), loop)
+
+
 def test_exec_exit_that_ignores_eof_is_terminated():
     async def main() -> None:
         async with pair(b_exits={None: parse_exit("exec:/bin/sleep 60")}) as p:

@@ -477,6 +477,24 @@ def test_send_data_does_not_copy_bytes():
     assert sum(len(c) for c in chunks) == 40000 + 3 * 8
 
 
+def test_small_bytes_ride_as_they_are():
+    """bytes that fit one frame and the window are the frame's payload itself (no memoryview
+    around them); past the window, the payload is a view of the part taken."""
+    pair = ready_pair(PLAIN, PLAIN)
+    sid, _ = pair.open(pair.a)
+    small = b"one frame"
+    assert pair.a.send_data(sid, small) == len(small)
+    header, payload = pair.a.data_to_send()
+    assert payload is small and F.decode_all(header + payload)[0].payload == small
+    credit = pair.a.send_window(sid)
+    big = bytes(range(256)) * ((credit + 1000) // 256 + 1)
+    assert pair.a.send_data(sid, big) == credit
+    chunks = pair.a.data_to_send()
+    views = [c for c in chunks if isinstance(c, memoryview)]
+    assert views and all(v.obj is big for v in views)
+    assert b"".join(bytes(v) for v in views) == big[:credit]
+
+
 def test_mutable_buffers_are_copied():
     pair = ready_pair(PLAIN, PLAIN)
     sid, peer_sid = pair.open(pair.a)
