@@ -118,7 +118,7 @@ import os
 import struct
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable
+from typing import Callable, Final
 
 from . import auth as _auth
 from .frames import (
@@ -134,7 +134,7 @@ from .frames import (
 )
 from .windows import ReceiveWindow, SendWindow, lazy_threshold
 
-_pack_header = HEADER.pack
+_pack_header: Final = HEADER.pack
 
 __all__ = [
     "SockMuxConfig", "Features", "ExtensionOffer", "ConnectionState", "StreamState",
@@ -150,14 +150,14 @@ __all__ = [
 ]
 
 # CLOSE / CLOSED texts as DeleGate writes them.
-REASON_CLOSE = "DO close"
-REASON_CLOSED = "OK closed"
-REASON_NO_SERVER = "No server"
-REASON_NOT_AUTHENTICATED = "### Not Authenticated ###"
-REASON_TOO_MANY_STREAMS = "Too many streams"
+REASON_CLOSE: Final = "DO close"
+REASON_CLOSED: Final = "OK closed"
+REASON_NO_SERVER: Final = "No server"
+REASON_NOT_AUTHENTICATED: Final = "### Not Authenticated ###"
+REASON_TOO_MANY_STREAMS: Final = "Too many streams"
 #: The two texts every stream ends with, encoded once.
-_CLOSE_PAYLOAD = reason_payload(REASON_CLOSE)
-_CLOSED_PAYLOAD = reason_payload(REASON_CLOSED)
+_CLOSE_PAYLOAD: Final = reason_payload(REASON_CLOSE)
+_CLOSED_PAYLOAD: Final = reason_payload(REASON_CLOSED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,11 +249,11 @@ class SockMuxConfig:
 
 
 #: First word of the extension announcement (SETOPT option 0x58).
-EXTENSIONS_MAGIC = "sockmuxd/1"
+EXTENSIONS_MAGIC: Final = "sockmuxd/1"
 
 
 #: The numeric words of an extension announcement, and their accepted ranges.
-_OFFER_RANGES = {"frame": (MIN_FRAME_SIZE, MAX_FRAME_SIZE), "window": (4096, 1 << 30),
+_OFFER_RANGES: Final = {"frame": (MIN_FRAME_SIZE, MAX_FRAME_SIZE), "window": (4096, 1 << 30),
                  "streams": (1, 0xFFFF - 2)}
 
 
@@ -375,10 +375,10 @@ class AuthState(_FastEnum):
     FAILED = "FAILED"
 
 
-_C = ConnectionState
+_C: Final = ConnectionState
 #: Link transitions: state -> {input: next state}. "fail" covers authentication failure,
 #: dead peer, a remote protocol error and close_link().
-CONNECTION_TRANSITIONS: dict[ConnectionState, dict[str, ConnectionState]] = {
+CONNECTION_TRANSITIONS: Final[dict[ConnectionState, dict[str, ConnectionState]]] = {
     _C.IDLE: {"initiate": _C.HELLO, "fail": _C.CLOSED},
     _C.HELLO: {"HELLO": _C.HELLO, "first HELLOOK": _C.SETUP, "fail": _C.CLOSED},
     _C.SETUP: {"peer setup done": _C.OPEN, "peer setup done, auth": _C.AUTH,
@@ -389,12 +389,12 @@ CONNECTION_TRANSITIONS: dict[ConnectionState, dict[str, ConnectionState]] = {
     _C.CLOSED: {},
 }
 
-_S = StreamState
+_S: Final = StreamState
 #: Stream transitions: state -> {input: next state}. "recv X" is a frame from the peer, the
 #: others are driver calls. Inputs missing from a row are refused: a LocalProtocolError for a
 #: driver call, and for frames see the per-frame rules in SockMuxConnection (stale frames of a
 #: closing stream are dropped, contradictions are a RemoteProtocolError).
-STREAM_TRANSITIONS: dict[StreamState, dict[str, StreamState]] = {
+STREAM_TRANSITIONS: Final[dict[StreamState, dict[str, StreamState]]] = {
     _S.CONNECTING: {"recv CONNECTED": _S.OPEN, "recv CLOSE": _S.CLOSED,
                     "close": _S.CANCELLING, "end": _S.CONNECTING,  # end: SHUT after CONNECTED
                     "cancel": _S.CLOSING},  # extension: CLOSE at once, to the peer's 0x00FF
@@ -410,11 +410,11 @@ STREAM_TRANSITIONS: dict[StreamState, dict[str, StreamState]] = {
 }
 #: Where incoming data is delivered; in other states it is dropped (a stream being closed)
 #: except REMOTE_ENDED, where it is a protocol error (data after SHUT).
-_RECEIVING = frozenset({_S.OPEN, _S.LOCAL_ENDED})
+_RECEIVING: Final = frozenset({_S.OPEN, _S.LOCAL_ENDED})
 #: Where send_data() takes data.
-_SENDING = frozenset({_S.OPEN, _S.REMOTE_ENDED})
+_SENDING: Final = frozenset({_S.OPEN, _S.REMOTE_ENDED})
 #: States in which the driver has already let go of the stream.
-_LET_GO = frozenset({_S.CLOSING, _S.CANCELLING})
+_LET_GO: Final = frozenset({_S.CLOSING, _S.CANCELLING})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -636,8 +636,8 @@ class _Stream:
         self.graceful = False  # CANCELLING came from end_stream(): flush first data first
 
 
-_ID_LIMIT = 0xFFFF
-_MAX_PINGS = 16
+_ID_LIMIT: Final = 0xFFFF
+_MAX_PINGS: Final = 16
 
 
 class SockMuxConnection:
@@ -1580,7 +1580,7 @@ class SockMuxConnection:
 _Handler = Callable[[SockMuxConnection, Frame, list[Event]], None]
 
 #: The handler of each stream frame type (see ``_handle``).
-_HANDLERS: dict[int, _Handler] = {
+_HANDLERS: Final[dict[int, _Handler]] = {
     CONNECT: SockMuxConnection._on_connect, CONNECTED: SockMuxConnection._on_connected,
     SEND: SockMuxConnection._on_send, SENT: SockMuxConnection._on_sent,
     SENDOOB: SockMuxConnection._on_sendoob, SENTOOB: SockMuxConnection._on_sentoob,
@@ -1589,6 +1589,6 @@ _HANDLERS: dict[int, _Handler] = {
 }
 
 #: Link-level frames, answered in any state past HELLO (see ``_handle``).
-_LINK_HANDLERS: dict[int, _Handler] = {
+_LINK_HANDLERS: Final[dict[int, _Handler]] = {
     NOOP: SockMuxConnection._on_noop, ECHO: SockMuxConnection._on_echo, ECHOOK: SockMuxConnection._on_echook,
 }

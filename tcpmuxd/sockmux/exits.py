@@ -32,7 +32,7 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Final, Mapping, Sequence
 
 from ..handlers import SocketAddress
 from ..reaping import ExitWatch
@@ -43,9 +43,9 @@ __all__ = ["ExitOpener"]
 
 #: How long an exec exit may go on after its stream is over before it gets SIGTERM, and
 #: then how long before SIGKILL.
-TERMINATE_GRACE = 2.0
-KILL_GRACE = 3.0
-CHILD_POLL_INTERVAL = 0.1
+TERMINATE_GRACE: Final = 2.0
+KILL_GRACE: Final = 3.0
+CHILD_POLL_INTERVAL: Final = 0.1
 
 
 def _strerror(exc: BaseException) -> str:

@@ -85,7 +85,7 @@ import asyncio
 import socket
 import struct
 import time
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Final, Mapping, Protocol
 
 from ..systemd import EventLog
 from .config import Exit
@@ -120,30 +120,30 @@ __all__ = [
 ]
 
 #: Link write buffer: above HIGH, streams stop reading their clients; below LOW they resume.
-LINK_WRITE_HIGH = 1 << 20
-LINK_WRITE_LOW = 256 << 10
+LINK_WRITE_HIGH: Final = 1 << 20
+LINK_WRITE_LOW: Final = 256 << 10
 #: Room for control frames (SENT, ECHOOK, CLOSED...) on top of the data the windows allow.
-CONTROL_SLACK = 1 << 20
+CONTROL_SLACK: Final = 1 << 20
 #: How long a new entrance connection may wait for its first bytes before its stream opens
 #: without them (see Hub.first_data_wait). Measured on loopback: the client's first bytes come
 #: 0.1-1 ms after the accept; riding in CONNECT they save a tunnel round trip (connections/s
 #: +15-20 % with request/response clients); server-first protocols open 1 ms later.
-FIRST_DATA_WAIT = 0.001
+FIRST_DATA_WAIT: Final = 0.001
 #: How long CLOSED answers may wait for other frames to share a write with (they only free
 #: the peer's slot; under load the next CONNECT or data takes them along well before this).
-CLOSED_DELAY = 0.005
+CLOSED_DELAY: Final = 0.005
 #: Streams beyond Hub.stream_log_rate are summed up in one record this often.
 STREAM_LOG_SUMMARY = 10.0
 #: A local socket being closed gracefully is reset after this long without write progress.
-CLOSE_LINGER = 10.0
+CLOSE_LINGER: Final = 10.0
 #: A link being closed gets this long to flush (an AUTH failure notice, CLOSEs) before abort.
-LINK_CLOSE_LINGER = 2.0
+LINK_CLOSE_LINGER: Final = 2.0
 #: listen() backlog of entrances (ssh -L's 128 overflows under a burst of connections).
-ENTRANCE_BACKLOG = 4096
+ENTRANCE_BACKLOG: Final = 4096
 #: Read size of the event loops' socket transports, the most one data_received delivers.
-READ_CHUNK = 256 * 1024
+READ_CHUNK: Final = 256 * 1024
 
-_RST = struct.pack("ii", 1, 0)
+_RST: Final = struct.pack("ii", 1, 0)
 
 
 class Opening(Protocol):
