@@ -1085,15 +1085,14 @@ class SockMuxConnection:
         self._bytes_received += len(data)
         events: list[Event] = []
         decoder = self._decoder
-        next_frame, handle = decoder.next_frame, self._handle
         try:
             decoder.feed(data)
             while self._state is not ConnectionState.CLOSED:
-                frame = next_frame()
+                frame = decoder.next_frame()  # called, not bound first: compiled, a direct call
                 if frame is None:
                     break
                 self._frames_received += 1
-                handle(frame, events)
+                self._handle(frame, events)
         except RemoteProtocolError as exc:
             self._enter_closed()  # streams stay listed until close_link() reports them
             exc.events = events
@@ -1103,6 +1102,13 @@ class SockMuxConnection:
     def _handle(self, frame: Frame, events: list[Event]) -> None:
         t = frame.type
         if self._state is ConnectionState.OPEN:  # the data path: one lookup, no checks
+            # SEND and SENT by name (compiled, a direct call), the other types by the table
+            if t == SEND:
+                self._on_send(frame, events)
+                return
+            if t == SENT:
+                self._on_sent(frame, events)
+                return
             handler = self._open_handlers.get(t)
             if handler is not None:
                 handler(self, frame, events)
