@@ -1102,12 +1102,25 @@ class SockMuxConnection:
     def _handle(self, frame: Frame, events: list[Event]) -> None:
         t = frame.type
         if self._state is ConnectionState.OPEN:  # the data path: one lookup, no checks
-            # SEND and SENT by name (compiled, a direct call), the other types by the table
+            # The types every stream sees by name (compiled, a direct call), the others (and
+            # the extension types, present only once negotiated) by the table
             if t == SEND:
                 self._on_send(frame, events)
                 return
             if t == SENT:
                 self._on_sent(frame, events)
+                return
+            if t == CONNECT:
+                self._on_connect(frame, events)
+                return
+            if t == CONNECTED:
+                self._on_connected(frame, events)
+                return
+            if t == CLOSE:
+                self._on_close(frame, events)
+                return
+            if t == CLOSED:
+                self._on_closed(frame, events)
                 return
             handler = self._open_handlers.get(t)
             if handler is not None:

@@ -713,12 +713,11 @@ class Session(asyncio.Protocol):
                 return
 
     def _other(self, ev: Any) -> None:
-        cls = type(ev)
         hub = self.hub
         streams = self.streams
-        if cls is StreamRequested:
+        if isinstance(ev, StreamRequested):
             self._requested(ev)
-        elif cls is StreamAccepted:
+        elif isinstance(ev, StreamAccepted):
             stream = streams.get(ev.stream_id)
             if stream is not None:
                 stream.open = True
@@ -727,11 +726,11 @@ class Session(asyncio.Protocol):
                 if ev.first_data:
                     stream._deliver(ev.first_data)
                 stream._kick()
-        elif cls is StreamEnded:
+        elif isinstance(ev, StreamEnded):
             stream = streams.get(ev.stream_id)
             if stream is not None:
                 stream._remote_ended()
-        elif cls is StreamClosed:
+        elif isinstance(ev, StreamClosed):
             stream = streams.get(ev.stream_id)
             if stream is not None:
                 if not stream.open:
@@ -742,9 +741,9 @@ class Session(asyncio.Protocol):
                 else:
                     stream._detach(f"closed by the peer ({ev.reason})")
                 stream._close_local(abort=False)
-        elif cls is Pong:
+        elif isinstance(ev, Pong):
             self.rtt = ev.rtt
-        elif cls is HandshakeComplete:
+        elif isinstance(ev, HandshakeComplete):
             f = ev.features
             self.peer_hello = ev.peer_hello
             kind = (f"extensions ({f.peer_extensions})" if f.extensions
@@ -756,18 +755,18 @@ class Session(asyncio.Protocol):
                 SOCKMUX_EVENT="handshake", SOCKMUX_LINK=self.peer, SOCKMUX_PEER_HELLO=ev.peer_hello)
             self.hard_limit = (f.max_streams * (f.send_window + 2 * f.max_frame_size)
                                + hub.link_high + CONTROL_SLACK)
-        elif cls is Authenticated:
+        elif isinstance(ev, Authenticated):
             self.authenticated = True
             hub.log_event(f"link {self.peer}: peer authenticated (shared secret)",
                           SOCKMUX_EVENT="authenticated", SOCKMUX_LINK=self.peer)
-        elif cls is LinkReady:
+        elif isinstance(ev, LinkReady):
             self._ready(ev.authenticated)
-        elif cls is AuthenticationFailed:
+        elif isinstance(ev, AuthenticationFailed):
             hub.stats.auth_failures += 1
             self._fail(f"authentication failed: {ev.reason}", priority=3)
-        elif cls is DeadPeer:
+        elif isinstance(ev, DeadPeer):
             self._fail(f"peer dead: nothing received for {ev.idle:.0f} s")
-        elif cls is PeerRestarted:
+        elif isinstance(ev, PeerRestarted):
             self._kill_streams(ev.closed_stream_ids, "link reset: the peer restarted")
             was_ready, self.ready = self.ready, False
             hub.log_event(f"link {self.peer}: the peer restarted (new HELLO); "
@@ -776,15 +775,15 @@ class Session(asyncio.Protocol):
             if was_ready:
                 hub._link_unready(self)
             self._rearm_handshake()
-        elif cls is StreamRefused:
+        elif isinstance(ev, StreamRefused):
             hub.stats.refused += 1
             hub.log_event(f"link {self.peer}: stream from {ev.client_addr} (entrance "
                           f"{ev.entrance_addr}) refused: {ev.reason}", priority=5,
                           SOCKMUX_EVENT="stream-refused", REMOTE_ADDR=ev.client_addr,
                           SOCKMUX_ENTRANCE=ev.entrance_addr, SOCKMUX_REASON=ev.reason)
-        elif cls is FrameIgnored:
+        elif isinstance(ev, FrameIgnored):
             hub.debug(f"link {self.peer}: ignored: {ev.reason}")
-        elif cls is LinkClosed:
+        elif isinstance(ev, LinkClosed):
             pass
 
     def _requested(self, ev: StreamRequested) -> None:
