@@ -17,11 +17,12 @@ Where the bytes go
 
 * **Local -> link.** ``Stream.data_received`` hands the chunk to ``send_data``, which takes at
   most the stream's send window (zero-copy: the chunk's ``bytes`` become the frame payload,
-  or memoryviews of it when it takes several frames or more than the window). The session flushes ``data_to_send()`` once per loop iteration, before the
-  loop polls again: what every callback of one poll round queued (data, SENT, CONNECT... of
-  every stream) goes out in one ``writelines`` (one writev). What the window did not take
-  stays in ``Stream.pending`` (one read's worth at most) and the local transport stops reading
-  until ``WindowUpdated`` (the peer's SENT) gives credit back.
+  or memoryviews of it when it takes several frames or more than the window). The session
+  flushes ``data_to_send()`` once per loop iteration, before the loop polls again: what every
+  callback of one poll round queued (data, SENT, CONNECT... of every stream) goes out in one
+  ``writelines`` (one writev). What the window did not take stays in ``Stream.pending`` (one
+  read's worth at most) and the local transport stops reading until ``WindowUpdated`` (the
+  peer's SENT) gives credit back.
 * **Link -> local.** ``DataReceived`` is written to the local transport at once. Local
   transports have ``set_write_buffer_limits(high=0)``: if the socket took everything the bytes
   are acknowledged to the connection right away; if anything stayed in the transport's buffer,
