@@ -6,18 +6,23 @@
 # figure for changes to the per-stream code path (bench/tunnel.py stays the benchmark
 # against ssh -L). Kernel time is not counted: compare system calls with strace -c.
 #
-# usage: bench/stream_instructions.sh [TREE] [STREAMS]
+# usage: bench/stream_instructions.sh [--round-trips] [TREE] [N]
 #   TREE     source tree to run sockmuxd from (default: this repository)
-#   STREAMS  measured streams, over 2 clients (default 200)
+#   N        measured streams, over 2 clients (default 200); with --round-trips, measured
+#            1-byte round trips over one stream (default 2000)
 # Each stream is what bench/tunnel.py's new-stream clients do: connect to the entrance, send
-# 1 byte, read it back, close. Both daemons run under valgrind (about 50x slower), so the
+# 1 byte, read it back, close. Each round trip is what its round-trip client does: send 1
+# byte on an open stream, read it back (the data path alone; the stream that carries them and
+# the two that wake the daemons for callgrind's commands add about 0.5 %). Both daemons run under valgrind (about 50x slower), so the
 # entrance waits 50 ms for first bytes instead of 1 ms (the wait is a timing choice, and
 # under valgrind 1 ms would open streams before their bytes arrive: another code path).
 # Needs valgrind (Debian: apt-get install valgrind). Takes about 40 s.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
+unit=stream
+if [ "${1:-}" = --round-trips ]; then unit="round trip"; shift; fi
 tree=$(cd "${1:-$here}" && pwd)
-streams=${2:-200}
+if [ "$unit" = stream ]; then count=${2:-200}; else count=${2:-2000}; fi
 py="$here/.venv/bin/python"
 [ -x "$py" ] || py=python3
 command -v valgrind >/dev/null || { echo "needs valgrind: apt-get install valgrind" >&2; exit 2; }
@@ -56,25 +61,32 @@ control() {
     sleep 0.5; client 1 > /dev/null; wait "$a" "$b"
 }
 control -z
-client $((streams / 2)) > c1.json & c1=$!
-client $((streams - streams / 2)) > c2.json & c2=$!
-wait "$c1" "$c2"
+if [ "$unit" = stream ]; then
+    client $((count / 2)) > c1.json & c1=$!
+    client $((count - count / 2)) > c2.json & c2=$!
+    wait "$c1" "$c2"
+else
+    "$py" "$here/bench/tunnel.py" --_role rtt "{\"port\": $entrance, \"warmup\": 0, \"n\": $count}" > rtt.json
+fi
 sleep 0.5
 control -d
-"$py" - "$streams" c1.json c2.json <<'EOF'
-import json, sys
+"$py" - "$unit" c1.json c2.json rtt.json <<'EOF'
+import json, os, sys
 ok = errors = 0
 for name in sys.argv[2:]:
-    data = json.loads(open(name).read().split("\n", 1)[1])
+    if not os.path.exists(name):
+        continue
+    text = open(name).read()
+    data = json.loads(text.split("\n", 1)[1] if name.startswith("c") else text)
     ok += len(data["lat"])
-    errors += sum(data["errors"].values())
-print(f"streams: {ok} measured, {errors} failed")
+    errors += sum(data["errors"].values()) if name.startswith("c") else data["error"] is not None
+print(f"{sys.argv[1]}s: {ok} measured, {errors} failed")
 EOF
 for side in exit entrance; do
     pid=$([ $side = exit ] && echo "$exit_pid" || echo "$entrance_pid")
     dump=$(ls -t "$work"/cg."$pid".out.* | head -1)
     total=$(grep -m1 '^summary:' "$dump" | awk '{print $2}')
-    printf '%-9s %8d instructions per stream\n' "$side" $((total / streams))
+    printf '%-9s %8d instructions per %s\n' "$side" $((total / count)) "$unit"
 done
 build=$(PYTHONPATH="$tree" "$py" -c 'import tcpmuxd.sockmux.daemon
 try:
