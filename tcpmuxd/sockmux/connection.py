@@ -132,7 +132,7 @@ from .frames import (
     parse_conndata, reason_payload, setopt_payload, packsize_data, split_c_string, type_name,
     c_string,
 )
-from .windows import ReceiveWindow, SendWindow, lazy_threshold
+from .windows import ReceiveWindow, SendWindow, lazy_threshold, plain_receive_window
 
 _pack_header: Final = HEADER.pack
 
@@ -396,9 +396,11 @@ _S: Final = StreamState
 #: closing stream are dropped, contradictions are a RemoteProtocolError).
 STREAM_TRANSITIONS: Final[dict[StreamState, dict[str, StreamState]]] = {
     _S.CONNECTING: {"recv CONNECTED": _S.OPEN, "recv CLOSE": _S.CLOSED,
+                    "recv CONNECTED without an id": _S.CLOSED,  # the peer's table is full
                     "close": _S.CANCELLING, "end": _S.CONNECTING,  # end: SHUT after CONNECTED
                     "cancel": _S.CLOSING},  # extension: CLOSE at once, to the peer's 0x00FF
-    _S.CANCELLING: {"recv CONNECTED": _S.CLOSING, "recv CLOSE": _S.CLOSED},
+    _S.CANCELLING: {"recv CONNECTED": _S.CLOSING, "recv CLOSE": _S.CLOSED,
+                    "recv CONNECTED without an id": _S.CLOSED},
     _S.REQUESTED: {"accept": _S.OPEN, "refuse": _S.CLOSING, "close": _S.CLOSING,
                    "recv CLOSE": _S.CLOSED},
     _S.OPEN: {"end": _S.LOCAL_ENDED, "recv SHUT": _S.REMOTE_ENDED, "close": _S.CLOSING,
@@ -637,7 +639,15 @@ class _Stream:
 
 
 _ID_LIMIT: Final = 0xFFFF
+#: Our highest stream id towards a plain (DeleGate) peer: its ids are one byte, 0xFF is "none".
+_PLAIN_ID_LIMIT: Final = 0xFE
 _MAX_PINGS: Final = 16
+#: The id of the placeholder agent DeleGate 9.9.11 uses once its 64-agent table is full
+#: (sox.c newAgent returns a static, zeroed agent): a CONNECT or CONNECTED from it has no
+#: stream behind it, and a CLOSE to id 0 would reach DeleGate's link writer (its agent 0)
+#: and end its whole link. sockmuxd never uses id 0 for a stream.
+_DELEGATE_PLACEHOLDER_ID: Final = 0
+_FULL_TABLE: Final = f"{REASON_TOO_MANY_STREAMS} (the peer's stream table is full"
 
 
 class SockMuxConnection:
@@ -962,8 +972,9 @@ class SockMuxConnection:
         offer = self._peer_offer if cfg.extensions else None  # None: plain SockMux
         if offer is not None and offer.window is not None:
             send_window, recv_window = offer.window, cfg.stream_window
-        else:
-            send_window = recv_window = PLAIN_WINDOW
+        else:  # DeleGate's window: we keep to 64 KiB, it sends up to one frame beyond
+            send_window = PLAIN_WINDOW
+            recv_window = plain_receive_window(self._send_frame_size)
         if offer is not None and offer.max_streams is not None:
             max_streams = min(cfg.max_streams, offer.max_streams)
         else:
@@ -1207,7 +1218,22 @@ class SockMuxConnection:
             self._refuse_connect(peer_id, addrs.first, addrs.second, REASON_NOT_AUTHENTICATED,
                                  events)
             return
-        if peer_id in self._by_peer or peer_id == NO_STREAM:
+        if peer_id == NO_STREAM:
+            # DeleGate's id allocator returns -1 once its ids are used up, and it sends the
+            # CONNECT anyway, from its "no stream" id: refuse that one, keep the link. Our
+            # CLOSE to 0x00FF reaches the agent it made for it (its ids are one byte).
+            self._refuse_connect(peer_id, addrs.first, addrs.second,
+                                 f"{_FULL_TABLE}: CONNECT without a stream id)", events)
+            return
+        if peer_id == _DELEGATE_PLACEHOLDER_ID:
+            # DeleGate's agent table itself is full: nothing to close on its side (and a CLOSE
+            # to 0 would end its link). Refused without an answer; its client waits there.
+            self._streams_refused += 1
+            events.append(StreamRefused(
+                peer_id, addrs.first, addrs.second,
+                f"{_FULL_TABLE}: CONNECT from its placeholder id 0, left unanswered)"))
+            return
+        if peer_id in self._by_peer:
             raise RemoteProtocolError(f"CONNECT reuses stream id {peer_id:#06x}, still open")
         f = self._features
         assert f is not None  # set when the link opened
@@ -1241,7 +1267,19 @@ class SockMuxConnection:
         if s.state not in (StreamState.CONNECTING, StreamState.CANCELLING):
             raise RemoteProtocolError(f"CONNECTED for stream {s.id} in state {s.state.value}")
         addrs, first = parse_connect(frame.payload, self.config.max_text_length)
-        if frame.sender in self._by_peer or frame.sender == NO_STREAM:
+        if frame.sender == NO_STREAM or frame.sender == _DELEGATE_PLACEHOLDER_ID:
+            # DeleGate connected its server but had no free slot (its table is full, see
+            # _on_connect): close that agent (our CLOSE to 0x00FF reaches it; a placeholder
+            # has nothing to close), and give the stream up.
+            let_go = s.state in _LET_GO
+            if frame.sender == NO_STREAM:
+                self._queue(CLOSE, s.id, NO_STREAM, reason_payload(REASON_TOO_MANY_STREAMS))
+            self._step(s, "recv CONNECTED without an id")
+            if not let_go:
+                events.append(StreamClosed(
+                    s.id, f"{_FULL_TABLE}: CONNECTED without a stream id)"))
+            return
+        if frame.sender in self._by_peer:
             raise RemoteProtocolError(f"CONNECTED reuses stream id {frame.sender:#06x}")
         s.peer_id = frame.sender
         self._by_peer[s.peer_id] = s.id
@@ -1355,12 +1393,19 @@ class SockMuxConnection:
         return s
 
     def _allocate_id(self) -> int:
-        for _ in range(_ID_LIMIT + 1):
+        f = self._features
+        # DeleGate keeps the peer's id of a stream in one byte (sox.c: typedef unsigned char
+        # Aid) and addresses its frames to what is left of it: towards a plain peer our ids
+        # must fit in 1..254, or stream 256 would be answered as stream 0 (seen live).
+        limit = _ID_LIMIT if f is not None and f.extensions else _PLAIN_ID_LIMIT
+        for _ in range(limit + 1):
             sid = self._next_id
-            self._next_id = sid + 1 if sid < _ID_LIMIT else 1
+            self._next_id = sid + 1 if sid < limit else 1
+            if sid > limit:
+                continue
             if sid != NO_STREAM and sid not in self._streams:
                 return sid
-        raise TooManyStreams("no free stream id")  # not reachable with max_streams < 65534
+        raise TooManyStreams("no free stream id")  # not reachable: max_streams < the ids
 
     @staticmethod
     def _check_first_data(text: bytes, first_data: bytes, f: Features) -> None:

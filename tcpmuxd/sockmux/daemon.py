@@ -51,7 +51,7 @@ from .config import Entrance, Exit, Tunnel, TunnelConfigError
 from .connection import SockMuxConfig
 from .exits import ExitOpener
 from .frames import MAX_FRAME_SIZE, MIN_FRAME_SIZE
-from .session import FIRST_DATA_WAIT, Hub, Session
+from .session import FIRST_DATA_WAIT, REPLY_WAIT, Hub, Session
 
 __all__ = ["main", "build_parser", "translate_delegate", "tunnel_from_args", "run"]
 
@@ -361,6 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open a stream once the client's first bytes are there (they ride "
                         "along, saving a round trip), or after this long (default 1ms; 0: "
                         "at once)")
+    g.add_argument("--reply-wait", metavar="TIME", type=_zero_or_timespan,
+                   default=REPLY_WAIT,
+                   help="with a peer that has no half-close (DeleGate): how long a server's "
+                        "answer may take to start, to ride in CONNECTED, and how long a "
+                        "client's EOF waits for the server to go quiet (default 50ms; 0: "
+                        "no wait)")
     g.add_argument("--ready-timeout", metavar="TIME", type=_ready_timeout,
                    default=DEFAULT_READY_TIMEOUT,
                    help="tell systemd READY=1 after this long even without a link (default "
@@ -820,6 +826,7 @@ class Daemon:
             on_change=self._push_status if self.notifier.enabled else None,
             change_delay=STATUS_MIN_INTERVAL,
             hold_timeout=args.hold, first_data_wait=args.first_data_wait,
+            reply_wait=args.reply_wait,
             stream_log_rate=t.stream_log_rate)
         if not t.require_auth:
             self.record("authentication is OFF (--no-auth / Authentication=none): anyone who "

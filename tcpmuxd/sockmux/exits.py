@@ -239,10 +239,9 @@ class ExitOpener:
         if kind == "tcp" or kind == "unix":
             ep = exit_.endpoint
             assert ep is not None
-            # CONNECTED names the server as configured: the peer only logs it, and asking
-            # the socket (getpeername, getsockname) would cost two system calls per stream.
-            stream.connected_as = ("localhost:0" if ep.path is not None else exit_.target,
-                                   "0.0.0.0:0", None)
+            # CONNECTED names the server and our end of the connection to it, as DeleGate's
+            # does: the transport's (both event loops ask the socket once, as they make it).
+            stream.connected_as = (None, None, None)
             if ep.path is not None:  # unix (not ep.is_unix: an interpreted call per stream)
                 connect = self.loop.create_unix_connection(lambda: stream, ep.path)
             else:

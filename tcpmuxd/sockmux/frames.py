@@ -48,7 +48,7 @@ __all__ = [
     # header
     "HEADER", "HEADER_SIZE", "VERSION", "VERSION_ENCRYPTED", "NO_STREAM", "REPLY_BIT",
     "MAX_PAYLOAD", "MAX_FRAME_SIZE", "INITIAL_FRAME_SIZE", "PLAIN_FRAME_SIZE", "MIN_FRAME_SIZE",
-    "PLAIN_WINDOW", "CONNECT_TAG",
+    "PLAIN_WINDOW", "PLAIN_PENDING_FRAMES", "CONNECT_TAG",
     # types
     "NOOP", "HELLO", "HELLOOK", "CONNECT", "CONNECTED", "BIND", "BINDOK", "SEND", "SENT",
     "SENDOOB", "SENTOOB", "CLOSE", "CLOSED", "ECHO", "ECHOOK", "SETOPT", "CRYPTON",
@@ -117,8 +117,12 @@ INITIAL_FRAME_SIZE: Final = 512
 PLAIN_FRAME_SIZE: Final = 16384
 #: Smallest frame size we accept in a PACKSIZE or configuration (room for texts).
 MIN_FRAME_SIZE: Final = 512
-#: Unacknowledged SEND bytes per stream that a plain DeleGate peer sends / accepts.
+#: Unacknowledged SEND bytes per stream we send to a plain peer: DeleGate's own window at
+#: 16 KiB frames (PLAIN_PENDING_FRAMES * PLAIN_FRAME_SIZE).
 PLAIN_WINDOW: Final = 65536
+#: DeleGate 9.9.11 (sox.c, MAXPENDING) stops sending on a stream once *more than* this many
+#: frames' worth (its PackSize each) is unacknowledged: see plain_receive_window().
+PLAIN_PENDING_FRAMES: Final = 4
 #: The number DeleGate puts first in CONNECT / CONNECTED texts.
 CONNECT_TAG: Final = 98304
 

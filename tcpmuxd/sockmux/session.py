@@ -130,6 +130,11 @@ CONTROL_SLACK: Final = 1 << 20
 #: 0.1-1 ms after the accept; riding in CONNECT they save a tunnel round trip (connections/s
 #: +15-20 % with request/response clients); server-first protocols open 1 ms later.
 FIRST_DATA_WAIT: Final = 0.001
+#: Towards a peer without half-close (DeleGate), how long a server's answer may take to
+#: start (an exit answering CONNECTED) and to keep coming (an entrance whose client sent EOF).
+#: See Hub.reply_wait. DeleGate itself waits 1 ms for the first; live, 1 ms let 9 to 17 of
+#: 20 answers from a Python test server through between two DeleGates.
+REPLY_WAIT: Final = 0.05
 #: How long CLOSED answers may wait for other frames to share a write with (they only free
 #: the peer's slot; under load the next CONNECT or data takes them along well before this).
 CLOSED_DELAY: Final = 0.005
@@ -207,6 +212,62 @@ def _human(n: float) -> str:
 # --------------------------------------------------------------------------------- streams
 
 
+class Waits:
+    """Streams that each wait the same time for something from their local socket.
+
+    They all wait ``delay`` seconds, so insertion order is deadline order and one timer for
+    the oldest serves them all: a timer per stream, set and cancelled thousands of times a
+    second, costs more than the wait saves. :meth:`add` (re)starts a stream's wait;
+    ``expired(stream)`` is called for each one whose time is up; :meth:`discard` ends a wait
+    early (the awaited thing came, or the stream is over).
+    """
+
+    __slots__ = ("loop", "delay", "expired", "deadlines", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, delay: float,
+                 expired: Callable[[Stream], None]) -> None:
+        self.loop = loop
+        self.delay = delay
+        self.expired = expired
+        self.deadlines: dict[Stream, float] = {}
+        self.timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self.deadlines)
+
+    def add(self, stream: Stream) -> None:
+        deadlines = self.deadlines
+        deadlines.pop(stream, None)  # to the end: its deadline is the newest
+        deadlines[stream] = self.loop.time() + self.delay
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.delay, self._due)
+
+    def discard(self, stream: Stream) -> bool:
+        """End ``stream``'s wait; whether it was waiting."""
+        return self.deadlines.pop(stream, None) is not None
+
+    def _due(self) -> None:
+        self.timer = None
+        deadlines = self.deadlines
+        now = self.loop.time()
+        while deadlines:
+            stream, deadline = next(iter(deadlines.items()))
+            if deadline > now:
+                self.timer = self.loop.call_at(deadline, self._due)
+                return
+            del deadlines[stream]
+            self.expired(stream)
+
+    def clear(self) -> list[Stream]:
+        """Stop waiting for all; the streams that were waiting."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        streams = list(self.deadlines)
+        self.deadlines.clear()
+        return streams
+
+
 class Stream(asyncio.Protocol):
     """One forwarded connection: the protocol of its local transport, and its state.
 
@@ -221,7 +282,7 @@ class Stream(asyncio.Protocol):
         "entrance", "target", "pending", "early", "open", "reading", "write_paused",
         "unacked", "eof_local", "ended", "eof_remote", "up", "down", "started", "reason",
         "linger", "linger_size", "task", "deadline", "connected_as", "finished", "lost",
-        "on_finish", "held",
+        "on_finish", "held", "quiet_wait",
     )
 
     def __init__(self, hub: Hub, outbound: bool, label: str = "") -> None:
@@ -252,12 +313,16 @@ class Stream(asyncio.Protocol):
         self.linger_size = 0
         self.task: Opening | None = None  # the exit opener's, while it connects
         self.deadline: asyncio.TimerHandle | None = None  # ends the task after connect_timeout
-        # What CONNECTED reports once the exit's transport is made (the exit opener sets it).
-        self.connected_as: tuple[str, str, str | None] | None = None
+        # What CONNECTED reports once the exit's transport is made (the exit opener sets it):
+        # server and local address (None: the transport's), and the target for the log.
+        self.connected_as: tuple[str | None, str | None, str | None] | None = None
         self.finished = False
         self.lost = False
         self.on_finish: Callable[[Stream], None] | None = None
-        self.held = False  # an entrance connection waiting for the link (Hub.hold_timeout)
+        # An entrance connection waiting for the link (Hub.hold_timeout) or for its first
+        # bytes (first_data_wait), or an exit for its server's (Hub.reply_wait)
+        self.held = False
+        self.quiet_wait = False  # the client's EOF waits for the server to go quiet
 
     # -- the local transport's callbacks ------------------------------------------------------
 
@@ -282,7 +347,9 @@ class Stream(asyncio.Protocol):
             return
         if self.pending is not None or not self.open:
             self.pending = data if self.pending is None else self.pending + data
-            self._pause()
+            # an exit held for the server's first bytes answers CONNECTED with them now
+            if not self.held or self.hub._first_data(self):
+                self._pause()
             return
         session = self.session
         assert session is not None
@@ -301,11 +368,11 @@ class Stream(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof_local = True
-        if self.sid is None:
-            if not self.held:
-                return False
+        if self.held:  # an entrance waiting for its first bytes, or an exit for the server's
             self.hub._first_data(self)
             return True
+        if self.sid is None:
+            return False
         if self.pending is None and self.open:
             self._end()
         return True  # the transport stays open for the other direction (or _end closed it)
@@ -325,7 +392,7 @@ class Stream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        if self.held:
+        if self.held:  # (an exit held for its server: the close below refuses the stream)
             self.hub._unhold(self, "the client left before its stream was opened")
         if self.linger is not None:
             self.linger.cancel()
@@ -349,6 +416,8 @@ class Stream(asyncio.Protocol):
     def _deliver(self, data: bytes) -> None:
         """Write bytes from the peer; acknowledge them once they are in the socket."""
         self.down += len(data)
+        if self.quiet_wait:  # the server is not quiet yet: the client's EOF waits on
+            self.hub.quiet.add(self)
         transport = self.transport
         if self.write_paused:
             self.unacked += len(data)
@@ -414,7 +483,27 @@ class Stream(asyncio.Protocol):
             self._resume()
 
     def _end(self) -> None:
-        """The local side's EOF, passed on (after every byte before it)."""
+        """The local side's EOF, passed on (after every byte before it).
+
+        Without half-close (DeleGate) the EOF ends the stream both ways, and the peer drops
+        what its server sends after it. So the EOF of a client that got nothing yet waits
+        until the server has sent nothing for ``Hub.reply_wait``: the answer to a request the
+        client sent with its EOF (``echo request | nc``) still comes through. A server that
+        waits for the EOF gets it that much later. A client that got something already is
+        most likely done (and its stream's slot is worth more: DeleGate has 60)."""
+        session = self.session
+        assert session is not None and self.sid is not None
+        features = session.conn.features
+        plain = features is None or not features.half_close
+        if plain and self.outbound and (self.quiet_wait or self.down == 0) \
+                and session.hub.reply_wait > 0:
+            if not self.quiet_wait:
+                self.quiet_wait = True
+                session.hub.quiet.add(self)
+            return
+        self._end_now()
+
+    def _end_now(self) -> None:
         session = self.session
         assert session is not None and self.sid is not None
         try:
@@ -426,7 +515,11 @@ class Stream(asyncio.Protocol):
         features = session.conn.features
         who = "client" if self.outbound else "server"
         if features is None or not features.half_close:  # plain SockMux: EOF ends both ways
-            self._detach(f"closed by the {who}")
+            waited = session.hub.reply_wait if self.quiet_wait else 0.0
+            self.quiet_wait = False
+            self._detach(f"closed by the {who}" + (
+                f" (its EOF passed on once the server was quiet for {waited:g} s)"
+                if waited else ""))
             self._close_local(abort=False)
         elif self.eof_remote:  # the peer had ended already: the stream is closed now
             self._detach("closed")
@@ -434,18 +527,50 @@ class Stream(asyncio.Protocol):
 
     # -- exits -------------------------------------------------------------------------------
 
-    def exit_connected(self, server_addr: str, local_addr: str, target: str | None = None) -> None:
-        """Called once the exit's transport is made (by connection_made, see connected_as)."""
+    def exit_connected(self, server_addr: str | None, local_addr: str | None,
+                       target: str | None = None) -> None:
+        """Called once the exit's transport is made (by connection_made, see connected_as).
+
+        An address given as None is the transport's own (a TCP exit: DeleGate's CONNECTED
+        names the server and the local end of the connection to it). The peer's first data
+        goes to the server at once. Towards a peer without half-close (DeleGate), CONNECTED
+        then waits up to ``Hub.reply_wait`` for the server's answer to them and carries its
+        first bytes, as DeleGate does (for 1 ms): its entrance reads its client only after
+        CONNECTED, and on the client's EOF it closes the whole stream and drops what comes
+        later, so the answer to a request sent with the client's EOF reaches it only inside
+        CONNECTED."""
         self.task = None
         self._stop_deadline()
         if target is not None:
             self.target = target
         session = self.session
+        transport = self.transport
         if self.sid is None or session is None:  # the peer gave up, or the link died
-            if self.transport is not None:
-                _reset(self.transport)
+            if transport is not None:
+                _reset(transport)
             self._finish()
             return
+        if server_addr is None:
+            server_addr = format_address(transport.get_extra_info("peername"))
+        if local_addr is None:
+            local_addr = format_address(transport.get_extra_info("sockname"))
+        early, self.early = self.early, None
+        if early:
+            self._deliver(early)
+            hub = session.hub
+            f = session.conn.features
+            if (hub.reply_wait > 0 and f is not None and f.conndata and not f.half_close
+                    and self.pending is None and not self.eof_local):
+                self.connected_as = (server_addr, local_addr, None)
+                self.held = True
+                hub.reply_waits.add(self)
+                return
+        self._accept(server_addr, local_addr)
+
+    def _accept(self, server_addr: str, local_addr: str) -> None:
+        """CONNECTED, with what the server sent so far as its first data if it fits."""
+        session = self.session
+        assert session is not None and self.sid is not None
         first = b""
         p = self.pending
         if p is not None and len(p) <= session.conn.max_first_data:
@@ -460,9 +585,6 @@ class Stream(asyncio.Protocol):
             return
         self.open = True
         session.hub.stats.accepted += 1
-        early, self.early = self.early, None
-        if early:
-            self._deliver(early)
         self._kick()
         session._flush()
 
@@ -492,6 +614,12 @@ class Stream(asyncio.Protocol):
         self.sid = None
         if self.reason is None:
             self.reason = reason
+        if self.held and not self.outbound:  # no longer waiting for the server's answer
+            self.held = False
+            session.hub.reply_waits.discard(self)
+        if self.quiet_wait:
+            self.quiet_wait = False
+            session.hub.quiet.discard(self)
         if session.streams.get(sid) is self:
             del session.streams[sid]
         session.link_blocked.discard(self)
@@ -963,7 +1091,8 @@ class Hub:
                  on_change: Callable[[], None] | None = None, change_delay: float = 1.0,
                  stream_log_rate: float | None = None, debug: bool = False,
                  hold_timeout: float = 0.0,
-                 first_data_wait: float = FIRST_DATA_WAIT) -> None:
+                 first_data_wait: float = FIRST_DATA_WAIT,
+                 reply_wait: float = REPLY_WAIT) -> None:
         self.loop = asyncio.get_running_loop()
         self.config = config
         self.exits = dict(exits or {})
@@ -1002,13 +1131,29 @@ class Hub:
         #: A new entrance connection is opened once its first bytes are there (they ride in
         #: CONNECT, which saves the peer's exit a round trip for protocols where the client
         #: speaks first: HTTP, TLS, most), or after this long (server-first protocols).
-        self.first_data_wait = first_data_wait
-        #: The connections waiting so, with their deadlines. They all wait the same time, so
-        #: insertion order is deadline order: one timer for the oldest serves them all (a
-        #: timer per connection, set and cancelled thousands of times a second, costs more
-        #: than the wait saves).
-        self.first_wait: dict[Stream, float] = {}
-        self._first_wait_timer: asyncio.TimerHandle | None = None
+        self.first_wait = Waits(self.loop, first_data_wait, self._release)
+        #: Towards a peer without half-close (DeleGate, or --no-extensions): an exit that got
+        #: first data answers CONNECTED once its server's first bytes are there, or after
+        #: this long; an entrance client's EOF is passed on once the server has sent nothing
+        #: for this long (0: neither waits). See Stream.exit_connected and Stream._end.
+        self.reply_waits = Waits(self.loop, reply_wait, self._release)
+        self.quiet = Waits(self.loop, reply_wait, self._quiet)
+
+    @property
+    def first_data_wait(self) -> float:
+        return self.first_wait.delay
+
+    @first_data_wait.setter
+    def first_data_wait(self, seconds: float) -> None:
+        self.first_wait.delay = seconds
+
+    @property
+    def reply_wait(self) -> float:
+        return self.reply_waits.delay
+
+    @reply_wait.setter
+    def reply_wait(self, seconds: float) -> None:
+        self.reply_waits.delay = self.quiet.delay = seconds
 
     # -- logging ---------------------------------------------------------------------------
 
@@ -1127,10 +1272,7 @@ class Hub:
             if (wait and self.first_data_wait > 0 and f is not None and f.conndata
                     and stream.pending is None and not stream.eof_local):
                 stream.held = True
-                self.first_wait[stream] = self.loop.time() + self.first_data_wait
-                if self._first_wait_timer is None:
-                    self._first_wait_timer = self.loop.call_later(
-                        self.first_data_wait, self._first_wait_over)
+                self.first_wait.add(stream)
                 return
             self._open(stream, session)
             return
@@ -1146,34 +1288,43 @@ class Hub:
         _reset(stream.transport)
 
     def _first_data(self, stream: Stream) -> bool:
-        """The first bytes (or EOF) of a waiting entrance connection came, or the wait is
-        over: open its stream now. True while the stream still holds bytes (no link yet, or
-        too many for CONNECT): the caller pauses its reading. (A result rather than a second
-        look at ``stream.pending``: the compiled caller had narrowed it to ``bytes``.)"""
-        if self.first_wait.pop(stream, None) is not None:
-            stream.held = False
-            if not stream.lost:
-                self._admit(stream, wait=False)
+        """The first bytes (or EOF) of a held stream's local socket came: an entrance
+        connection's stream opens, an exit's CONNECTED goes. True while the stream still
+        holds bytes (no link yet, or too many for CONNECT): the caller pauses its reading. (A
+        result rather than a second look at ``stream.pending``: the compiled caller had
+        narrowed it to ``bytes``.)"""
+        if self.first_wait.discard(stream) or self.reply_waits.discard(stream):
+            self._release(stream)
         return stream.pending is not None
 
-    def _first_wait_over(self) -> None:
-        """Open the streams whose wait for first bytes is over; wait again for the rest."""
-        self._first_wait_timer = None
-        waiting = self.first_wait
-        now = self.loop.time()
-        while waiting:
-            stream, deadline = next(iter(waiting.items()))
-            if deadline > now:
-                self._first_wait_timer = self.loop.call_at(deadline, self._first_wait_over)
-                return
-            self._first_data(stream)
+    def _release(self, stream: Stream) -> None:
+        """A held stream's wait for its local socket's first bytes is over, whether they came
+        or not: open it (an entrance connection) or answer CONNECTED (an exit)."""
+        stream.held = False
+        if stream.outbound:
+            if not stream.lost:
+                self._admit(stream, wait=False)
+        elif stream.sid is not None and stream.connected_as is not None:
+            server_addr, local_addr, _ = stream.connected_as
+            stream._accept(server_addr or "-", local_addr or "-")
+
+    def _quiet(self, stream: Stream) -> None:
+        """The server of a stream whose client sent EOF was quiet for reply_wait: pass the
+        EOF on now (see Stream._end)."""
+        if stream.quiet_wait and stream.sid is not None:
+            stream._end_now()
 
     def _unhold(self, stream: Stream, why: str) -> None:
-        self.first_wait.pop(stream, None)
+        """Give up on a held entrance connection: reset it. (An exit held for its server's
+        first bytes only stops waiting: its stream's close or refusal follows.)"""
+        self.first_wait.discard(stream)
+        self.reply_waits.discard(stream)
         timer = self.waiting.pop(stream, None)
         if timer is not None:
             timer.cancel()
-        if stream.held:
+        if not stream.outbound:
+            stream.held = False
+        elif stream.held:
             stream.held = False
             self.stats.entrance_refused += 1
             stream.reason = f"refused: {why}"
@@ -1331,11 +1482,10 @@ class Hub:
         self.closing = True
         for server in self.servers:
             server.close()
-        for stream in list(self.waiting) + list(self.first_wait):
+        for stream in list(self.waiting) + self.first_wait.clear():
             self._unhold(stream, reason)
-        if self._first_wait_timer is not None:
-            self._first_wait_timer.cancel()
-            self._first_wait_timer = None
+        self.reply_waits.clear()  # exits and entrances of the links closed below
+        self.quiet.clear()
         for session in list(self.sessions):
             session.close(reason)
         if self._summary_timer is not None:

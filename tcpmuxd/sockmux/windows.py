@@ -34,14 +34,27 @@ from __future__ import annotations
 
 from collections import deque
 
-from .frames import LocalProtocolError, RemoteProtocolError
+from .frames import HEADER_SIZE, PLAIN_PENDING_FRAMES, LocalProtocolError, RemoteProtocolError
 
-__all__ = ["SendWindow", "ReceiveWindow", "lazy_threshold"]
+__all__ = ["SendWindow", "ReceiveWindow", "lazy_threshold", "plain_receive_window"]
 
 
 def lazy_threshold(window: int) -> int:
     """Written-but-uncredited bytes at which lazy credit sends its SENT: half the window."""
     return max(1, window // 2)
+
+
+def plain_receive_window(frame_size: int) -> int:
+    """What a plain (DeleGate) peer may have unacknowledged on one stream, at most.
+
+    DeleGate 9.9.11 adds each SEND's length to the stream's pending count and stops only once
+    that count is *above* ``PLAIN_PENDING_FRAMES * frame_size`` (sox.c: ``PackSize*PqueSize <
+    a_rpend``), so at exactly the limit it still sends one more full frame: 65,536 + 16,376 =
+    81,912 bytes at 16 KiB frames, seen on the wire between two DeleGates under bulk load. Its
+    frames, and so its PackSize, are at most the negotiated ``frame_size`` (header included),
+    which is what bounds this.
+    """
+    return PLAIN_PENDING_FRAMES * frame_size + frame_size - HEADER_SIZE
 
 
 class SendWindow:

@@ -1,4 +1,5 @@
-"""Fixtures for the SockMux tests: throwaway TLS material made with the openssl command line."""
+"""Fixtures for the SockMux tests: throwaway TLS material made with the openssl command line;
+the DeleGate interop figures printed at the end of the run."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from delegate_peer import THROUGHPUT
 
 
 @dataclass(frozen=True)
@@ -95,3 +97,12 @@ def sockmux_certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     return Certs(ca, server_cert, server_key, client_cert, client_key, rogue_ca,
                  rogue_server_cert, rogue_server_key, rogue_client_cert, rogue_client_key,
                  pinned_cert, pinned_key, other_cert, other_key)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The 64 MiB figures of tests/sockmux/test_delegate_live.py, pair by pair."""
+    if not THROUGHPUT:
+        return
+    terminalreporter.section("DeleGate interop throughput (64 MiB streams, MB/s)")
+    for pair, what, rate in THROUGHPUT:
+        terminalreporter.write_line(f"{rate:8.1f}  {pair}: {what}")

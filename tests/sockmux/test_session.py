@@ -1002,3 +1002,64 @@ def test_client_first_bytes_ride_in_connect():
                 w.close()
         echo.close()
     run(main())
+
+
+class Reply(asyncio.Protocol):
+    """Answers "reply\\n" ``delay`` seconds after the first line, then reads until EOF."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.answered = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.t = transport
+
+    def data_received(self, data: bytes) -> None:
+        if not self.answered and b"\n" in data:
+            self.answered = True
+            asyncio.get_running_loop().call_later(self.delay, self._answer)
+
+    def _answer(self) -> None:
+        if not self.t.is_closing():
+            self.t.write(b"reply\n")
+
+    def eof_received(self) -> bool:
+        return False  # close
+
+
+@pytest.mark.parametrize("case", [
+    # (A's entrance waits, B's exit waits, server delay, the client gets the reply)
+    ("exit carries the answer in CONNECTED", 0.0, 0.5, 0.0, True),
+    ("neither waits: lost, as between two DeleGates", 0.0, 0.0, 0.005, False),
+    ("entrance waits for the server to go quiet", 0.5, 0.0, 0.02, True),
+], ids=lambda c: c[0])
+def test_plain_peer_half_closing_client_gets_the_reply(case):
+    """Plain SockMux has no half-close: the client's EOF ends the stream both ways and the
+    peer drops what comes after it. --reply-wait gives a request sent with the client's EOF
+    its answer all the same: B's exit answers CONNECTED once the server's first bytes are
+    there (carrying them: what a DeleGate entrance, which reads its client's EOF right after
+    CONNECTED, still delivers), and A's entrance passes the EOF of a client that got nothing
+    yet on once the server went quiet. A with reply_wait 0 stands in for a DeleGate
+    entrance, B with 0 for a DeleGate exit that waits 1 ms (the server here needs longer)."""
+    _name, a_wait, b_wait, delay, delivered = case
+
+    async def main() -> None:
+        server, sport = await serve(lambda: Reply(delay))
+        plain = cfg(secret=None, require_auth=False, extensions=False)
+        async with pair(a_config=plain, b_config=plain, b_exits=exits(f"127.0.0.1:{sport}")) as p:
+            p.a.reply_wait, p.b.reply_wait = a_wait, b_wait
+            p.a.first_data_wait = 0.5  # the request surely rides in CONNECT
+            port = await p.entrance(p.a)
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"request\n")
+            w.write_eof()
+            got = await asyncio.wait_for(r.read(), 5)
+            w.close()
+            assert (got == b"reply\n") is delivered, (got, p.log_a.text(), p.log_b.text())
+            await wait_for(lambda: p.a.open_streams() == 0 == p.b.open_streams())
+            (a_stream,) = p.a.finished_streams
+            assert a_stream.target == f"127.0.0.1:{sport}"  # CONNECTED names the server
+            if delivered and a_wait:
+                assert "its EOF passed on once the server was quiet" in a_stream.reason
+        server.close()
+    run(main())

@@ -106,7 +106,7 @@ def test_one_plain_side_means_plain_behaviour_on_both(plain_side):
         f = of_type(events, HandshakeComplete)[0].features
         assert not (f.extensions or f.half_close or f.authentication)
         assert (f.max_frame_size, f.send_window, f.receive_window, f.max_streams) == (
-            16384, 65536, 65536, 60)
+            16384, 65536, 81912, 60)
         assert LinkReady(authenticated=False) in events
     # the plain peer saw exactly one thing it does not know, and ignored it like DeleGate
     plain_conn, plain_events = (pair.a, a_ev) if plain_side == "a" else (pair.b, b_ev)

@@ -24,23 +24,21 @@ is bounded.
 
 from __future__ import annotations
 
-import atexit
-import ctypes
 import hashlib
 import json
 import os
-import re
 import shlex
-import shutil
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from netns_harness import (
+    NETNS_DIR, NsProc, add_namespace, delete_namespace, enter_netns, in_netns, ip,
+    namespace_name,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -67,170 +65,6 @@ LOG_SLACK = 2.0
 CLIENT_TIMEOUT = 20.0  # no socket operation of a client waits longer than this
 STREAMS = 4
 SIZE = 1 << 20
-
-_SEQ = iter(range(1, 1 << 30))
-_LIVE_NAMESPACES: set[str] = set()
-
-
-# --------------------------------------------------------------------------- namespaces
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=15)
-    if check and out.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {out.stderr.strip() or out.returncode}")
-    return out
-
-
-def _delete_namespace(name: str) -> None:
-    if name in _LIVE_NAMESPACES:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=15)
-        _LIVE_NAMESPACES.discard(name)
-
-
-@atexit.register
-def _delete_leftover_namespaces() -> None:  # belt and braces: a test's finalizer does it
-    for name in list(_LIVE_NAMESPACES):
-        _delete_namespace(name)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-
-
-def enter_netns(name: str) -> None:
-    """Move the calling thread (only it) into network namespace ``name``."""
-    fd = os.open(NETNS_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if hasattr(os, "setns"):  # Python 3.12
-            os.setns(fd, CLONE_NEWNET)
-        elif _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({name}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-def in_netns(name: str, fn, timeout: float = 10.0):
-    """Run ``fn()`` in a fresh thread inside namespace ``name``; its result or exception."""
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            enter_netns(name)
-            box["value"] = fn()
-        except BaseException as exc:  # handed to the caller
-            box["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    if "error" in box:
-        raise box["error"]
-    if "value" not in box:
-        raise TimeoutError(f"in_netns({name}) did not finish within {timeout} s")
-    return box["value"]
-
-
-# --------------------------------------------------------------------------- processes
-
-
-class NsProc:
-    """A process run with ``ip netns exec NS``; its output lines time-stamped (monotonic) as
-    they come, and kept in a log file."""
-
-    def __init__(self, name: str, ns: str, argv: list[str], log: Path,
-                 env: dict | None = None) -> None:
-        self.name = name
-        self.ns = ns
-        self.argv = argv
-        self.log = log
-        self.lines: list[tuple[float, str]] = []
-        self.cond = threading.Condition()
-        environ = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("LISTEN_", "WATCHDOG_"))
-                   and k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
-        environ.update(env or {})
-        self.p = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  start_new_session=True, env=environ, cwd=ROOT)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        with open(self.log, "a", encoding="utf-8", errors="replace") as out:
-            for raw in self.p.stdout:  # type: ignore[union-attr]
-                line = raw.decode(errors="replace").rstrip("\n")
-                now = time.monotonic()
-                out.write(f"{now:.3f} {line}\n")
-                out.flush()
-                with self.cond:
-                    self.lines.append((now, line))
-                    self.cond.notify_all()
-                self.on_line(now, line)
-
-    def on_line(self, now: float, line: str) -> None:
-        pass
-
-    def wait_line(self, pattern: str, after: float, timeout: float):
-        """(time, match) of the first line after ``after`` that matches; None on timeout."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for t, line in self.lines:
-                    if t >= after and (m := rx.search(line)):
-                        return t, m
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self.cond.wait(min(left, 0.2))
-
-    def wait_matches(self, pattern: str, after: float, count: int,
-                     timeout: float) -> list[re.Match]:
-        """Every line after ``after`` that matches, once there are ``count`` of them or the
-        timeout has passed. The daemon writes a link's loss before the streams it ended, and
-        the reader thread may hand the test the first line before the others."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                found = [m for t, line in self.lines if t >= after and (m := rx.search(line))]
-                left = deadline - time.monotonic()
-                if len(found) >= count or left <= 0:
-                    return found
-                self.cond.wait(min(left, 0.2))
-
-    def text(self) -> str:
-        with self.cond:
-            return "\n".join(f"{t:.3f} {line}" for t, line in self.lines)
-
-    def alive(self) -> bool:
-        return self.p.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL to its process group (``ip netns exec`` execs the program: same pid)."""
-        if self.p.poll() is None:
-            try:
-                os.killpg(self.p.pid, signal.SIGKILL)
-            except OSError:
-                pass
-        try:
-            self.p.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-        self.reader.join(5)
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
-        return self.p.returncode
-
 
 # The data server, run in host A. Per connection, the first byte says the mode: "H" reads until
 # EOF then answers "<sha256 hex> <count>\n"; "E" echoes. The first 16 bytes are the stream's
@@ -512,10 +346,9 @@ class Hosts:
     connector in B."""
 
     def __init__(self, tmp: Path) -> None:
-        n = next(_SEQ)
         self.tmp = tmp
-        self.a = f"smx-a-{os.getpid()}-{n}"
-        self.b = f"smx-b-{os.getpid()}-{n}"
+        self.a = namespace_name("smx-a")
+        self.b = namespace_name("smx-b")
         self.procs: list[NsProc] = []
         self.notifies: list[Notify] = []
         self.clients: list[Client] = []
@@ -532,26 +365,18 @@ class Hosts:
 
     def make_network(self) -> str | None:
         """Build the network; a reason to skip when this machine does not allow it."""
-        if shutil.which("ip") is None:
-            return "the ip command (iproute2) is not installed"
         for ns in (self.a, self.b):
-            out = _ip("netns", "add", ns, check=False)
-            if out.returncode != 0:
-                return (f"cannot create a network namespace (needs root / CAP_SYS_ADMIN and "
-                        f"CAP_NET_ADMIN): ip netns add {ns}: {out.stderr.strip()}")
-            _LIVE_NAMESPACES.add(ns)
-        out = _ip("-n", self.a, "link", "add", VETH_A, "type", "veth", "peer", "name", VETH_B,
-                  "netns", self.b, check=False)
+            reason = add_namespace(ns)
+            if reason:
+                return reason
+        out = ip("-n", self.a, "link", "add", VETH_A, "type", "veth", "peer", "name", VETH_B,
+                 "netns", self.b, check=False)
         if out.returncode != 0:
             return f"cannot create a veth pair: {out.stderr.strip()}"
         for ns, dev, addr in ((self.a, VETH_A, ADDR_A), (self.b, VETH_B, ADDR_B)):
-            _ip("-n", ns, "addr", "add", f"{addr}/{PREFIX}", "dev", dev)
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "link", "set", dev, "up")
-        try:
-            names = [name for _i, name in in_netns(self.b, socket.if_nameindex)]
-        except OSError as exc:
-            return f"cannot enter a network namespace from a thread (setns): {exc}"
+            ip("-n", ns, "addr", "add", f"{addr}/{PREFIX}", "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up")
+        names = [name for _i, name in in_netns(self.b, socket.if_nameindex)]
         if VETH_B not in names:
             return f"setns did not move the thread into {self.b} (sees {names})"
         return None
@@ -678,7 +503,7 @@ class Hosts:
         for n in self.notifies:
             n.close()
         for ns in (self.a, self.b):
-            _delete_namespace(ns)
+            delete_namespace(ns)
 
 
 @pytest.fixture
@@ -712,7 +537,7 @@ def test_silent_cut_closes_every_stream_and_the_link_comes_back(hosts):
     flying = h.in_flight("cut")
 
     t_cut = time.monotonic()
-    _ip("netns", "exec", h.b, "ip", "link", "set", VETH_B, "down")
+    ip("netns", "exec", h.b, "ip", "link", "set", VETH_B, "down")
     h.assert_all_ended(flying, t_cut, CUT_BOUND, "silent cut")
 
     for who, proc in (("connector", h.connector), ("receptor", h.receptor)):
@@ -739,7 +564,7 @@ def test_silent_cut_closes_every_stream_and_the_link_comes_back(hosts):
     assert held.ended - t_held <= HOLD + SLACK
 
     t_restore = time.monotonic()
-    _ip("netns", "exec", h.b, "ip", "link", "set", VETH_B, "up")
+    ip("netns", "exec", h.b, "ip", "link", "set", VETH_B, "up")
     t_up = h.link_up(h.connector, t_restore, RECONNECT_BOUND)
     h.link_up(h.receptor, t_restore, RECONNECT_BOUND)
     h.timings["silent cut: link up again after restore"] = t_up - t_restore

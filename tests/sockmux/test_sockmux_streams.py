@@ -267,16 +267,95 @@ def test_duplicate_peer_stream_id_kills_the_link():
         conn.receive_data(ScriptedPeer.connect(7))
 
 
+@pytest.mark.parametrize("peer_id", [F.NO_STREAM, 0], ids=["0x00ff", "placeholder-0"])
+def test_connect_without_a_stream_id_is_refused_and_the_link_lives(peer_id):
+    """DeleGate with its ids used up sends CONNECT from its "no stream" id 0x00FF (seen
+    live): refuse that one (the CLOSE to 0x00FF reaches the agent it made), keep the link and
+    every other stream. With its agent table full it sends it from a placeholder agent, id 0
+    (seen live too): refused without an answer, as a CLOSE to 0 would end DeleGate's link."""
+    conn = SockMuxConnection(PLAIN)
+    open_plain(conn)
+    (req,) = conn.receive_data(ScriptedPeer.connect(7))
+    conn.accept_stream(req.stream_id)
+    conn.data_to_send()
+    events = conn.receive_data(ScriptedPeer.connect(peer_id, client="127.0.0.1:48486",
+                                                    entrance="127.0.0.1:48261"))
+    (refused,) = of_type(events, StreamRefused)
+    assert refused.peer_stream_id == peer_id and "stream table is full" in refused.reason
+    frames = F.decode_all(conn.bytes_to_send())
+    if peer_id == F.NO_STREAM:
+        (close,) = frames
+        assert (close.type, close.sender, close.receiver) == (F.CLOSE, F.NO_STREAM, F.NO_STREAM)
+    else:
+        assert frames == []
+    assert conn.stream_count == 1 and conn.is_ready
+    # DeleGate answers CLOSED from 0x00FF to 0x00FF: nothing to do; the open stream still works
+    assert conn.receive_data(F.encode_frame(F.CLOSED, F.NO_STREAM, F.NO_STREAM,
+                                            b"OK closed\0")) == []
+    assert data_of(conn.receive_data(ScriptedPeer.send(7, req.stream_id, b"still here"))) \
+        == b"still here"
+    with pytest.raises(RemoteProtocolError, match="reuses"):  # a real reuse is still fatal
+        conn.receive_data(ScriptedPeer.connect(7))
+
+
+@pytest.mark.parametrize("peer_id", [F.NO_STREAM, 0], ids=["0x00ff", "placeholder-0"])
+@pytest.mark.parametrize("cancelled", [False, True])
+def test_connected_without_a_stream_id_closes_the_stream_and_the_link_lives(cancelled, peer_id):
+    """DeleGate connects its server, finds no free slot and answers CONNECTED from 0x00FF:
+    our stream is refused (closed at once, CLOSE to 0x00FF for its agent), the link lives.
+    From its placeholder id 0 there is nothing to close (a CLOSE to 0 would end its link)."""
+    conn = SockMuxConnection(PLAIN)
+    open_plain(conn)
+    sid = conn.open_stream("127.0.0.1:5000", "127.0.0.1:8002")
+    other = conn.open_stream("127.0.0.1:5001", "127.0.0.1:8002")
+    conn.receive_data(ScriptedPeer.connected(9, other))
+    if cancelled:
+        conn.close_stream(sid)
+    conn.data_to_send()
+    events = conn.receive_data(ScriptedPeer.connected(peer_id, sid))
+    closed = of_type(events, StreamClosed)
+    if cancelled:
+        assert closed == []  # the driver let go of it already
+    else:
+        assert [c.stream_id for c in closed] == [sid]
+        assert "stream table is full" in closed[0].reason
+    frames = F.decode_all(conn.bytes_to_send())
+    if peer_id == F.NO_STREAM:
+        (close,) = frames
+        assert (close.type, close.sender, close.receiver) == (F.CLOSE, sid, F.NO_STREAM)
+    else:
+        assert frames == []
+    assert conn.stream_state(sid) is StreamState.CLOSED and conn.is_ready
+    assert conn.receive_data(ScriptedPeer.closed(F.NO_STREAM, sid)) == []
+    assert data_of(conn.receive_data(ScriptedPeer.send(9, other, b"ok"))) == b"ok"
+
+
 def test_stream_ids_skip_0xff_and_are_not_reused_while_open():
+    pair = ready_pair(NOAUTH_EXT, NOAUTH_EXT, a_first_id=0xFD)
+    ids = [pair.a.open_stream("a:1", "b:2") for _ in range(4)]
+    assert ids == [0xFD, 0xFE, 0x100, 0x101]
+    pair2 = ready_pair(NOAUTH_EXT, NOAUTH_EXT, a_first_id=0xFFFF)
+    first = pair2.a.open_stream("a:1", "b:2")
+    second = pair2.a.open_stream("a:1", "b:2")
+    assert (first, second) == (0xFFFF, 1)  # wraps, never 0
+
+
+def test_stream_ids_towards_a_plain_peer_fit_in_one_byte():
+    """DeleGate keeps our id of a stream in one byte (seen live: our stream 256 was answered
+    as stream 0, and every stream past the 254th of a link hung). Towards a plain peer ids
+    wrap after 0xFE, skip 0xFF and 0, and are not reused while open."""
     conn = SockMuxConnection(PLAIN, first_stream_id=0xFD)
     open_plain(conn)
     ids = [conn.open_stream("a:1", "b:2") for _ in range(4)]
-    assert ids == [0xFD, 0xFE, 0x100, 0x101]
-    conn2 = SockMuxConnection(PLAIN, first_stream_id=0xFFFF)
-    open_plain(conn2)
-    first = conn2.open_stream("a:1", "b:2")
-    second = conn2.open_stream("a:1", "b:2")
-    assert (first, second) == (0xFFFF, 1)  # wraps, never 0
+    assert ids == [0xFD, 0xFE, 1, 2]
+    for n, sid in enumerate(ids[1:], start=20):  # connected, closed, CLOSED: ids are free
+        conn.receive_data(ScriptedPeer.connected(n, sid))
+        conn.close_stream(sid)
+        conn.receive_data(ScriptedPeer.closed(n, sid))
+    assert conn.stream_ids == (0xFD,)
+    many = [conn.open_stream("a:1", "b:2") for _ in range(59)]
+    assert len(set(many + [0xFD])) == 60 and all(0 < i < 0xFF for i in many)
+    assert 0xFD not in many  # still open: not reused
 
 
 # -- half-close ------------------------------------------------------------------------------------
@@ -424,18 +503,39 @@ def test_a_stalled_reader_stalls_only_its_own_stream():
     assert pair.b.unacknowledged(stalled_peer) == 65536
 
 
-def test_peer_exceeding_the_window_kills_the_link():
+def test_plain_peer_may_send_one_frame_beyond_64k_and_not_a_byte_more():
+    """DeleGate stops only once *more than* 65,536 bytes are unacknowledged: at 65,536 it
+    still sends a full frame, 81,912 bytes in flight (seen on the wire between two
+    DeleGates). That is the edge; one byte more is a violation and ends the link."""
     conn = SockMuxConnection(PLAIN)
     open_plain(conn)
     (req,) = conn.receive_data(ScriptedPeer.connect(3))
     conn.accept_stream(req.stream_id)
-    flood = ScriptedPeer.send(3, req.stream_id, bytes(16376)) * 4
-    events = conn.receive_data(flood)
-    assert sum(len(e.data) for e in events) == 65504
+    up_to_64k = ScriptedPeer.send(3, req.stream_id, bytes(16376)) * 4 + ScriptedPeer.send(
+        3, req.stream_id, bytes(65536 - 4 * 16376))
+    one_more_frame = ScriptedPeer.send(3, req.stream_id, bytes(16376))
+    events = conn.receive_data(up_to_64k + one_more_frame)
+    assert sum(len(e.data) for e in events) == 81912
+    assert conn.unacknowledged(req.stream_id) == 81912
     with pytest.raises(RemoteProtocolError, match="flow control") as info:
-        conn.receive_data(ScriptedPeer.send(3, req.stream_id, bytes(100))
-                          + ScriptedPeer.send(3, req.stream_id, b"x"))
-    assert [type(e) for e in info.value.events] == []  # the 100-byte frame was the violation
+        conn.receive_data(ScriptedPeer.send(3, req.stream_id, b"x"))
+    assert "1 bytes sent with 0 bytes of credit (window 81912)" in str(info.value)
+    assert info.value.events == []
+
+
+def test_plain_window_follows_the_negotiated_frame_size():
+    """A DeleGate with SOXCONF=packsize:4096 sends 4 KiB frames and stops above 4 of them."""
+    conn = SockMuxConnection(PLAIN)
+    open_plain(conn, packsize=4096)
+    (req,) = conn.receive_data(ScriptedPeer.connect(3))
+    conn.accept_stream(req.stream_id)
+    assert conn.features.receive_window == 5 * 4096 - 8
+    conn.receive_data(ScriptedPeer.send(3, req.stream_id, bytes(4088)) * 4
+                      + ScriptedPeer.send(3, req.stream_id, bytes(4 * 4096 - 4 * 4088))
+                      + ScriptedPeer.send(3, req.stream_id, bytes(4088)))
+    assert conn.unacknowledged(req.stream_id) == 5 * 4096 - 8
+    with pytest.raises(RemoteProtocolError, match="flow control"):
+        conn.receive_data(ScriptedPeer.send(3, req.stream_id, b"x"))
 
 
 def test_remote_error_keeps_earlier_events_and_close_link_lists_streams():
