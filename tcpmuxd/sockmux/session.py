@@ -906,10 +906,11 @@ class Session(asyncio.Protocol):
             self._rearm_handshake()
         elif isinstance(ev, StreamRefused):
             hub.stats.refused += 1
-            hub.log_event(f"link {self.peer}: stream from {ev.client_addr} (entrance "
-                          f"{ev.entrance_addr}) refused: {ev.reason}", priority=5,
-                          SOCKMUX_EVENT="stream-refused", REMOTE_ADDR=ev.client_addr,
-                          SOCKMUX_ENTRANCE=ev.entrance_addr, SOCKMUX_REASON=ev.reason)
+            if hub.may_log_stream(True):
+                hub.log_event(f"link {self.peer}: stream from {ev.client_addr} (entrance "
+                              f"{ev.entrance_addr}) refused: {ev.reason}", priority=5,
+                              SOCKMUX_EVENT="stream-refused", REMOTE_ADDR=ev.client_addr,
+                              SOCKMUX_ENTRANCE=ev.entrance_addr, SOCKMUX_REASON=ev.reason)
         elif isinstance(ev, FrameIgnored):
             hub.debug(f"link {self.peer}: ignored: {ev.reason}")
         elif isinstance(ev, LinkClosed):
@@ -1385,9 +1386,10 @@ class Hub:
         stats.bytes_down += stream.down
         if self.finished_streams is not None:
             self.finished_streams.append(stream)
-        if self.log is not None and self._may_log_stream(stream):
+        reason = stream.reason or "closed"
+        if self.log is not None and self.may_log_stream(reason.startswith("refused"),
+                                                        stream.up, stream.down):
             duration = time.monotonic() - stream.started
-            reason = stream.reason or "closed"
             if stream.outbound:
                 route = (f"{stream.client} -> entrance {stream.entrance} -> peer"
                          + (f" ({stream.target})" if stream.target else ""))
@@ -1413,8 +1415,9 @@ class Hub:
             )
         self._changed()
 
-    def _may_log_stream(self, stream: Stream) -> bool:
-        """Take a token for the stream's record, or count the stream for the summary."""
+    def may_log_stream(self, refused: bool, up: int = 0, down: int = 0) -> bool:
+        """Take a token for a stream's record, or count the stream for the summary (a peer
+        that floods CONNECTs we refuse is bounded by this like any other stream)."""
         rate = self.stream_log_rate
         if rate is None:
             return True
@@ -1427,10 +1430,10 @@ class Hub:
         self._log_tokens = tokens
         unlogged = self._unlogged
         unlogged.streams += 1
-        if (stream.reason or "closed").startswith("refused"):
+        if refused:
             unlogged.refused += 1
-        unlogged.up += stream.up
-        unlogged.down += stream.down
+        unlogged.up += up
+        unlogged.down += down
         if self._summary_timer is None and not self.closing:
             self._summary_timer = self.loop.call_later(STREAM_LOG_SUMMARY, self._log_summary)
         return False

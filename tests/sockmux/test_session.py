@@ -1063,3 +1063,38 @@ def test_plain_peer_half_closing_client_gets_the_reply(case):
                 assert "its EOF passed on once the server was quiet" in a_stream.reason
         server.close()
     run(main())
+
+
+def test_refused_connects_of_a_flooding_peer_are_logged_at_the_stream_rate(monkeypatch):
+    """A DeleGate whose table is full sends CONNECT after CONNECT without a stream id (seen
+    live: hundreds when its clients keep coming). Each is refused, and their records share
+    the stream records' budget: at most stream_log_rate of them, the rest counted in the
+    summary as refused."""
+    from sockmux_pair import ScriptedPeer
+    from tcpmuxd.sockmux import frames as F
+    from tcpmuxd.sockmux import session as session_module
+    monkeypatch.setattr(session_module, "STREAM_LOG_SUMMARY", 0.3)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        log = CaptureLog()
+        hub = Hub(cfg(secret=None, require_auth=False, extensions=False), log=log, name="B",
+                  stream_log_rate=3)
+        ours, theirs = socket.socketpair()
+        _, session = await loop.connect_accepted_socket(hub.new_session, ours)
+        theirs.setblocking(False)
+        await loop.sock_sendall(theirs, ScriptedPeer().handshake())
+        await wait_for(lambda: session.ready, what="the link")
+        flood = b"".join(ScriptedPeer.connect(F.NO_STREAM, client=f"127.0.0.1:{40000 + i}")
+                         for i in range(200))
+        await loop.sock_sendall(theirs, flood)
+        await wait_for(lambda: hub.stats.refused == 200, what="200 refusals")
+        refusals = [f for _m, _p, f in log.records if f.get("SOCKMUX_EVENT") == "stream-refused"]
+        assert 1 <= len(refusals) <= 4, log.text()
+        await wait_for(lambda: sum(f["SOCKMUX_REFUSED"] for _m, _p, f in log.records
+                                   if f.get("SOCKMUX_EVENT") == "streams-unlogged")
+                       == 200 - len(refusals), what="the summary")
+        assert session.ready and not session.closed  # refused one by one, the link stays
+        hub.close("test over")
+        theirs.close()
+    run(main())
