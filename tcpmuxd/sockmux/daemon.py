@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("link (exactly one, without NAME)")
     g.add_argument("--accept", metavar="HOST:PORT",
                    help="be the receptor: wait for the peer on HOST:PORT ([::]:PORT for every "
-                        "address)")
+                        "IPv6 and IPv4 address)")
     g.add_argument("--connect", metavar="HOST:PORT",
                    help="be the connector: dial the receptor, and re-dial whenever the link is "
                         "lost")
@@ -585,30 +585,6 @@ def inherited_fd(device: str | None) -> str | int:
 # ------------------------------------------------------------------------ entrances
 
 
-def _bind(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets for HOST:PORT: every address the name resolves to."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    socks: list[socket.socket] = []
-    seen = set()
-    try:
-        for family, type_, proto, _canon, addr in infos:
-            if (family, addr) in seen:
-                continue
-            seen.add((family, addr))
-            sock = socket.socket(family, type_, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and host == "::":
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(addr)
-            sock.listen(ENTRANCE_BACKLOG)
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
-
-
 def open_entrances(t: Tunnel, passed: list[tuple[socket.socket, str]]
                    ) -> list[tuple[socket.socket, str]]:
     """Bind (or pick from systemd's sockets) every entrance; OSError/ValueError on failure."""
@@ -628,7 +604,8 @@ def open_entrances(t: Tunnel, passed: list[tuple[socket.socket, str]]
             bound_any = False
             for host in entrance.hosts:
                 try:
-                    result += [(s, str(entrance)) for s in _bind(host, entrance.port)]
+                    result += [(s, str(entrance))
+                               for s in links.bind_tcp(host, entrance.port, ENTRANCE_BACKLOG)]
                     bound_any = True
                 except OSError as exc:
                     # A bare PORT listens on both loopbacks; a host without IPv6 has no ::1.

@@ -92,7 +92,7 @@ from tcpmuxd.sockmux.writebuf import BufferedWrites
 
 __all__ = [
     "TLSSettings", "client_context", "server_context",
-    "connect_tcp", "listen_tcp", "open_fifos", "open_comm", "open_stdio", "open_command",
+    "bind_tcp", "connect_tcp", "listen_tcp", "open_fifos", "open_comm", "open_stdio", "open_command",
     "connect_fds", "PipePairTransport", "Backoff", "set_raw",
 ]
 
@@ -381,6 +381,35 @@ class _TLSAccept(asyncio.Protocol):
         raise AssertionError("bytes read outside TLS")
 
 
+def bind_tcp(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Listening sockets for HOST:PORT, one per address the name resolves to.
+
+    ``::`` (written ``[::]``) is one dual-stack socket (``IPV6_V6ONLY`` off): every IPv6 and
+    IPv4 address, as the man pages promise and as systemd's ``ListenStream=PORT`` binds. The
+    loops' own ``create_server`` would make it IPv6-only, and an IPv4 peer would be refused.
+    """
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, type_, proto, _canon, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and host == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(addr)
+            sock.listen(backlog)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
 async def listen_tcp(host: str | Sequence[str] | None, port: int,
                      protocol_factory: ProtocolFactory, *, tls: ssl.SSLContext | None = None,
                      backlog: int = 1024, handshake_timeout: float = 10.0) -> asyncio.Server:
@@ -390,12 +419,19 @@ async def listen_tcp(host: str | Sequence[str] | None, port: int,
     *handshake_timeout* before the factory is called; a failure is logged and the socket closed.
     Whether a new link replaces an existing one is the protocol's (the driver's) decision.
     ``server.close()`` stops accepting; links already handed up stay open, and a handshake still
-    in flight is dropped when it completes. *host* None or "" listens on every address.
+    in flight is dropped when it completes. *host* None or "" listens on every address (a
+    socket per family); ``"::"`` too, with one dual-stack socket (:func:`bind_tcp`).
     """
     loop = asyncio.get_running_loop()
     acceptor = _Acceptor(loop, protocol_factory, tls, handshake_timeout)
-    server = await loop.create_server(acceptor.new_protocol, host or None, port,
-                                      backlog=backlog, reuse_address=True, start_serving=False)
+    if host == "::":
+        [sock] = bind_tcp("::", port, backlog)
+        server = await loop.create_server(acceptor.new_protocol, sock=sock, backlog=backlog,
+                                          start_serving=False)
+    else:
+        server = await loop.create_server(acceptor.new_protocol, host or None, port,
+                                          backlog=backlog, reuse_address=True,
+                                          start_serving=False)
     acceptor.server = server
     await server.start_serving()
     return server
