@@ -115,6 +115,9 @@ DEFAULT_FRAME_SIZE = 65536
 #: Per-stream log records per second (a token bucket of as many); the rest are summarized.
 #: Well under journald's default rate limit (10000 per 30 s per service).
 DEFAULT_STREAM_LOG_RATE = 100
+#: A peer that leaves this side's control frames (answers to its own) unread is cut after
+#: this long without reading them (reading it paused meanwhile; see session.py, Memory).
+DEFAULT_SEND_TIMEOUT = 30.0
 STREAM_LOG_RATE_LIMIT = 1_000_000
 # The protocol layer's limits (SockMuxConfig): stream ids are 16 bit with two reserved.
 MAX_STREAMS_LIMIT = 0xFFFF - 2
@@ -408,6 +411,7 @@ class Tunnel:
     stream_window: int = DEFAULT_WINDOW_SIZE
     max_frame_size: int = DEFAULT_FRAME_SIZE
     stream_log_rate: int = DEFAULT_STREAM_LOG_RATE
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
     description: str = ""
 
     @property
@@ -503,6 +507,7 @@ _KEYS: dict[str, KeySpec] = {
     "WindowSize": KeySpec(bounded(parse_size, *WINDOW_SIZE_RANGE)),
     "FrameSize": KeySpec(bounded(parse_size, MIN_FRAME_SIZE, MAX_FRAME_SIZE)),
     "StreamLogRate": KeySpec(bounded(parse_count, 0, STREAM_LOG_RATE_LIMIT)),
+    "SendTimeoutSec": KeySpec(parse_timeout),
 }
 _TLS_DETAIL_KEYS = (
     "TLSCertificate",
@@ -701,6 +706,7 @@ def _parse_tunnel(name: str, path: Path, text: str, overrides: tuple[Path, ...])
         stream_window=values.get("WindowSize", DEFAULT_WINDOW_SIZE),
         max_frame_size=values.get("FrameSize", DEFAULT_FRAME_SIZE),
         stream_log_rate=values.get("StreamLogRate", DEFAULT_STREAM_LOG_RATE),
+        send_timeout=values.get("SendTimeoutSec", DEFAULT_SEND_TIMEOUT),
         description=values.get("Description", ""),
     )
 
@@ -826,6 +832,7 @@ def format_tunnel(t: Tunnel) -> str:
         rows.append(("ReconnectMaxSec", format_timespan(t.reconnect_max)))
     rows += [("WindowSize", _size(t.stream_window)), ("FrameSize", _size(t.max_frame_size)),
              ("StreamLogRate", f"{t.stream_log_rate}/s" + (
-                 " (no per-stream records, summaries only)" if not t.stream_log_rate else ""))]
+                 " (no per-stream records, summaries only)" if not t.stream_log_rate else "")),
+             ("SendTimeoutSec", format_timespan(t.send_timeout))]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)

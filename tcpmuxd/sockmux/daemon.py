@@ -248,7 +248,8 @@ LINK_FLAGS = ("accept", "connect", "fifo", "comm", "stdio", "command")
 TUNNEL_FLAGS = LINK_FLAGS + (
     "entrance", "exit", "secret", "no_auth", "no_extensions", "tls", "tls_cert", "tls_key",
     "tls_ca", "tls_server_name", "tls_no_verify", "max_streams", "keepalive", "dead_peer",
-    "connect_timeout", "reconnect_max", "window", "frame_size", "stream_log_rate", "name")
+    "connect_timeout", "reconnect_max", "window", "frame_size", "stream_log_rate",
+    "send_timeout", "name")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"at most N per-stream log records per second; streams beyond are "
                         f"counted in a summary record (default "
                         f"{tconfig.DEFAULT_STREAM_LOG_RATE}; 0: summaries only)")
+    g.add_argument("--send-timeout", metavar="TIME", type=_timespan,
+                   help="a peer that leaves over 1 MiB of this side's control frames (answers "
+                        "to its own: ECHOOK, CLOSED, SENT...) unread is no longer read, and the "
+                        "link is reset when it has not read them within TIME (default 30s)")
     g.add_argument("--name", dest="tunnel_name", metavar="LABEL",
                    help="the tunnel's name in logs (default: the link)")
 
@@ -544,7 +549,8 @@ def tunnel_from_args(args: argparse.Namespace) -> Tunnel:
         reconnect_max=args.reconnect_max or tconfig.DEFAULT_RECONNECT_MAX,
         stream_window=window, max_frame_size=frame,
         stream_log_rate=(tconfig.DEFAULT_STREAM_LOG_RATE if args.stream_log_rate is None
-                         else args.stream_log_rate), **fields)
+                         else args.stream_log_rate),
+        send_timeout=args.send_timeout or tconfig.DEFAULT_SEND_TIMEOUT, **fields)
 
 
 def protocol_config(t: Tunnel) -> SockMuxConfig:
@@ -797,7 +803,7 @@ class Daemon:
             on_change=self._push_status if self.notifier.enabled else None,
             change_delay=STATUS_MIN_INTERVAL,
             hold_timeout=args.hold, first_data_wait=args.first_data_wait,
-            stream_log_rate=t.stream_log_rate)
+            stream_log_rate=t.stream_log_rate, send_timeout=t.send_timeout)
         if not t.require_auth:
             self.record("authentication is OFF (--no-auth / Authentication=none): anyone who "
                         "can reach the link can open streams to this side's exits", priority=4)

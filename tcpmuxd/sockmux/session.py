@@ -37,10 +37,8 @@ Where the bytes go
   queueing it (``Session.link_blocked``), and pending data is held back; below the low mark
   they all resume. (Lazily: only streams that have something to send are paused, so a
   congestion episode costs nothing for the idle ones, however many there are.) Reading
-  *the link* is never paused for this (two peers that both stopped reading while both had
-  full buffers would deadlock): it is paused only above a hard bound that well-behaved
-  traffic cannot reach (see Memory), so a peer that floods requests (ECHO, CLOSE) without
-  reading the answers cannot make this side buffer without limit.
+  *the link* is never paused for data (two peers that both stopped reading while both had
+  full buffers would deadlock), only for control frames: see Memory.
 * **Half-close.** EOF from a local socket becomes ``end_stream`` (SHUT with the extension,
   else CLOSE, as DeleGate does) once the data before it has been handed over; ``StreamEnded``
   becomes ``write_eof()`` on the local socket after what is buffered. When both directions have
@@ -58,9 +56,22 @@ by definition. So the streams of one link hold at most
 windows, 64 KiB frames) about 2.4 GiB, a worst case that needs every stream stalled in both
 directions at once (OpenSSH's channels have 2 MiB windows and no stream limit at all);
 ``MaxStreams=`` and ``WindowSize=`` bound it further. On top of that: the decoder's one
-incomplete frame, and the link buffer's control frames, bounded by
-:attr:`Session.hard_limit` (reading the link pauses above it). An idle stream costs its two
-sockets' transports and two small objects: 2-4 KiB measured per side (RSS, uvloop).
+incomplete frame, and the control frames in the link's write buffer. Those are mostly
+answers the connection gives by itself to the peer's frames (ECHOOK to ECHO, HELLOOK to
+HELLO, CLOSED to CLOSE, a CLOSE refusing a CONNECT, SENT for data written), so a peer that
+sends such frames and reads nothing would make this side queue answers without limit: no
+window bounds them. The session counts them (``conn.control_bytes_queued``: everything but
+stream data) into :attr:`Session.unread_control`, an upper bound of the control bytes still
+in the buffer (cut to the buffer's size, which FIFO order allows). Above
+:attr:`Session.control_limit` (:data:`MAX_UNREAD_CONTROL`, at least ``link_high``) reading
+the link pauses, until the buffer drains below ``link_low`` (``resume_writing``); if the
+peer has not read by then within :attr:`Hub.send_timeout` seconds, the link is reset and
+the record says why. Between two checks one read is answered at most: 256 KiB of the
+peer's smallest frames, which HELLOOK (the largest answer to the smallest frame) turns
+into about 1.5 MiB. Data never pauses the link: two peers with full buffers both go on
+reading, so they cannot deadlock; control frames pile up only at a peer that does not read
+them. An idle stream costs its two sockets' transports and two small objects: 2-4 KiB
+measured per side (RSS, uvloop).
 
 Link life
 ---------
@@ -123,8 +134,15 @@ __all__ = [
 #: Link write buffer: above HIGH, streams stop reading their clients; below LOW they resume.
 LINK_WRITE_HIGH: Final = 1 << 20
 LINK_WRITE_LOW: Final = 256 << 10
-#: Room for control frames (SENT, ECHOOK, CLOSED...) on top of the data the windows allow.
-CONTROL_SLACK: Final = 1 << 20
+#: Control frames (ECHOOK, HELLOOK, SENT, CLOSE, CLOSED...: everything but stream data) that
+#: may wait unread in the link's write buffer; above it reading the link pauses (see Memory).
+MAX_UNREAD_CONTROL: Final = 1 << 20
+#: flush_now joins the chunks when there are more than SMALL_CHUNKS of them, on average
+#: smaller than SMALL_CHUNK bytes (copying them costs less than buffering them one by one).
+SMALL_CHUNKS: Final = 64
+SMALL_CHUNK: Final = 128
+#: Default for Hub.send_timeout: how long reading may stay paused so before the link is cut.
+SEND_TIMEOUT: Final = 30.0
 #: How long a new entrance connection may wait for its first bytes before its stream opens
 #: without them (see Hub.first_data_wait). Measured on loopback: the client's first bytes come
 #: 0.1-1 ms after the accept; riding in CONNECT they save a tunnel round trip (connections/s
@@ -567,7 +585,14 @@ class Session(asyncio.Protocol):
         self.peer = "?"
         self.peer_hello = ""
         self.link_paused: bool = False
-        self.read_paused = False
+        self.read_paused = False  # paused: the peer leaves too many control frames unread
+        #: At least the control bytes (not stream data) in the link's write buffer: every
+        #: control byte written is added, and it is cut to the buffer's size whenever that is
+        #: known to be smaller (the buffer is FIFO: it cannot hold more control than bytes).
+        self.unread_control = 0
+        self._control_mark = 0  # conn.control_bytes_queued at the last flush
+        self.control_limit = max(hub.link_high, MAX_UNREAD_CONTROL)
+        self._stall_timer: asyncio.TimerHandle | None = None
         self.ready = False
         self.ever_ready = False
         self.authenticated = False
@@ -576,7 +601,6 @@ class Session(asyncio.Protocol):
         self.rtt: float | None = None
         self.started = self.loop.time()
         self.ready_at: float | None = None
-        self.hard_limit = LINK_WRITE_HIGH + CONTROL_SLACK
         self._flush_pending = False
         # Bound once: compiled, calling a stored bound method skips a method lookup (time,
         # per read) and an allocation (the flush callback, per poll round with output).
@@ -641,8 +665,14 @@ class Session(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.link_paused = False
+        low = self.hub.link_low
+        if self.unread_control > low:  # the buffer holds at most link_low bytes now
+            self.unread_control = low
         if self.read_paused:
             self.read_paused = False
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+                self._stall_timer = None
             if not self.closed:
                 self.transport.resume_reading()
         blocked = self.link_blocked
@@ -661,9 +691,15 @@ class Session(asyncio.Protocol):
         Called after every call that may queue frames; with nothing queued (most data just
         received: credit is lazy) it schedules nothing. CLOSED answers alone wait up to
         :data:`CLOSED_DELAY` for company (see SockMuxConnection.output_is_urgent)."""
+        conn = self.conn
+        if conn.control_bytes_queued - self._control_mark > LINK_WRITE_LOW:
+            # Many control frames within one poll round (libuv reads up to 32 times per round:
+            # a flood of ECHO or CLOSE gives 8 MiB of answers): written now, so that the
+            # transport's flow control and the count of unread control frames see them at once.
+            self.flush_now()
+            return
         if self._flush_pending:
             return
-        conn = self.conn
         if conn.output_is_urgent:
             self._flush_pending = True
             self.loop.call_soon(self._flush_due_cb)
@@ -682,16 +718,50 @@ class Session(asyncio.Protocol):
         if self._lazy_timer is not None:
             self._lazy_timer.cancel()
             self._lazy_timer = None
-        out = self.conn.data_to_send()
+        conn = self.conn
+        queued = conn.outgoing_bytes
+        out = conn.data_to_send()
         if out:
             transport = self.transport
             if transport is None or self.closed:
                 return
+            if len(out) > SMALL_CHUNKS and queued < len(out) * SMALL_CHUNK:
+                # Many small frames (answers to a flood of ECHO, CLOSE...): one bytes object.
+                # A buffered chunk costs uvloop ~150 bytes of bookkeeping, 12x an ECHOOK.
+                out = [b"".join(out)]
             transport.writelines(out)
-            if (self.link_paused and not self.read_paused
-                    and transport.get_write_buffer_size() > self.hard_limit):
-                self.read_paused = True
-                transport.pause_reading()
+            control = conn.control_bytes_queued
+            unread = self.unread_control + control - self._control_mark
+            self._control_mark = control
+            if not self.link_paused:
+                # write() calls pause_writing() above link_high: below it, so is the buffer
+                high = self.hub.link_high
+                self.unread_control = high if unread > high else unread
+            else:
+                size = transport.get_write_buffer_size()
+                unread = size if unread > size else unread
+                self.unread_control = unread
+                if unread > self.control_limit and not self.read_paused:
+                    self._stop_reading(unread)
+
+    def _stop_reading(self, unread: int) -> None:
+        """The peer leaves more than control_limit bytes of control frames unread (they are
+        mostly answers to its own frames): stop reading it until it reads them (resume_writing),
+        so that it cannot make this side queue answers without bound; cut the link if it has
+        not read them within the hub's send_timeout."""
+        self.read_paused = True
+        self.transport.pause_reading()
+        self.hub.debug(f"link {self.peer}: {unread} bytes of control frames unread by the peer: "
+                       "reading paused")
+        self._stall_timer = self.loop.call_later(self.hub.send_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        if self.read_paused and not self.closed:
+            self._fail(f"the peer does not read: {_human(self.unread_control)} of control "
+                       f"frames (answers to its own) unread for {self.hub.send_timeout:g} s "
+                       f"({_human(self.transport.get_write_buffer_size())} queued in all)",
+                       reset=True)
 
     # -- events ----------------------------------------------------------------------------
 
@@ -754,8 +824,6 @@ class Session(asyncio.Protocol):
                 f"{f.max_frame_size}, window {f.send_window}/{f.receive_window}, "
                 f"streams {f.max_streams}, half-close {'on' if f.half_close else 'off'}",
                 SOCKMUX_EVENT="handshake", SOCKMUX_LINK=self.peer, SOCKMUX_PEER_HELLO=ev.peer_hello)
-            self.hard_limit = (f.max_streams * (f.send_window + 2 * f.max_frame_size)
-                               + hub.link_high + CONTROL_SLACK)
         elif isinstance(ev, Authenticated):
             self.authenticated = True
             hub.log_event(f"link {self.peer}: peer authenticated (shared secret)",
@@ -778,6 +846,8 @@ class Session(asyncio.Protocol):
             self._rearm_handshake()
         elif isinstance(ev, StreamRefused):
             hub.stats.refused += 1
+            if not hub._may_log("refused", 0, 0):  # a flood of CONNECTs: counted, summed up
+                return
             hub.log_event(f"link {self.peer}: stream from {ev.client_addr} (entrance "
                           f"{ev.entrance_addr}) refused: {ev.reason}", priority=5,
                           SOCKMUX_EVENT="stream-refused", REMOTE_ADDR=ev.client_addr,
@@ -879,20 +949,23 @@ class Session(asyncio.Protocol):
         """Close the link (shutdown, replaced by a newer link): every stream is reset."""
         self._fail(reason)
 
-    def _fail(self, reason: str, priority: int = 4) -> None:
+    def _fail(self, reason: str, priority: int = 4, reset: bool = False) -> None:
+        """Close the link: ``reset`` at once (RST: the peer does not read, there is nothing
+        it would get), else after flushing what is queued (at most LINK_CLOSE_LINGER)."""
         if self.closed:
             return
-        try:
-            self.flush_now()  # an AUTH failure notice, CLOSEs: the peer's log should say why
-        except Exception:  # the transport may be gone already
-            pass
+        if not reset:
+            try:
+                self.flush_now()  # an AUTH failure notice, CLOSEs: the peer's log should say why
+            except Exception:  # the transport may be gone already
+                pass
         self.closed = True
         self.reason = reason
         was_ready, self.ready = self.ready, False
-        for timer in (self._timer, self._handshake_timer):
+        for timer in (self._timer, self._handshake_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
-        self._timer = self._handshake_timer = None
+        self._timer = self._handshake_timer = self._stall_timer = None
         self.conn.close_link(reason)
         streams = list(self.streams.values())
         for stream in streams:
@@ -901,8 +974,11 @@ class Session(asyncio.Protocol):
         self.link_blocked.clear()
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.close()
-            self._abort_timer = self.loop.call_later(LINK_CLOSE_LINGER, transport.abort)
+            if reset:
+                _reset(transport)
+            else:
+                transport.close()
+                self._abort_timer = self.loop.call_later(LINK_CLOSE_LINGER, transport.abort)
         self.hub._link_down(self, reason, was_ready, len(streams), priority)
         if transport is None and not self.done.done():
             self.done.set_result(reason)
@@ -963,7 +1039,8 @@ class Hub:
                  on_change: Callable[[], None] | None = None, change_delay: float = 1.0,
                  stream_log_rate: float | None = None, debug: bool = False,
                  hold_timeout: float = 0.0,
-                 first_data_wait: float = FIRST_DATA_WAIT) -> None:
+                 first_data_wait: float = FIRST_DATA_WAIT,
+                 send_timeout: float = SEND_TIMEOUT) -> None:
         self.loop = asyncio.get_running_loop()
         self.config = config
         self.exits = dict(exits or {})
@@ -972,6 +1049,9 @@ class Hub:
         self.name = name
         self.handshake_timeout = handshake_timeout
         self.max_pending_links = max_pending_links
+        #: A link whose reading paused because the peer leaves control frames unread (see
+        #: Session._stop_reading) is cut after this many seconds without the peer reading.
+        self.send_timeout = send_timeout
         self.link_high = link_high
         self.link_low = link_low
         self.on_ready = on_ready
@@ -1234,7 +1314,8 @@ class Hub:
         stats.bytes_down += stream.down
         if self.finished_streams is not None:
             self.finished_streams.append(stream)
-        if self.log is not None and self._may_log_stream(stream):
+        if self.log is not None and self._may_log(stream.reason or "closed", stream.up,
+                                                  stream.down):
             duration = time.monotonic() - stream.started
             reason = stream.reason or "closed"
             if stream.outbound:
@@ -1262,8 +1343,9 @@ class Hub:
             )
         self._changed()
 
-    def _may_log_stream(self, stream: Stream) -> bool:
-        """Take a token for the stream's record, or count the stream for the summary."""
+    def _may_log(self, reason: str, up: int, down: int) -> bool:
+        """Take a token for a stream's record (or a refused CONNECT's), or count the stream
+        for the summary."""
         rate = self.stream_log_rate
         if rate is None:
             return True
@@ -1276,10 +1358,10 @@ class Hub:
         self._log_tokens = tokens
         unlogged = self._unlogged
         unlogged.streams += 1
-        if (stream.reason or "closed").startswith("refused"):
+        if reason.startswith("refused"):
             unlogged.refused += 1
-        unlogged.up += stream.up
-        unlogged.down += stream.down
+        unlogged.up += up
+        unlogged.down += down
         if self._summary_timer is None and not self.closing:
             self._summary_timer = self.loop.call_later(STREAM_LOG_SUMMARY, self._log_summary)
         return False

@@ -977,6 +977,7 @@ def test_format_tunnel(levels: list[Path], pem: Path, tmp_path: Path) -> None:
         "WindowSize         1048576 (1M)",
         "FrameSize          65536 (64K)",
         "StreamLogRate      100/s",
+        "SendTimeoutSec     30s",
     ]
 
 

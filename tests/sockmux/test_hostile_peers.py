@@ -1,0 +1,128 @@
+"""Hostile peers against a real sockmuxd receptor process (issue 12, sockmuxd items 1 and 2).
+
+* A peer that floods frames the receptor answers by itself (ECHO, HELLO, CLOSE, CONNECT) and
+  never reads the answers: before this was bounded, an authenticated one took the receptor from
+  31 MB to over 700 MB in seconds. Now the receptor stops reading such a peer once about 1 MiB
+  of answers wait unread, its RSS rises by at most 32 MiB (VmHWM, the kernel's own peak), and
+  the link is reset after ``--send-timeout`` with a record that names the reason. In every
+  phase: before the HELLO exchange, waiting for authentication, and up.
+* The send timeout at its edge: a peer that reads its answers within it keeps the link.
+
+The flooding peer is :mod:`hostile_peer` (a plain socket speaking frames). Each test runs with
+the build the suite runs (compiled, or SOCKMUXD_PURE_PYTHON=1 in the pure pass) and names the
+event loop.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hostile_peer import FLOOD_FRAMES, FloodPeer, vm_kib
+from tcpmuxd_harness import free_port
+from test_daemon import procs, secret, start  # noqa: F401
+
+from tcpmuxd.sockmux import frames as F
+
+SECRET = b"0123456789abcdef0123456789abcdef"  # the secret fixture's
+#: The issue's target: a flooding peer raises the receptor's RSS by at most this.
+MAX_RISE_KIB = 32 << 10
+SEND_TIMEOUT = 2.0
+
+
+def wait_log(proc, text: str, timeout: float = 15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in proc.text():
+        if time.monotonic() > deadline or proc.p.poll() is not None:
+            raise AssertionError(f"{text!r} not logged within {timeout} s:\n{proc.text()}")
+        time.sleep(0.02)
+    return proc.text()
+
+
+def receptor(procs, tmp_path, secret: str, *extra: str) -> tuple[object, int]:
+    """A receptor on 127.0.0.1 with an exit nobody listens on; returns (proc, port)."""
+    port = free_port()
+    proc = start(procs, tmp_path, "receptor",
+                 ["--accept", f"127.0.0.1:{port}", "--secret", secret,
+                  "--exit", f"127.0.0.1:{free_port()}", *extra])
+    wait_log(proc, "waiting for the peer")
+    time.sleep(0.2)  # let start-up allocations settle before the baseline
+    return proc, port
+
+
+FLOODS = [
+    pytest.param("hello", "echo", "uvloop", id="before-hello-echo-uvloop"),
+    pytest.param("hello", "echo", "asyncio", id="before-hello-echo-asyncio"),
+    pytest.param("hello", "hello", "uvloop", id="before-hello-hello-uvloop"),
+    pytest.param("auth", "connect", "uvloop", id="before-auth-connect-uvloop"),
+    pytest.param("up", "echo", "uvloop", id="authenticated-echo-uvloop"),
+    pytest.param("up", "echo", "asyncio", id="authenticated-echo-asyncio"),
+    pytest.param("up", "close", "uvloop", id="authenticated-close-uvloop"),
+]
+
+
+@pytest.mark.parametrize(("phase", "kind", "loop"), FLOODS)
+def test_a_flood_without_reading_is_bounded_then_cut(procs, tmp_path, secret, phase, kind,
+                                                      loop):
+    proc, port = receptor(procs, tmp_path, secret, "--loop", loop,
+                          "--send-timeout", f"{SEND_TIMEOUT:g}s")
+    pid = proc.p.pid
+    base = vm_kib(pid)
+    peer = FloodPeer(port)
+    try:
+        peer.reach(phase, SECRET)
+        result = peer.flood(FLOOD_FRAMES[kind], pid, base_kib=base)
+        rise = vm_kib(pid, "VmHWM") - base
+        print(f"{phase}/{kind}/{loop}: VmRSS {base} KiB before, VmHWM {base + rise} KiB, "
+              f"{result.sent} bytes taken in {result.seconds:.1f} s")
+        assert result.stalled, f"the receptor never stopped reading: {result}"
+        assert rise <= MAX_RISE_KIB, f"RSS rose by {rise} KiB"
+        assert peer.wait_cut(SEND_TIMEOUT + 5) == "reset"
+        text = wait_log(proc, "the peer does not read:")
+        assert f"unread for {SEND_TIMEOUT:g} s" in text
+        # and the log stays bounded too (a CONNECT refused before authentication was a
+        # record each: refusals share the stream records' rate, 100/s, and are summed up)
+        assert len(text.splitlines()) < 600
+    finally:
+        peer.close()
+    # The receptor is none the worse: a good peer comes up.
+    good = FloodPeer(port)
+    try:
+        good.reach("up", SECRET)
+    finally:
+        good.close()
+
+
+def test_a_peer_that_reads_within_the_send_timeout_keeps_its_link(procs, tmp_path, secret):
+    """Flooded answers unread for half the send timeout, then read: the link stays up and
+    answers the next ECHO. Then unread past the timeout: reset, as above."""
+    timeout = 3.0
+    proc, port = receptor(procs, tmp_path, secret, "--send-timeout", f"{timeout:g}s")
+    peer = FloodPeer(port)
+    try:
+        peer.reach("up", SECRET)
+        assert peer.flood(FLOOD_FRAMES["echo"], proc.p.pid).stalled
+        time.sleep(timeout / 2)
+        # Read every answer there is (the receptor reads the rest of the flood meanwhile and
+        # answers it too), until a fresh ECHO of ours comes back.
+        probe = F.encode_frame(F.ECHO, F.NO_STREAM, F.NO_STREAM, F.echo_payload(424242))
+        peer.sock.sendall(probe)
+        decoder = F.FrameDecoder(F.MAX_FRAME_SIZE)
+        deadline = time.monotonic() + 20
+        answered = False
+        while not answered:
+            assert time.monotonic() < deadline, "no answer to the probe"
+            decoder.feed(peer.sock.recv(1 << 20))
+            while (frame := decoder.next_frame()) is not None:
+                answered = answered or (frame.type == F.ECHOOK
+                                        and F.parse_echo(frame.payload) == 424242)
+        assert peer.tcp_state() == 1  # ESTABLISHED
+        assert "does not read" not in proc.text()
+        # Past the timeout, unread: cut, and not before the timeout has passed.
+        assert peer.flood(FLOOD_FRAMES["echo"], proc.p.pid).stalled
+        stalled_at = time.monotonic()
+        assert peer.wait_cut(timeout + 5) == "reset"
+        assert time.monotonic() - stalled_at >= timeout - 1.0  # (the stall shows 0.5 s late)
+        wait_log(proc, f"unread for {timeout:g} s")
+    finally:
+        peer.close()
