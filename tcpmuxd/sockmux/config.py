@@ -50,6 +50,7 @@ from ..dropins import (
     parse_exec,
     parse_size,
     parse_timeout,
+    parse_timespan,
     read_drop_in,
     read_settings,
     show_path,
@@ -118,6 +119,15 @@ DEFAULT_STREAM_LOG_RATE = 100
 #: A peer that leaves this side's control frames (answers to its own) unread is cut after
 #: this long without reading them (reading it paused meanwhile; see session.py, Memory).
 DEFAULT_SEND_TIMEOUT = 30.0
+#: A link must be up (HELLO exchange, options, authentication: a few round trips) this long
+#: after it connected; junk or a half frame from a stranger holds a slot no longer.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Receptor: links being set up at once (TLS handshakes included); more are reset at accept.
+DEFAULT_MAX_PENDING_LINKS = 8
+MAX_PENDING_LINKS_LIMIT = 1024
+#: Receptor: the longest a failed link from an address is held before its reset (the delay
+#: doubles from 1 s with each failure in a row; see admission.py).
+DEFAULT_FAILURE_DELAY = 60.0
 STREAM_LOG_RATE_LIMIT = 1_000_000
 # The protocol layer's limits (SockMuxConfig): stream ids are 16 bit with two reserved.
 MAX_STREAMS_LIMIT = 0xFFFF - 2
@@ -412,6 +422,9 @@ class Tunnel:
     max_frame_size: int = DEFAULT_FRAME_SIZE
     stream_log_rate: int = DEFAULT_STREAM_LOG_RATE
     send_timeout: float = DEFAULT_SEND_TIMEOUT
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    max_pending_links: int = DEFAULT_MAX_PENDING_LINKS
+    failure_delay: float = DEFAULT_FAILURE_DELAY
     description: str = ""
 
     @property
@@ -508,6 +521,9 @@ _KEYS: dict[str, KeySpec] = {
     "FrameSize": KeySpec(bounded(parse_size, MIN_FRAME_SIZE, MAX_FRAME_SIZE)),
     "StreamLogRate": KeySpec(bounded(parse_count, 0, STREAM_LOG_RATE_LIMIT)),
     "SendTimeoutSec": KeySpec(parse_timeout),
+    "HandshakeTimeoutSec": KeySpec(parse_timeout),
+    "MaxPendingLinks": KeySpec(bounded(parse_count, 1, MAX_PENDING_LINKS_LIMIT), ("accept",)),
+    "FailureDelaySec": KeySpec(parse_timespan, ("accept",)),
 }
 _TLS_DETAIL_KEYS = (
     "TLSCertificate",
@@ -707,6 +723,9 @@ def _parse_tunnel(name: str, path: Path, text: str, overrides: tuple[Path, ...])
         max_frame_size=values.get("FrameSize", DEFAULT_FRAME_SIZE),
         stream_log_rate=values.get("StreamLogRate", DEFAULT_STREAM_LOG_RATE),
         send_timeout=values.get("SendTimeoutSec", DEFAULT_SEND_TIMEOUT),
+        handshake_timeout=values.get("HandshakeTimeoutSec", DEFAULT_HANDSHAKE_TIMEOUT),
+        max_pending_links=values.get("MaxPendingLinks", DEFAULT_MAX_PENDING_LINKS),
+        failure_delay=values.get("FailureDelaySec", DEFAULT_FAILURE_DELAY),
         description=values.get("Description", ""),
     )
 
@@ -833,6 +852,11 @@ def format_tunnel(t: Tunnel) -> str:
     rows += [("WindowSize", _size(t.stream_window)), ("FrameSize", _size(t.max_frame_size)),
              ("StreamLogRate", f"{t.stream_log_rate}/s" + (
                  " (no per-stream records, summaries only)" if not t.stream_log_rate else "")),
-             ("SendTimeoutSec", format_timespan(t.send_timeout))]
+             ("SendTimeoutSec", format_timespan(t.send_timeout)),
+             ("HandshakeTimeoutSec", format_timespan(t.handshake_timeout))]
+    if t.link == "accept":
+        rows += [("MaxPendingLinks", str(t.max_pending_links)),
+                 ("FailureDelaySec", format_timespan(t.failure_delay) if t.failure_delay
+                  else "0 (failed links are reset at once)")]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)

@@ -63,9 +63,6 @@ STATUS_REFRESH = 5.0
 TICK_INTERVAL = 5.0
 #: Default for --ready-timeout: READY=1 at the latest after this long (TimeoutStartSec=90s).
 DEFAULT_READY_TIMEOUT = 60.0
-#: The handshake (authentication included) must finish within this many connect timeouts.
-HANDSHAKE_FACTOR = 2.0
-MIN_HANDSHAKE_TIMEOUT = 20.0
 ENTRANCE_BACKLOG = 4096
 #: How long shutdown waits for the links to close (and a command link's process to exit).
 SHUTDOWN_TIMEOUT = 6.0
@@ -237,6 +234,13 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _pending_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= tconfig.MAX_PENDING_LINKS_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a number of links from 1 to {tconfig.MAX_PENDING_LINKS_LIMIT}")
+    return int(text)
+
+
 def _log_rate(text: str) -> int:
     if not text.isdigit() or int(text) > tconfig.STREAM_LOG_RATE_LIMIT:
         raise argparse.ArgumentTypeError(
@@ -249,7 +253,7 @@ TUNNEL_FLAGS = LINK_FLAGS + (
     "entrance", "exit", "secret", "no_auth", "no_extensions", "tls", "tls_cert", "tls_key",
     "tls_ca", "tls_server_name", "tls_no_verify", "max_streams", "keepalive", "dead_peer",
     "connect_timeout", "reconnect_max", "window", "frame_size", "stream_log_rate",
-    "send_timeout", "name")
+    "send_timeout", "handshake_timeout", "max_pending_links", "failure_delay", "name")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,6 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a peer that leaves over 1 MiB of this side's control frames (answers "
                         "to its own: ECHOOK, CLOSED, SENT...) unread is no longer read, and the "
                         "link is reset when it has not read them within TIME (default 30s)")
+    g.add_argument("--handshake-timeout", metavar="TIME", type=_timespan,
+                   help="a link must be up (handshake and authentication done) this long after "
+                        "it connected, else it is reset (default 10s)")
+    g.add_argument("--max-pending-links", metavar="N", type=_pending_count,
+                   help="--accept: links being set up at once, TLS handshakes included; more "
+                        "are reset when accepted (default 8)")
+    g.add_argument("--failure-delay", metavar="TIME", type=_zero_or_timespan,
+                   help="--accept: hold a link that failed before it was up (authentication, "
+                        "handshake deadline, protocol error) before the reset: 1s after its "
+                        "address's first failure, doubling up to TIME (default 60s; 0: reset "
+                        "at once); a DeleGate that cannot authenticate then re-dials once per "
+                        "delay instead of at once")
     g.add_argument("--name", dest="tunnel_name", metavar="LABEL",
                    help="the tunnel's name in logs (default: the link)")
 
@@ -540,6 +556,10 @@ def tunnel_from_args(args: argparse.Namespace) -> Tunnel:
     if args.reconnect_max and link not in ("connect", "command", "fifo", "device"):
         raise UsageError("--reconnect-max is for links that are re-established: --connect, "
                          "--command, --fifo, --comm")
+    for flag in ("max_pending_links", "failure_delay"):
+        if getattr(args, flag) is not None and link != "accept":
+            raise UsageError(f"--{flag.replace('_', '-')} is for a receptor (--accept): it "
+                             "limits the links that come in")
     return Tunnel(
         name=args.tunnel_name or label, link=link, entrances=tuple(entrances),
         exits=MappingProxyType(exits),
@@ -550,7 +570,11 @@ def tunnel_from_args(args: argparse.Namespace) -> Tunnel:
         stream_window=window, max_frame_size=frame,
         stream_log_rate=(tconfig.DEFAULT_STREAM_LOG_RATE if args.stream_log_rate is None
                          else args.stream_log_rate),
-        send_timeout=args.send_timeout or tconfig.DEFAULT_SEND_TIMEOUT, **fields)
+        send_timeout=args.send_timeout or tconfig.DEFAULT_SEND_TIMEOUT,
+        handshake_timeout=args.handshake_timeout or tconfig.DEFAULT_HANDSHAKE_TIMEOUT,
+        max_pending_links=args.max_pending_links or tconfig.DEFAULT_MAX_PENDING_LINKS,
+        failure_delay=(tconfig.DEFAULT_FAILURE_DELAY if args.failure_delay is None
+                       else args.failure_delay), **fields)
 
 
 def protocol_config(t: Tunnel) -> SockMuxConfig:
@@ -718,7 +742,8 @@ class Daemon:
         t = self.tunnel
         assert t.address is not None
         server = await links.listen_tcp(t.address.host, t.address.port, self.hub.new_session,
-                                        tls=ctx, handshake_timeout=t.connect_timeout)
+                                        tls=ctx, handshake_timeout=t.connect_timeout,
+                                        admit=self.hub.admit_link)
         self.record(f"waiting for the peer on {t.address}" + (" (TLS)" if ctx else ""),
                     SOCKMUX_EVENT="listening")
         try:
@@ -798,7 +823,8 @@ class Daemon:
         opener.debug_enabled = args.debug
         self.hub = hub = Hub(
             protocol_config(t), exits=t.exits, opener=opener, log=self.log, name=t.name,
-            handshake_timeout=max(MIN_HANDSHAKE_TIMEOUT, HANDSHAKE_FACTOR * t.connect_timeout),
+            handshake_timeout=t.handshake_timeout, max_pending_links=t.max_pending_links,
+            failure_delay=t.failure_delay if t.link == "accept" else 0.0,
             on_ready=self._on_ready, debug=args.debug,
             on_change=self._push_status if self.notifier.enabled else None,
             change_delay=STATUS_MIN_INTERVAL,

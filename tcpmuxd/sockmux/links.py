@@ -99,6 +99,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+#: listen_tcp's admission check: (accepted transport, TLS handshakes in progress) -> admit?
+Admit = Callable[[Any, int], bool]
 
 #: TCP keep-alive: first probe after this many idle seconds, then every INTERVAL, give up after
 #: COUNT unanswered probes (~2 min). SockMux's own keep-alive notices a dead peer sooner; this
@@ -286,11 +288,13 @@ class _Acceptor:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, protocol_factory: ProtocolFactory,
-                 tls: ssl.SSLContext | None, handshake_timeout: float) -> None:
+                 tls: ssl.SSLContext | None, handshake_timeout: float,
+                 admit: Admit | None = None) -> None:
         self.loop = loop
         self.factory = protocol_factory
         self.tls = tls
         self.handshake_timeout = handshake_timeout
+        self.admit = admit
         self.server: asyncio.AbstractServer | None = None
         self.handshakes: set[asyncio.Task[None]] = set()
 
@@ -299,8 +303,14 @@ class _Acceptor:
             return _AcceptedHandoff(self)
         return _TLSAccept(self)
 
+    def admitted(self, transport: asyncio.BaseTransport) -> bool:
+        """Ask ``admit`` (it resets what it refuses) before anything is read or written."""
+        return self.admit is None or self.admit(transport, len(self.handshakes))
+
     def accepted(self, handoff: _Handoff) -> None:
         assert handoff.transport is not None
+        if not self.admitted(handoff.transport):
+            return
         # Not from inside connection_made: both loops (re)start reading after it returns,
         # which would override a pause_reading() in the link protocol's connection_made.
         self.loop.call_soon(self.deliver, handoff, handoff.transport)
@@ -308,6 +318,8 @@ class _Acceptor:
     def accepted_tls(self, raw: asyncio.BaseTransport) -> None:
         """Called from the plain transport's connection_made, before anything was read: take
         the socket over for TLS and drop that transport."""
+        if not self.admitted(raw):
+            return
         peer = _fmt_addr(raw.get_extra_info("peername"))
         try:
             sock = _take_socket(raw)
@@ -412,7 +424,8 @@ def bind_tcp(host: str, port: int, backlog: int) -> list[socket.socket]:
 
 async def listen_tcp(host: str | Sequence[str] | None, port: int,
                      protocol_factory: ProtocolFactory, *, tls: ssl.SSLContext | None = None,
-                     backlog: int = 1024, handshake_timeout: float = 10.0) -> asyncio.Server:
+                     backlog: int = 1024, handshake_timeout: float = 10.0,
+                     admit: Admit | None = None) -> asyncio.Server:
     """Listen for links; call *protocol_factory* once per incoming link that completed setup.
 
     With *tls* the handshake (including the client-certificate check) must finish within
@@ -421,9 +434,11 @@ async def listen_tcp(host: str | Sequence[str] | None, port: int,
     ``server.close()`` stops accepting; links already handed up stay open, and a handshake still
     in flight is dropped when it completes. *host* None or "" listens on every address (a
     socket per family); ``"::"`` too, with one dual-stack socket (:func:`bind_tcp`).
+    *admit(transport, handshakes)* is asked first, for each accepted connection, with the
+    number of TLS handshakes in progress: False drops it (admit resets and logs it itself).
     """
     loop = asyncio.get_running_loop()
-    acceptor = _Acceptor(loop, protocol_factory, tls, handshake_timeout)
+    acceptor = _Acceptor(loop, protocol_factory, tls, handshake_timeout, admit)
     if host == "::":
         [sock] = bind_tcp("::", port, backlog)
         server = await loop.create_server(acceptor.new_protocol, sock=sock, backlog=backlog,

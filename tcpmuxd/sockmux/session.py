@@ -99,7 +99,9 @@ import struct
 import time
 from typing import Any, Callable, Final, Mapping, Protocol
 
+from ..addresses import ip_address_of
 from ..systemd import EventLog
+from .admission import MAX_HELD, WINDOW, Penalties, RecordWindows, Suppressed
 from .config import Exit
 from .connection import (
     REASON_CLOSE,
@@ -212,6 +214,13 @@ def _reset(transport: Any) -> None:
         except (OSError, ValueError):
             pass
     transport.abort()
+
+
+def _source_of(peername: Any) -> str | None:
+    """The IP address of a TCP peer (an IPv4-mapped one as IPv4), the key of the receptor's
+    per-address penalties and records; None for other links."""
+    ip = ip_address_of(peername[0]) if isinstance(peername, tuple) and peername else None
+    return None if ip is None else str(ip)
 
 
 def _human(n: float) -> str:
@@ -583,6 +592,10 @@ class Session(asyncio.Protocol):
         self.link_blocked: set[Stream] = set()
         self.transport: Any = None
         self.peer = "?"
+        #: The peer's IP address (TCP links), the key of the receptor's penalties and records.
+        self.source: str | None = None
+        #: Its address has failed links on record: progress records are debug-level.
+        self.quiet = False
         self.peer_hello = ""
         self.link_paused: bool = False
         self.read_paused = False  # paused: the peer leaves too many control frames unread
@@ -619,6 +632,7 @@ class Session(asyncio.Protocol):
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple):
             self.peer = format_address(peername)
+            self.source = _source_of(peername)
         elif isinstance(peername, str) and peername:
             self.peer = peername
         else:
@@ -641,7 +655,7 @@ class Session(asyncio.Protocol):
             events = self.conn.receive_data(data, self._now())
         except RemoteProtocolError as exc:
             self._handle(exc.events)
-            self._fail(f"protocol error from the peer: {exc}")
+            self._fail(f"protocol error from the peer: {exc}", penalise=True)
             return
         if events:
             self._handle(events)
@@ -655,6 +669,7 @@ class Session(asyncio.Protocol):
         if self._abort_timer is not None:
             self._abort_timer.cancel()
             self._abort_timer = None
+        self.hub._unheld(self)
         if not self.closed:
             self._fail(f"link lost: {exc}" if exc else "link closed")
         if not self.done.done():
@@ -761,7 +776,7 @@ class Session(asyncio.Protocol):
             self._fail(f"the peer does not read: {_human(self.unread_control)} of control "
                        f"frames (answers to its own) unread for {self.hub.send_timeout:g} s "
                        f"({_human(self.transport.get_write_buffer_size())} queued in all)",
-                       reset=True)
+                       reset=True, penalise=True)
 
     # -- events ----------------------------------------------------------------------------
 
@@ -819,11 +834,14 @@ class Session(asyncio.Protocol):
             self.peer_hello = ev.peer_hello
             kind = (f"extensions ({f.peer_extensions})" if f.extensions
                     else "plain SockMux (no extensions)")
-            hub.log_event(
-                f"link {self.peer}: handshake with {ev.peer_hello!r} done, {kind}, frames "
-                f"{f.max_frame_size}, window {f.send_window}/{f.receive_window}, "
-                f"streams {f.max_streams}, half-close {'on' if f.half_close else 'off'}",
-                SOCKMUX_EVENT="handshake", SOCKMUX_LINK=self.peer, SOCKMUX_PEER_HELLO=ev.peer_hello)
+            text = (f"link {self.peer}: handshake with {ev.peer_hello!r} done, {kind}, frames "
+                    f"{f.max_frame_size}, window {f.send_window}/{f.receive_window}, "
+                    f"streams {f.max_streams}, half-close {'on' if f.half_close else 'off'}")
+            if self.quiet:  # its address has failed links on record (see Hub._link_made)
+                hub.debug(text)
+            else:
+                hub.log_event(text, SOCKMUX_EVENT="handshake", SOCKMUX_LINK=self.peer,
+                              SOCKMUX_PEER_HELLO=ev.peer_hello)
         elif isinstance(ev, Authenticated):
             self.authenticated = True
             hub.log_event(f"link {self.peer}: peer authenticated (shared secret)",
@@ -832,7 +850,7 @@ class Session(asyncio.Protocol):
             self._ready(ev.authenticated)
         elif isinstance(ev, AuthenticationFailed):
             hub.stats.auth_failures += 1
-            self._fail(f"authentication failed: {ev.reason}", priority=3)
+            self._fail(f"authentication failed: {ev.reason}", priority=3, penalise=True)
         elif isinstance(ev, DeadPeer):
             self._fail(f"peer dead: nothing received for {ev.idle:.0f} s")
         elif isinstance(ev, PeerRestarted):
@@ -934,7 +952,7 @@ class Session(asyncio.Protocol):
         if not self.ready and not self.closed:
             self._fail(f"handshake not complete after {self.hub.handshake_timeout:g} s "
                        f"(state {self.conn.state.value}, authentication "
-                       f"{self.conn.auth_state.value.lower()})")
+                       f"{self.conn.auth_state.value.lower()})", reset=True, penalise=True)
 
     # -- the end ---------------------------------------------------------------------------
 
@@ -949,9 +967,12 @@ class Session(asyncio.Protocol):
         """Close the link (shutdown, replaced by a newer link): every stream is reset."""
         self._fail(reason)
 
-    def _fail(self, reason: str, priority: int = 4, reset: bool = False) -> None:
+    def _fail(self, reason: str, priority: int = 4, reset: bool = False,
+              penalise: bool = False) -> None:
         """Close the link: ``reset`` at once (RST: the peer does not read, there is nothing
-        it would get), else after flushing what is queued (at most LINK_CLOSE_LINGER)."""
+        it would get), else after flushing what is queued (at most LINK_CLOSE_LINGER).
+        ``penalise``: this side cuts the link for the peer's fault; if it never was up, the
+        hub may hold it for a while before the reset (see admission.py)."""
         if self.closed:
             return
         if not reset:
@@ -973,15 +994,32 @@ class Session(asyncio.Protocol):
             stream._close_local(abort=True)
         self.link_blocked.clear()
         transport = self.transport
+        # (a link whose peer leaves much unread is not held: its buffer would be held with it)
+        may_hold = (transport is not None
+                    and transport.get_write_buffer_size() <= self.hub.link_low)
+        hold = self.hub._link_down(self, reason, was_ready, len(streams), priority, penalise,
+                                   may_hold)
         if transport is not None and not transport.is_closing():
-            if reset:
+            if hold > 0:  # unread, until the hold is over (or the peer gives up)
+                transport.pause_reading()
+                self._abort_timer = self.loop.call_later(hold, self.release)
+            elif reset:
                 _reset(transport)
             else:
                 transport.close()
                 self._abort_timer = self.loop.call_later(LINK_CLOSE_LINGER, transport.abort)
-        self.hub._link_down(self, reason, was_ready, len(streams), priority)
         if transport is None and not self.done.done():
             self.done.set_result(reason)
+
+    def release(self) -> None:
+        """A held link's time is over (or the tunnel stops): reset it."""
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
+        self.hub._unheld(self)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            _reset(transport)
 
     def __repr__(self) -> str:
         return (f"<Session {self.peer} ready={self.ready} closed={self.closed} "
@@ -995,7 +1033,7 @@ class HubStats:
     """Tunnel-wide counters (over every link), for STATUS= and tests."""
 
     __slots__ = ("total", "accepted", "refused", "finished", "bytes_up", "bytes_down",
-                 "links_up", "links_down", "auth_failures", "entrance_refused")
+                 "links_up", "links_down", "auth_failures", "entrance_refused", "links_refused")
 
     def __init__(self) -> None:
         self.total = 0  # streams opened either way (including refused ones)
@@ -1008,6 +1046,7 @@ class HubStats:
         self.links_down = 0
         self.auth_failures = 0
         self.entrance_refused = 0  # clients refused because no link was up
+        self.links_refused = 0  # links reset at accept (admit_link)
 
 
 class _Unlogged:
@@ -1040,15 +1079,23 @@ class Hub:
                  stream_log_rate: float | None = None, debug: bool = False,
                  hold_timeout: float = 0.0,
                  first_data_wait: float = FIRST_DATA_WAIT,
-                 send_timeout: float = SEND_TIMEOUT) -> None:
+                 send_timeout: float = SEND_TIMEOUT, failure_delay: float = 0.0) -> None:
         self.loop = asyncio.get_running_loop()
         self.config = config
         self.exits = dict(exits or {})
         self.opener = opener
         self.log = log
         self.name = name
+        #: A link must be up (handshake and authentication done) this long after it connects.
         self.handshake_timeout = handshake_timeout
+        #: Links being set up at once, TLS handshakes included (admit_link, receptors).
         self.max_pending_links = max_pending_links
+        #: Failed links from an address are held before the reset, up to this long; and the
+        #: records of failed links, one per address and minute (see admission.py).
+        self.penalties = Penalties(failure_delay)
+        self.link_records = RecordWindows()
+        self.held: dict[str, Session] = {}  # by address: the failed link being held
+        self._link_summary_timer: asyncio.TimerHandle | None = None
         #: A link whose reading paused because the peer leaves control frames unread (see
         #: Session._stop_reading) is cut after this many seconds without the peer reading.
         self.send_timeout = send_timeout
@@ -1106,28 +1153,56 @@ class Hub:
         """The protocol factory for links (links.connect_tcp, listen_tcp, open_fifos, ...)."""
         return Session(self)
 
+    def admit_link(self, transport: Any, handshakes: int) -> bool:
+        """A receptor's connection was accepted (:func:`links.listen_tcp` asks before any
+        byte is read or written): False, and it is reset, when a failed link from its address
+        is being held, or :attr:`max_pending_links` links (``handshakes``: TLS handshakes in
+        progress, plus the sessions not up yet) are being set up already."""
+        peername = transport.get_extra_info("peername")
+        source = _source_of(peername)
+        if source is not None and source in self.held:
+            why = "a failed link from this address is being held"
+        else:
+            pending = handshakes + sum(1 for s in self.sessions if not s.ever_ready)
+            if pending < self.max_pending_links:
+                return True
+            why = (f"{pending} links are being set up already (the limit, "
+                   "--max-pending-links)")
+        self.stats.links_refused += 1
+        peer = format_address(peername)
+        _reset(transport)
+        if source is None or self.link_records.take(source, self.loop.time(), why):
+            self.log_event(f"link from {peer} refused: {why}", priority=4,
+                           SOCKMUX_EVENT="link-refused", SOCKMUX_LINK=peer, SOCKMUX_REASON=why)
+        else:
+            self._arm_link_summary()
+        return False
+
     def _link_made(self, session: Session) -> bool:
         if self.closing:
             session.closed = True
             session.transport.abort()
             return False
-        pending = sum(1 for s in self.sessions if not s.ever_ready)
-        if pending >= self.max_pending_links:
-            self.log_event(f"link from {session.peer} dropped: {pending} links are already "
-                           "being set up", priority=4, SOCKMUX_EVENT="link-refused",
-                           SOCKMUX_LINK=session.peer)
-            session.closed = True
-            session.transport.abort()
-            return False
         self.sessions.add(session)
-        self.log_event(f"link {session.peer}: connected, handshake starts",
-                       SOCKMUX_EVENT="link-connected", SOCKMUX_LINK=session.peer)
+        source = session.source
+        session.quiet = (source is not None
+                         and self.penalties.failures(source, self.loop.time()) > 0)
+        text = f"link {session.peer}: connected, handshake starts"
+        if session.quiet:  # failed links from there are summed up (admission.py)
+            self.debug(text)
+        else:
+            self.log_event(text, SOCKMUX_EVENT="link-connected", SOCKMUX_LINK=session.peer)
         return True
 
     def _link_ready(self, session: Session) -> None:
         self.current = session
         waiting, self.waiting = self.waiting, {}
         self.stats.links_up += 1
+        if session.source is not None:
+            self.penalties.forgive(session.source)
+            suppressed = self.link_records.pop(session.source)
+            if suppressed is not None:
+                self._log_suppressed(suppressed)
         auth = "authenticated" if session.authenticated else "NOT authenticated"
         self.log_event(f"link {session.peer}: up ({auth}), peer {session.peer_hello!r}",
                        SOCKMUX_EVENT="link-up", SOCKMUX_LINK=session.peer,
@@ -1151,23 +1226,78 @@ class Hub:
         self._changed()
 
     def _link_down(self, session: Session, reason: str, was_ready: bool, streams: int,
-                   priority: int) -> None:
+                   priority: int, penalise: bool = False, may_hold: bool = True) -> float:
+        """Log the end of a link; returns how long to hold it before the reset (a failed
+        link from an address with failures on record: see admission.py), 0 for no hold."""
         self.sessions.discard(session)
         if self.current is session:
             self.current = None
         if session.ever_ready:
             self.stats.links_down += 1
-        uptime = self.loop.time() - (session.ready_at or session.started)
-        what = "down" if session.ever_ready else "closed before it was up"
-        self.log_event(f"link {session.peer}: {what}: {reason}"
-                       + (f" ({streams} streams reset, up {uptime:.0f} s)"
-                          if session.ever_ready else ""),
-                       priority=priority if not self.closing else 6,
-                       SOCKMUX_EVENT="link-down", SOCKMUX_LINK=session.peer,
-                       SOCKMUX_REASON=reason)
+        now = self.loop.time()
+        hold = 0.0
+        source = session.source
+        logged = True
+        if source is not None and not session.ever_ready and not self.closing:
+            if penalise:
+                hold = self.penalties.failed(source, now)
+                if hold and (not may_hold or source in self.held or len(self.held) >= MAX_HELD):
+                    hold = 0.0
+                if hold:
+                    self.held[source] = session
+            logged = self.link_records.take(source, now, reason)
+        if logged:
+            uptime = now - (session.ready_at or session.started)
+            what = "down" if session.ever_ready else "closed before it was up"
+            if hold:
+                failures = self.penalties.failures(source or "", now)
+                extra = (f"; held {hold:g} s before the reset ({failures} failed link"
+                         f"{'s' if failures > 1 else ''} from {source} in a row; further "
+                         f"failures from it are summed up every {WINDOW:g} s)")
+            elif session.ever_ready:
+                extra = f" ({streams} streams reset, up {uptime:.0f} s)"
+            else:
+                extra = ""
+            self.log_event(f"link {session.peer}: {what}: {reason}{extra}",
+                           priority=priority if not self.closing else 6,
+                           SOCKMUX_EVENT="link-down", SOCKMUX_LINK=session.peer,
+                           SOCKMUX_REASON=reason)
+        else:
+            self._arm_link_summary()
         if self.on_down is not None:
             self.on_down(session, reason)
         self._changed()
+        return hold
+
+    def _unheld(self, session: Session) -> None:
+        """A held failed link is reset or gone (see Session.release)."""
+        source = session.source
+        if source is not None and self.held.get(source) is session:
+            del self.held[source]
+
+    def _arm_link_summary(self) -> None:
+        if self._link_summary_timer is None and not self.closing:
+            self._link_summary_timer = self.loop.call_later(WINDOW, self._link_summaries)
+
+    def _link_summaries(self) -> None:
+        """One record per address for the failed links that got none of their own."""
+        self._link_summary_timer = None
+        for suppressed in self.link_records.due(self.loop.time()):
+            self._log_suppressed(suppressed)
+        if len(self.link_records):
+            self._arm_link_summary()
+
+    def _log_suppressed(self, s: Suppressed) -> None:
+        seconds = self.loop.time() - s.since
+        failures = self.penalties.failures(s.source, self.loop.time())
+        held = self.penalties.maximum > 0 and failures > 0
+        self.log_event(
+            f"links from {s.source}: {s.count} more refused or failed before they were up "
+            f"in the last {seconds:.0f} s, without a record each (last: {s.last_reason})"
+            + (f"; {failures} failures in a row, each failed link is held up to "
+               f"{self.penalties.maximum:g} s before the reset" if held else ""),
+            priority=4, SOCKMUX_EVENT="links-unlogged", REMOTE_ADDR=s.source,
+            SOCKMUX_LINKS=s.count, SOCKMUX_REASON=s.last_reason)
 
     # -- entrances -------------------------------------------------------------------------
 
@@ -1420,6 +1550,15 @@ class Hub:
             self._first_wait_timer = None
         for session in list(self.sessions):
             session.close(reason)
+        for session in list(self.held.values()):
+            session.release()
+        if self._link_summary_timer is not None:
+            self._link_summary_timer.cancel()
+            self._link_summary_timer = None
+        for source in self.link_records.sources():
+            suppressed = self.link_records.pop(source)
+            if suppressed is not None:
+                self._log_suppressed(suppressed)
         if self._summary_timer is not None:
             self._summary_timer.cancel()
         if self._change_timer is not None:

@@ -19,6 +19,7 @@ import time
 
 import pytest
 from hostile_peer import FLOOD_FRAMES, FloodPeer, vm_kib
+from sockmux_pair import ScriptedPeer
 from tcpmuxd_harness import free_port
 from test_daemon import procs, secret, start  # noqa: F401
 
@@ -124,5 +125,140 @@ def test_a_peer_that_reads_within_the_send_timeout_keeps_its_link(procs, tmp_pat
         assert peer.wait_cut(timeout + 5) == "reset"
         assert time.monotonic() - stalled_at >= timeout - 1.0  # (the stall shows 0.5 s late)
         wait_log(proc, f"unread for {timeout:g} s")
+    finally:
+        peer.close()
+
+
+# --------------------------------------------------------------------------- the handshake
+
+
+def test_a_handshake_is_cut_at_its_deadline(procs, tmp_path, secret):
+    """Junk ending in half a frame: the link stays until --handshake-timeout, then is reset
+    with a record that says why (before, the deadline was 20 s at least)."""
+    timeout = 2.0
+    proc, port = receptor(procs, tmp_path, secret, "--handshake-timeout", f"{timeout:g}s",
+                          "--failure-delay", "0")
+    peer = FloodPeer(port)
+    try:
+        start_at = time.monotonic()
+        half = F.encode_frame(F.ECHO, F.NO_STREAM, F.NO_STREAM, bytes(100))[:50]
+        peer.sock.sendall(F.encode_frame(F.HELLO, 0, 0, b"junk\0") + FLOOD_FRAMES["echo"] + half)
+        time.sleep(timeout - 0.5)
+        assert peer.tcp_state() == 1, "cut before the deadline"  # ESTABLISHED
+        assert peer.wait_cut(3.0) == "reset"
+        assert time.monotonic() - start_at < timeout + 2.5
+        wait_log(proc, f"handshake not complete after {timeout:g} s")
+    finally:
+        peer.close()
+
+
+def test_links_being_set_up_are_capped(procs, tmp_path, secret):
+    """--max-pending-links 3: the link that is up does not count, three more being set up
+    are kept, the next is reset at accept with a record; once one of the three goes, a new
+    one is taken again."""
+    proc, port = receptor(procs, tmp_path, secret, "--max-pending-links", "3",
+                          "--handshake-timeout", "60s")
+    good = FloodPeer(port)
+    good.reach("up", SECRET)
+    pending = []
+    try:
+        for _ in range(3):
+            pending.append(FloodPeer(port))
+            pending[-1].reach("hello")
+        deadline = time.monotonic() + 10
+        while proc.text().count("connected, handshake starts") < 4:
+            assert time.monotonic() < deadline, proc.text()
+            time.sleep(0.02)
+        extra = FloodPeer(port)
+        try:
+            assert extra.wait_cut(3.0) == "reset"
+        finally:
+            extra.close()
+        wait_log(proc, "refused: 3 links are being set up already")
+        assert all(p.tcp_state() == 1 for p in pending + [good])
+        pending.pop(0).close()  # (a reset: it left answers unread; the record is summed up)
+        deadline = time.monotonic() + 5
+        while True:  # bounded: the receptor notices the reset at once
+            again = FloodPeer(port)
+            pending.append(again)
+            again.reach("hello")
+            if again.wait_cut(1.0) is None:  # taken: still up a second later
+                break
+            assert time.monotonic() < deadline, "no slot became free"
+    finally:
+        good.close()
+        for p in pending:
+            p.close()
+
+
+def test_tls_handshakes_count_as_links_being_set_up(procs, tmp_path, secret, sockmux_certs):
+    """Connections that never finish their TLS handshake take the slots too."""
+    c = sockmux_certs
+    proc, port = receptor(procs, tmp_path, secret, "--max-pending-links", "2",
+                          "--tls-cert", c.server_cert, "--tls-key", c.server_key)
+    silent = [FloodPeer(port) for _ in range(3)]  # no ClientHello: the handshakes wait
+    try:
+        deadline = time.monotonic() + 5
+        while sum(p.tcp_state() == 7 for p in silent) < 1:  # one is reset (TCP_CLOSE)...
+            assert time.monotonic() < deadline, "none of three was refused"
+            time.sleep(0.02)
+        time.sleep(0.5)
+        assert sorted(p.tcp_state() for p in silent) == [1, 1, 7]  # ...the others wait
+        wait_log(proc, "refused: 2 links are being set up already")
+    finally:
+        for p in silent:
+            p.close()
+
+
+# --------------------------------------------------------------------------- failed links
+
+
+def _held_for(peer: FloodPeer, timeout: float = 10.0) -> float:
+    """A DeleGate-like peer's handshake (plain SockMux, which cannot authenticate): the
+    seconds until the receptor resets the link."""
+    start_at = time.monotonic()
+    peer.sock.sendall(ScriptedPeer().handshake())
+    assert peer.wait_cut(timeout) == "reset"
+    return time.monotonic() - start_at
+
+
+def test_failed_links_are_held_longer_each_time_up_to_the_failure_delay(procs, tmp_path,
+                                                                        secret):
+    """A peer that cannot authenticate: its failed link is held 1 s, then 2 s, then 2 s
+    (--failure-delay 2s, the cap); a second link while one is held is reset at once; one
+    full record, the rest in a summary; a link from the address that comes up forgives it."""
+    proc, port = receptor(procs, tmp_path, secret, "--failure-delay", "2s")
+    held = []
+    for attempt in range(3):
+        peer = FloodPeer(port)
+        try:
+            if attempt == 1:  # meanwhile a second link from the same address
+                peer.sock.sendall(ScriptedPeer().handshake())
+                time.sleep(0.3)
+                other = FloodPeer(port)
+                try:
+                    assert other.wait_cut(1.0) == "reset"
+                finally:
+                    other.close()
+                assert peer.wait_cut(5.0) == "reset"
+                continue
+            held.append(_held_for(peer))
+        finally:
+            peer.close()
+    assert 0.8 <= held[0] < 1.8, held
+    assert 1.8 <= held[1] < 2.8, held  # capped: the third failure would be 4 s
+    text = proc.text()
+    assert text.count("closed before it was up") == 1, text
+    assert "held 1 s before the reset" in text
+    # A link from the address comes up: forgiven, the summary is written now.
+    good = FloodPeer(port)
+    try:
+        good.reach("up", SECRET)
+        wait_log(proc, "links from 127.0.0.1: 3 more refused or failed before they were up")
+    finally:
+        good.close()
+    peer = FloodPeer(port)
+    try:
+        assert _held_for(peer) < 1.8  # 1 s again
     finally:
         peer.close()
