@@ -781,6 +781,11 @@ class SockMuxConnection:
         return self._out_bytes
 
     @property
+    def undecoded_bytes(self) -> int:
+        """Bytes received and not yet decoded: less than one frame between two calls."""
+        return self._decoder.buffered
+
+    @property
     def control_bytes_queued(self) -> int:
         """Bytes queued so far (all time) that were not stream data: every control frame
         (HELLOOK, ECHOOK, SENT, CLOSE, CLOSED...) and every header. The windows bound the data

@@ -64,7 +64,10 @@ def _run(delegated: Path, tmp: Path, extra: list[str]) -> tuple[str, int]:
         ip link set lo up
         {shlex.join(sockmuxd)} > {shlex.quote(str(log))} 2>&1 &
         receptor=$!
-        for i in $(seq 100); do grep -q 'waiting for the peer' {shlex.quote(str(log))} && break; sleep 0.05; done
+        for i in $(seq 100); do
+            grep -q 'waiting for the peer' {shlex.quote(str(log))} && break
+            sleep 0.05
+        done
         setsid {shlex.join(delegate)} > {shlex.quote(str(tmp / 'delegate.log'))} 2>&1 &
         dg=$!
         before=$(awk '{{print $14+$15}}' /proc/$receptor/stat)
