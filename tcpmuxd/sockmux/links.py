@@ -61,7 +61,8 @@ Resource handling:
 * A receptor's failed TLS handshakes (bad certificate, wrong CA, timeout) are logged on
   ``tcpmuxd.sockmux.links`` at WARNING and the socket is closed; the listener keeps serving.
   EMFILE/ENFILE while accepting are handled by the loop's own accept loop (it logs and pauses
-  accepting briefly).
+  accepting briefly). :func:`listen_tcp`'s ``admit`` callback may refuse a connection as soon
+  as it is accepted (the hub caps the links being set up; it resets and logs them itself).
 * A command is spawned without a shell and with ``close_fds``; its stderr is ours. Its exit is
   noticed through a pidfd (or by polling where pidfds are unavailable) and it is reaped at once;
   when the link closes it gets ``terminate_timeout`` seconds to exit on its own (stdin is at EOF

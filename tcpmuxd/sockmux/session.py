@@ -83,6 +83,14 @@ with a logged reason; every stream it carried is reset on the local side (RST fo
 neither end mistakes the cut for a complete transfer), and nothing waits for a peer that is
 gone. A new link makes a new Session (and a new connection object).
 
+A receptor admits links at accept (:meth:`Hub.admit_link`, before a byte is read): at most
+:attr:`Hub.max_pending_links` being set up (TLS handshakes included), none from an address
+whose failed link is being held. A link this side cuts before it was up (authentication,
+handshake deadline, protocol error) may be held, unread, before its reset, longer after
+each failure of its address, and only the first failure of an address per minute gets its
+records (:mod:`tcpmuxd.sockmux.admission`): a peer that is refused and dials again at once,
+as DeleGate does, costs little work and little log.
+
 The :class:`Hub` is the tunnel across links: its entrances, the session streams are opened on
 (the newest *ready* one: a newer link from the peer replaces the old one only once it has
 authenticated, so a stray connection to a receptor cannot cut a working link), the exits, the

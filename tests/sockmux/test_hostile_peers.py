@@ -51,6 +51,15 @@ def receptor(procs, tmp_path, secret: str, *extra: str) -> tuple[object, int]:
     return proc, port
 
 
+def assert_refused(port: int, within: float) -> None:
+    """A new link to ``port`` is reset within ``within`` s, before anything is exchanged."""
+    peer = FloodPeer(port)
+    try:
+        assert peer.wait_cut(within) == "reset"
+    finally:
+        peer.close()
+
+
 FLOODS = [
     pytest.param("hello", "echo", "uvloop", id="before-hello-echo-uvloop"),
     pytest.param("hello", "echo", "asyncio", id="before-hello-echo-asyncio"),
@@ -169,11 +178,7 @@ def test_links_being_set_up_are_capped(procs, tmp_path, secret):
         while proc.text().count("connected, handshake starts") < 4:
             assert time.monotonic() < deadline, proc.text()
             time.sleep(0.02)
-        extra = FloodPeer(port)
-        try:
-            assert extra.wait_cut(3.0) == "reset"
-        finally:
-            extra.close()
+        assert_refused(port, 3.0)
         wait_log(proc, "refused: 3 links are being set up already")
         assert all(p.tcp_state() == 1 for p in pending + [good])
         pending.pop(0).close()  # (a reset: it left answers unread; the record is summed up)
@@ -235,11 +240,7 @@ def test_failed_links_are_held_longer_each_time_up_to_the_failure_delay(procs, t
             if attempt == 1:  # meanwhile a second link from the same address
                 peer.sock.sendall(ScriptedPeer().handshake())
                 time.sleep(0.3)
-                other = FloodPeer(port)
-                try:
-                    assert other.wait_cut(1.0) == "reset"
-                finally:
-                    other.close()
+                assert_refused(port, 1.0)
                 assert peer.wait_cut(5.0) == "reset"
                 continue
             held.append(_held_for(peer))
