@@ -667,7 +667,13 @@ class Session(asyncio.Protocol):
             return
         if events:
             self._handle(events)
-        self._flush()
+        if self.conn.control_bytes_queued - self._control_mark > LINK_WRITE_LOW:
+            # Many control frames within one poll round (libuv reads up to 32 times per round:
+            # a flood of ECHO or CLOSE gives 8 MiB of answers): written now, so that the
+            # transport's flow control and the count of unread control frames see them at once.
+            self.flush_now()
+        else:
+            self._flush()
 
     def eof_received(self) -> bool:
         self._fail("the peer closed the link")
@@ -714,15 +720,9 @@ class Session(asyncio.Protocol):
         Called after every call that may queue frames; with nothing queued (most data just
         received: credit is lazy) it schedules nothing. CLOSED answers alone wait up to
         :data:`CLOSED_DELAY` for company (see SockMuxConnection.output_is_urgent)."""
-        conn = self.conn
-        if conn.control_bytes_queued - self._control_mark > LINK_WRITE_LOW:
-            # Many control frames within one poll round (libuv reads up to 32 times per round:
-            # a flood of ECHO or CLOSE gives 8 MiB of answers): written now, so that the
-            # transport's flow control and the count of unread control frames see them at once.
-            self.flush_now()
-            return
         if self._flush_pending:
             return
+        conn = self.conn
         if conn.output_is_urgent:
             self._flush_pending = True
             self.loop.call_soon(self._flush_due_cb)
