@@ -50,6 +50,7 @@ from ..dropins import (
     parse_exec,
     parse_size,
     parse_timeout,
+    parse_timespan,
     read_drop_in,
     read_settings,
     show_path,
@@ -115,6 +116,18 @@ DEFAULT_FRAME_SIZE = 65536
 #: Per-stream log records per second (a token bucket of as many); the rest are summarized.
 #: Well under journald's default rate limit (10000 per 30 s per service).
 DEFAULT_STREAM_LOG_RATE = 100
+#: A peer that leaves this side's control frames (answers to its own) unread is cut after
+#: this long without reading them (reading it paused meanwhile; see session.py, Memory).
+DEFAULT_SEND_TIMEOUT = 30.0
+#: A link must be up (HELLO exchange, options, authentication: a few round trips) this long
+#: after it connected; junk or a half frame from a stranger holds a slot no longer.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Receptor: links being set up at once (TLS handshakes included); more are reset at accept.
+DEFAULT_MAX_PENDING_LINKS = 8
+MAX_PENDING_LINKS_LIMIT = 1024
+#: Receptor: the longest a failed link from an address is held before its reset (the delay
+#: doubles from 1 s with each failure in a row; see admission.py).
+DEFAULT_FAILURE_DELAY = 60.0
 STREAM_LOG_RATE_LIMIT = 1_000_000
 # The protocol layer's limits (SockMuxConfig): stream ids are 16 bit with two reserved.
 MAX_STREAMS_LIMIT = 0xFFFF - 2
@@ -408,6 +421,10 @@ class Tunnel:
     stream_window: int = DEFAULT_WINDOW_SIZE
     max_frame_size: int = DEFAULT_FRAME_SIZE
     stream_log_rate: int = DEFAULT_STREAM_LOG_RATE
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    max_pending_links: int = DEFAULT_MAX_PENDING_LINKS
+    failure_delay: float = DEFAULT_FAILURE_DELAY
     description: str = ""
 
     @property
@@ -503,6 +520,10 @@ _KEYS: dict[str, KeySpec] = {
     "WindowSize": KeySpec(bounded(parse_size, *WINDOW_SIZE_RANGE)),
     "FrameSize": KeySpec(bounded(parse_size, MIN_FRAME_SIZE, MAX_FRAME_SIZE)),
     "StreamLogRate": KeySpec(bounded(parse_count, 0, STREAM_LOG_RATE_LIMIT)),
+    "SendTimeoutSec": KeySpec(parse_timeout),
+    "HandshakeTimeoutSec": KeySpec(parse_timeout),
+    "MaxPendingLinks": KeySpec(bounded(parse_count, 1, MAX_PENDING_LINKS_LIMIT), ("accept",)),
+    "FailureDelaySec": KeySpec(parse_timespan, ("accept",)),
 }
 _TLS_DETAIL_KEYS = (
     "TLSCertificate",
@@ -701,6 +722,10 @@ def _parse_tunnel(name: str, path: Path, text: str, overrides: tuple[Path, ...])
         stream_window=values.get("WindowSize", DEFAULT_WINDOW_SIZE),
         max_frame_size=values.get("FrameSize", DEFAULT_FRAME_SIZE),
         stream_log_rate=values.get("StreamLogRate", DEFAULT_STREAM_LOG_RATE),
+        send_timeout=values.get("SendTimeoutSec", DEFAULT_SEND_TIMEOUT),
+        handshake_timeout=values.get("HandshakeTimeoutSec", DEFAULT_HANDSHAKE_TIMEOUT),
+        max_pending_links=values.get("MaxPendingLinks", DEFAULT_MAX_PENDING_LINKS),
+        failure_delay=values.get("FailureDelaySec", DEFAULT_FAILURE_DELAY),
         description=values.get("Description", ""),
     )
 
@@ -826,6 +851,12 @@ def format_tunnel(t: Tunnel) -> str:
         rows.append(("ReconnectMaxSec", format_timespan(t.reconnect_max)))
     rows += [("WindowSize", _size(t.stream_window)), ("FrameSize", _size(t.max_frame_size)),
              ("StreamLogRate", f"{t.stream_log_rate}/s" + (
-                 " (no per-stream records, summaries only)" if not t.stream_log_rate else ""))]
+                 " (no per-stream records, summaries only)" if not t.stream_log_rate else "")),
+             ("SendTimeoutSec", format_timespan(t.send_timeout)),
+             ("HandshakeTimeoutSec", format_timespan(t.handshake_timeout))]
+    if t.link == "accept":
+        rows += [("MaxPendingLinks", str(t.max_pending_links)),
+                 ("FailureDelaySec", format_timespan(t.failure_delay) if t.failure_delay
+                  else "0 (failed links are reset at once)")]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)

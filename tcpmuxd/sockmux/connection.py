@@ -791,6 +791,18 @@ class SockMuxConnection:
         return self._out_bytes
 
     @property
+    def undecoded_bytes(self) -> int:
+        """Bytes received and not yet decoded: less than one frame between two calls."""
+        return self._decoder.buffered
+
+    @property
+    def control_bytes_queued(self) -> int:
+        """Bytes queued so far (all time) that were not stream data: every control frame
+        (HELLOOK, ECHOOK, SENT, CLOSE, CLOSED...) and every header. The windows bound the data
+        in flight; these the driver must bound itself (session.py pauses reading the link)."""
+        return self._bytes_sent - self._data_sent
+
+    @property
     def output_is_urgent(self) -> bool:
         """Something queued should go now; false when only CLOSED answers are queued."""
         return self._urgent

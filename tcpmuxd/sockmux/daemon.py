@@ -63,9 +63,6 @@ STATUS_REFRESH = 5.0
 TICK_INTERVAL = 5.0
 #: Default for --ready-timeout: READY=1 at the latest after this long (TimeoutStartSec=90s).
 DEFAULT_READY_TIMEOUT = 60.0
-#: The handshake (authentication included) must finish within this many connect timeouts.
-HANDSHAKE_FACTOR = 2.0
-MIN_HANDSHAKE_TIMEOUT = 20.0
 ENTRANCE_BACKLOG = 4096
 #: How long shutdown waits for the links to close (and a command link's process to exit).
 SHUTDOWN_TIMEOUT = 6.0
@@ -237,6 +234,13 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _pending_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= tconfig.MAX_PENDING_LINKS_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a number of links from 1 to {tconfig.MAX_PENDING_LINKS_LIMIT}")
+    return int(text)
+
+
 def _log_rate(text: str) -> int:
     if not text.isdigit() or int(text) > tconfig.STREAM_LOG_RATE_LIMIT:
         raise argparse.ArgumentTypeError(
@@ -248,7 +252,8 @@ LINK_FLAGS = ("accept", "connect", "fifo", "comm", "stdio", "command")
 TUNNEL_FLAGS = LINK_FLAGS + (
     "entrance", "exit", "secret", "no_auth", "no_extensions", "tls", "tls_cert", "tls_key",
     "tls_ca", "tls_server_name", "tls_no_verify", "max_streams", "keepalive", "dead_peer",
-    "connect_timeout", "reconnect_max", "window", "frame_size", "stream_log_rate", "name")
+    "connect_timeout", "reconnect_max", "window", "frame_size", "stream_log_rate",
+    "send_timeout", "handshake_timeout", "max_pending_links", "failure_delay", "name")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("link (exactly one, without NAME)")
     g.add_argument("--accept", metavar="HOST:PORT",
                    help="be the receptor: wait for the peer on HOST:PORT ([::]:PORT for every "
-                        "address)")
+                        "IPv6 and IPv4 address)")
     g.add_argument("--connect", metavar="HOST:PORT",
                    help="be the connector: dial the receptor, and re-dial whenever the link is "
                         "lost")
@@ -345,6 +350,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"at most N per-stream log records per second; streams beyond are "
                         f"counted in a summary record (default "
                         f"{tconfig.DEFAULT_STREAM_LOG_RATE}; 0: summaries only)")
+    g.add_argument("--send-timeout", metavar="TIME", type=_timespan,
+                   help="a peer that leaves over 1 MiB of this side's control frames (answers "
+                        "to its own: ECHOOK, CLOSED, SENT...) unread is no longer read, and the "
+                        "link is reset when it has not read them within TIME (default 30s)")
+    g.add_argument("--handshake-timeout", metavar="TIME", type=_timespan,
+                   help="a link must be up (handshake and authentication done) this long after "
+                        "it connected, else it is reset (default 10s)")
+    g.add_argument("--max-pending-links", metavar="N", type=_pending_count,
+                   help="--accept: links being set up at once, TLS handshakes included; more "
+                        "are reset when accepted (default 8)")
+    g.add_argument("--failure-delay", metavar="TIME", type=_zero_or_timespan,
+                   help="--accept: hold a link that failed before it was up (authentication, "
+                        "handshake deadline, protocol error) before the reset: 1s after its "
+                        "address's first failure, doubling up to TIME (default 60s; 0: reset "
+                        "at once); a DeleGate that cannot authenticate then re-dials once per "
+                        "delay instead of at once")
     g.add_argument("--name", dest="tunnel_name", metavar="LABEL",
                    help="the tunnel's name in logs (default: the link)")
 
@@ -541,6 +562,10 @@ def tunnel_from_args(args: argparse.Namespace) -> Tunnel:
     if args.reconnect_max and link not in ("connect", "command", "fifo", "device"):
         raise UsageError("--reconnect-max is for links that are re-established: --connect, "
                          "--command, --fifo, --comm")
+    for flag in ("max_pending_links", "failure_delay"):
+        if getattr(args, flag) is not None and link != "accept":
+            raise UsageError(f"--{flag.replace('_', '-')} is for a receptor (--accept): it "
+                             "limits the links that come in")
     return Tunnel(
         name=args.tunnel_name or label, link=link, entrances=tuple(entrances),
         exits=MappingProxyType(exits),
@@ -550,7 +575,12 @@ def tunnel_from_args(args: argparse.Namespace) -> Tunnel:
         reconnect_max=args.reconnect_max or tconfig.DEFAULT_RECONNECT_MAX,
         stream_window=window, max_frame_size=frame,
         stream_log_rate=(tconfig.DEFAULT_STREAM_LOG_RATE if args.stream_log_rate is None
-                         else args.stream_log_rate), **fields)
+                         else args.stream_log_rate),
+        send_timeout=args.send_timeout or tconfig.DEFAULT_SEND_TIMEOUT,
+        handshake_timeout=args.handshake_timeout or tconfig.DEFAULT_HANDSHAKE_TIMEOUT,
+        max_pending_links=args.max_pending_links or tconfig.DEFAULT_MAX_PENDING_LINKS,
+        failure_delay=(tconfig.DEFAULT_FAILURE_DELAY if args.failure_delay is None
+                       else args.failure_delay), **fields)
 
 
 def protocol_config(t: Tunnel) -> SockMuxConfig:
@@ -591,30 +621,6 @@ def inherited_fd(device: str | None) -> str | int:
 # ------------------------------------------------------------------------ entrances
 
 
-def _bind(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets for HOST:PORT: every address the name resolves to."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    socks: list[socket.socket] = []
-    seen = set()
-    try:
-        for family, type_, proto, _canon, addr in infos:
-            if (family, addr) in seen:
-                continue
-            seen.add((family, addr))
-            sock = socket.socket(family, type_, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and host == "::":
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(addr)
-            sock.listen(ENTRANCE_BACKLOG)
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
-
-
 def open_entrances(t: Tunnel, passed: list[tuple[socket.socket, str]]
                    ) -> list[tuple[socket.socket, str]]:
     """Bind (or pick from systemd's sockets) every entrance; OSError/ValueError on failure."""
@@ -634,7 +640,8 @@ def open_entrances(t: Tunnel, passed: list[tuple[socket.socket, str]]
             bound_any = False
             for host in entrance.hosts:
                 try:
-                    result += [(s, str(entrance)) for s in _bind(host, entrance.port)]
+                    result += [(s, str(entrance))
+                               for s in links.bind_tcp(host, entrance.port, ENTRANCE_BACKLOG)]
                     bound_any = True
                 except OSError as exc:
                     # A bare PORT listens on both loopbacks; a host without IPv6 has no ::1.
@@ -741,7 +748,8 @@ class Daemon:
         t = self.tunnel
         assert t.address is not None
         server = await links.listen_tcp(t.address.host, t.address.port, self.hub.new_session,
-                                        tls=ctx, handshake_timeout=t.connect_timeout)
+                                        tls=ctx, handshake_timeout=t.connect_timeout,
+                                        admit=self.hub.admit_link)
         self.record(f"waiting for the peer on {t.address}" + (" (TLS)" if ctx else ""),
                     SOCKMUX_EVENT="listening")
         try:
@@ -821,13 +829,14 @@ class Daemon:
         opener.debug_enabled = args.debug
         self.hub = hub = Hub(
             protocol_config(t), exits=t.exits, opener=opener, log=self.log, name=t.name,
-            handshake_timeout=max(MIN_HANDSHAKE_TIMEOUT, HANDSHAKE_FACTOR * t.connect_timeout),
+            handshake_timeout=t.handshake_timeout, max_pending_links=t.max_pending_links,
+            failure_delay=t.failure_delay if t.link == "accept" else 0.0,
             on_ready=self._on_ready, debug=args.debug,
             on_change=self._push_status if self.notifier.enabled else None,
             change_delay=STATUS_MIN_INTERVAL,
             hold_timeout=args.hold, first_data_wait=args.first_data_wait,
             reply_wait=args.reply_wait,
-            stream_log_rate=t.stream_log_rate)
+            stream_log_rate=t.stream_log_rate, send_timeout=t.send_timeout)
         if not t.require_auth:
             self.record("authentication is OFF (--no-auth / Authentication=none): anyone who "
                         "can reach the link can open streams to this side's exits", priority=4)

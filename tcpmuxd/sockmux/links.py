@@ -61,7 +61,8 @@ Resource handling:
 * A receptor's failed TLS handshakes (bad certificate, wrong CA, timeout) are logged on
   ``tcpmuxd.sockmux.links`` at WARNING and the socket is closed; the listener keeps serving.
   EMFILE/ENFILE while accepting are handled by the loop's own accept loop (it logs and pauses
-  accepting briefly).
+  accepting briefly). :func:`listen_tcp`'s ``admit`` callback may refuse a connection as soon
+  as it is accepted (the hub caps the links being set up; it resets and logs them itself).
 * A command is spawned without a shell and with ``close_fds``; its stderr is ours. Its exit is
   noticed through a pidfd (or by polling where pidfds are unavailable) and it is reaped at once;
   when the link closes it gets ``terminate_timeout`` seconds to exit on its own (stdin is at EOF
@@ -92,13 +93,15 @@ from tcpmuxd.sockmux.writebuf import BufferedWrites
 
 __all__ = [
     "TLSSettings", "client_context", "server_context",
-    "connect_tcp", "listen_tcp", "open_fifos", "open_comm", "open_stdio", "open_command",
+    "bind_tcp", "connect_tcp", "listen_tcp", "open_fifos", "open_comm", "open_stdio", "open_command",
     "connect_fds", "PipePairTransport", "Backoff", "set_raw",
 ]
 
 log = logging.getLogger(__name__)
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+#: listen_tcp's admission check: (accepted transport, TLS handshakes in progress) -> admit?
+Admit = Callable[[Any, int], bool]
 
 #: TCP keep-alive: first probe after this many idle seconds, then every INTERVAL, give up after
 #: COUNT unanswered probes (~2 min). SockMux's own keep-alive notices a dead peer sooner; this
@@ -286,11 +289,13 @@ class _Acceptor:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, protocol_factory: ProtocolFactory,
-                 tls: ssl.SSLContext | None, handshake_timeout: float) -> None:
+                 tls: ssl.SSLContext | None, handshake_timeout: float,
+                 admit: Admit | None = None) -> None:
         self.loop = loop
         self.factory = protocol_factory
         self.tls = tls
         self.handshake_timeout = handshake_timeout
+        self.admit = admit
         self.server: asyncio.AbstractServer | None = None
         self.handshakes: set[asyncio.Task[None]] = set()
 
@@ -299,8 +304,14 @@ class _Acceptor:
             return _AcceptedHandoff(self)
         return _TLSAccept(self)
 
+    def admitted(self, transport: asyncio.BaseTransport) -> bool:
+        """Ask ``admit`` (it resets what it refuses) before anything is read or written."""
+        return self.admit is None or self.admit(transport, len(self.handshakes))
+
     def accepted(self, handoff: _Handoff) -> None:
         assert handoff.transport is not None
+        if not self.admitted(handoff.transport):
+            return
         # Not from inside connection_made: both loops (re)start reading after it returns,
         # which would override a pause_reading() in the link protocol's connection_made.
         self.loop.call_soon(self.deliver, handoff, handoff.transport)
@@ -308,6 +319,8 @@ class _Acceptor:
     def accepted_tls(self, raw: asyncio.BaseTransport) -> None:
         """Called from the plain transport's connection_made, before anything was read: take
         the socket over for TLS and drop that transport."""
+        if not self.admitted(raw):
+            return
         peer = _fmt_addr(raw.get_extra_info("peername"))
         try:
             sock = _take_socket(raw)
@@ -381,21 +394,60 @@ class _TLSAccept(asyncio.Protocol):
         raise AssertionError("bytes read outside TLS")
 
 
+def bind_tcp(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Listening sockets for HOST:PORT, one per address the name resolves to.
+
+    ``::`` (written ``[::]``) is one dual-stack socket (``IPV6_V6ONLY`` off): every IPv6 and
+    IPv4 address, as the man pages promise and as systemd's ``ListenStream=PORT`` binds. The
+    loops' own ``create_server`` would make it IPv6-only, and an IPv4 peer would be refused.
+    """
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, type_, proto, _canon, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and host == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(addr)
+            sock.listen(backlog)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
 async def listen_tcp(host: str | Sequence[str] | None, port: int,
                      protocol_factory: ProtocolFactory, *, tls: ssl.SSLContext | None = None,
-                     backlog: int = 1024, handshake_timeout: float = 10.0) -> asyncio.Server:
+                     backlog: int = 1024, handshake_timeout: float = 10.0,
+                     admit: Admit | None = None) -> asyncio.Server:
     """Listen for links; call *protocol_factory* once per incoming link that completed setup.
 
     With *tls* the handshake (including the client-certificate check) must finish within
     *handshake_timeout* before the factory is called; a failure is logged and the socket closed.
     Whether a new link replaces an existing one is the protocol's (the driver's) decision.
     ``server.close()`` stops accepting; links already handed up stay open, and a handshake still
-    in flight is dropped when it completes. *host* None or "" listens on every address.
+    in flight is dropped when it completes. *host* None or "" listens on every address (a
+    socket per family); ``"::"`` too, with one dual-stack socket (:func:`bind_tcp`).
+    *admit(transport, handshakes)* is asked first, for each accepted connection, with the
+    number of TLS handshakes in progress: False drops it (admit resets and logs it itself).
     """
     loop = asyncio.get_running_loop()
-    acceptor = _Acceptor(loop, protocol_factory, tls, handshake_timeout)
-    server = await loop.create_server(acceptor.new_protocol, host or None, port,
-                                      backlog=backlog, reuse_address=True, start_serving=False)
+    acceptor = _Acceptor(loop, protocol_factory, tls, handshake_timeout, admit)
+    if host == "::":
+        [sock] = bind_tcp("::", port, backlog)
+        server = await loop.create_server(acceptor.new_protocol, sock=sock, backlog=backlog,
+                                          start_serving=False)
+    else:
+        server = await loop.create_server(acceptor.new_protocol, host or None, port,
+                                          backlog=backlog, reuse_address=True,
+                                          start_serving=False)
     acceptor.server = server
     await server.start_serving()
     return server

@@ -37,10 +37,8 @@ Where the bytes go
   queueing it (``Session.link_blocked``), and pending data is held back; below the low mark
   they all resume. (Lazily: only streams that have something to send are paused, so a
   congestion episode costs nothing for the idle ones, however many there are.) Reading
-  *the link* is never paused for this (two peers that both stopped reading while both had
-  full buffers would deadlock): it is paused only above a hard bound that well-behaved
-  traffic cannot reach (see Memory), so a peer that floods requests (ECHO, CLOSE) without
-  reading the answers cannot make this side buffer without limit.
+  *the link* is never paused for data (two peers that both stopped reading while both had
+  full buffers would deadlock), only for control frames: see Memory.
 * **Half-close.** EOF from a local socket becomes ``end_stream`` (SHUT with the extension,
   else CLOSE, as DeleGate does) once the data before it has been handed over; ``StreamEnded``
   becomes ``write_eof()`` on the local socket after what is buffered. When both directions have
@@ -58,9 +56,22 @@ by definition. So the streams of one link hold at most
 windows, 64 KiB frames) about 2.4 GiB, a worst case that needs every stream stalled in both
 directions at once (OpenSSH's channels have 2 MiB windows and no stream limit at all);
 ``MaxStreams=`` and ``WindowSize=`` bound it further. On top of that: the decoder's one
-incomplete frame, and the link buffer's control frames, bounded by
-:attr:`Session.hard_limit` (reading the link pauses above it). An idle stream costs its two
-sockets' transports and two small objects: 2-4 KiB measured per side (RSS, uvloop).
+incomplete frame, and the control frames in the link's write buffer. Those are mostly
+answers the connection gives by itself to the peer's frames (ECHOOK to ECHO, HELLOOK to
+HELLO, CLOSED to CLOSE, a CLOSE refusing a CONNECT, SENT for data written), so a peer that
+sends such frames and reads nothing would make this side queue answers without limit: no
+window bounds them. The session counts them (``conn.control_bytes_queued``: everything but
+stream data) into :attr:`Session.unread_control`, an upper bound of the control bytes still
+in the buffer (cut to the buffer's size, which FIFO order allows). Above
+:attr:`Session.control_limit` (:data:`MAX_UNREAD_CONTROL`, at least ``link_high``) reading
+the link pauses, until the buffer drains below ``link_low`` (``resume_writing``); if the
+peer has not read by then within :attr:`Hub.send_timeout` seconds, the link is reset and
+the record says why. Between two checks one read is answered at most: 256 KiB of the
+peer's smallest frames, which HELLOOK (the largest answer to the smallest frame) turns
+into about 1.5 MiB. Data never pauses the link: two peers with full buffers both go on
+reading, so they cannot deadlock; control frames pile up only at a peer that does not read
+them. An idle stream costs its two sockets' transports and two small objects: 2-4 KiB
+measured per side (RSS, uvloop).
 
 Link life
 ---------
@@ -71,6 +82,14 @@ at ``next_deadline()`` for keep-alive and dead-peer detection, and gives the han
 with a logged reason; every stream it carried is reset on the local side (RST for TCP, so
 neither end mistakes the cut for a complete transfer), and nothing waits for a peer that is
 gone. A new link makes a new Session (and a new connection object).
+
+A receptor admits links at accept (:meth:`Hub.admit_link`, before a byte is read): at most
+:attr:`Hub.max_pending_links` being set up (TLS handshakes included), none from an address
+whose failed link is being held. A link this side cuts before it was up (authentication,
+handshake deadline, protocol error) may be held, unread, before its reset, longer after
+each failure of its address, and only the first failure of an address per minute gets its
+records (:mod:`tcpmuxd.sockmux.admission`): a peer that is refused and dials again at once,
+as DeleGate does, costs little work and little log.
 
 The :class:`Hub` is the tunnel across links: its entrances, the session streams are opened on
 (the newest *ready* one: a newer link from the peer replaces the old one only once it has
@@ -88,7 +107,9 @@ import struct
 import time
 from typing import Any, Callable, Final, Mapping, Protocol
 
+from ..addresses import ip_address_of
 from ..systemd import EventLog
+from .admission import MAX_HELD, WINDOW, Penalties, RecordWindows, Suppressed
 from .config import Exit
 from .connection import (
     REASON_CLOSE,
@@ -123,8 +144,15 @@ __all__ = [
 #: Link write buffer: above HIGH, streams stop reading their clients; below LOW they resume.
 LINK_WRITE_HIGH: Final = 1 << 20
 LINK_WRITE_LOW: Final = 256 << 10
-#: Room for control frames (SENT, ECHOOK, CLOSED...) on top of the data the windows allow.
-CONTROL_SLACK: Final = 1 << 20
+#: Control frames (ECHOOK, HELLOOK, SENT, CLOSE, CLOSED...: everything but stream data) that
+#: may wait unread in the link's write buffer; above it reading the link pauses (see Memory).
+MAX_UNREAD_CONTROL: Final = 1 << 20
+#: flush_now joins the chunks when there are more than SMALL_CHUNKS of them, on average
+#: smaller than SMALL_CHUNK bytes (copying them costs less than buffering them one by one).
+SMALL_CHUNKS: Final = 64
+SMALL_CHUNK: Final = 128
+#: Default for Hub.send_timeout: how long reading may stay paused so before the link is cut.
+SEND_TIMEOUT: Final = 30.0
 #: How long a new entrance connection may wait for its first bytes before its stream opens
 #: without them (see Hub.first_data_wait). Measured on loopback: the client's first bytes come
 #: 0.1-1 ms after the accept; riding in CONNECT they save a tunnel round trip (connections/s
@@ -199,6 +227,13 @@ def _reset(transport: Any) -> None:
         except (OSError, ValueError):
             pass
     transport.abort()
+
+
+def _source_of(peername: Any) -> str | None:
+    """The IP address of a TCP peer (an IPv4-mapped one as IPv4), the key of the receptor's
+    per-address penalties and records; None for other links."""
+    ip = ip_address_of(peername[0]) if isinstance(peername, tuple) and peername else None
+    return None if ip is None else str(ip)
 
 
 def _human(n: float) -> str:
@@ -417,7 +452,7 @@ class Stream(asyncio.Protocol):
         """Write bytes from the peer; acknowledge them once they are in the socket."""
         self.down += len(data)
         if self.quiet_wait:  # the server is not quiet yet: the client's EOF waits on
-            self.hub.quiet.add(self)
+            self.hub.eof_waits.add(self)
         transport = self.transport
         if self.write_paused:
             self.unacked += len(data)
@@ -499,7 +534,7 @@ class Stream(asyncio.Protocol):
                 and session.hub.reply_wait > 0:
             if not self.quiet_wait:
                 self.quiet_wait = True
-                session.hub.quiet.add(self)
+                session.hub.eof_waits.add(self)
             return
         self._end_now()
 
@@ -619,7 +654,7 @@ class Stream(asyncio.Protocol):
             session.hub.reply_waits.discard(self)
         if self.quiet_wait:
             self.quiet_wait = False
-            session.hub.quiet.discard(self)
+            session.hub.eof_waits.discard(self)
         if session.streams.get(sid) is self:
             del session.streams[sid]
         session.link_blocked.discard(self)
@@ -693,9 +728,20 @@ class Session(asyncio.Protocol):
         self.link_blocked: set[Stream] = set()
         self.transport: Any = None
         self.peer = "?"
+        #: The peer's IP address (TCP links), the key of the receptor's penalties and records.
+        self.source: str | None = None
+        #: Its address has failed links on record: progress records are debug-level.
+        self.quiet = False
         self.peer_hello = ""
         self.link_paused: bool = False
-        self.read_paused = False
+        self.read_paused = False  # paused: the peer leaves too many control frames unread
+        #: At least the control bytes (not stream data) in the link's write buffer: every
+        #: control byte written is added, and it is cut to the buffer's size whenever that is
+        #: known to be smaller (the buffer is FIFO: it cannot hold more control than bytes).
+        self.unread_control = 0
+        self._control_mark = 0  # conn.control_bytes_queued at the last flush
+        self.control_limit = max(hub.link_high, MAX_UNREAD_CONTROL)
+        self._stall_timer: asyncio.TimerHandle | None = None
         self.ready = False
         self.ever_ready = False
         self.authenticated = False
@@ -704,7 +750,6 @@ class Session(asyncio.Protocol):
         self.rtt: float | None = None
         self.started = self.loop.time()
         self.ready_at: float | None = None
-        self.hard_limit = LINK_WRITE_HIGH + CONTROL_SLACK
         self._flush_pending = False
         # Bound once: compiled, calling a stored bound method skips a method lookup (time,
         # per read) and an allocation (the flush callback, per poll round with output).
@@ -723,6 +768,7 @@ class Session(asyncio.Protocol):
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple):
             self.peer = format_address(peername)
+            self.source = _source_of(peername)
         elif isinstance(peername, str) and peername:
             self.peer = peername
         else:
@@ -745,11 +791,17 @@ class Session(asyncio.Protocol):
             events = self.conn.receive_data(data, self._now())
         except RemoteProtocolError as exc:
             self._handle(exc.events)
-            self._fail(f"protocol error from the peer: {exc}")
+            self._fail(f"protocol error from the peer: {exc}", penalise=True)
             return
         if events:
             self._handle(events)
-        self._flush()
+        if self.conn.control_bytes_queued - self._control_mark > LINK_WRITE_LOW:
+            # Many control frames within one poll round (libuv reads up to 32 times per round:
+            # a flood of ECHO or CLOSE gives 8 MiB of answers): written now, so that the
+            # transport's flow control and the count of unread control frames see them at once.
+            self.flush_now()
+        else:
+            self._flush()
 
     def eof_received(self) -> bool:
         self._fail("the peer closed the link")
@@ -759,6 +811,7 @@ class Session(asyncio.Protocol):
         if self._abort_timer is not None:
             self._abort_timer.cancel()
             self._abort_timer = None
+        self.hub._unheld(self)
         if not self.closed:
             self._fail(f"link lost: {exc}" if exc else "link closed")
         if not self.done.done():
@@ -769,8 +822,14 @@ class Session(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.link_paused = False
+        low = self.hub.link_low
+        if self.unread_control > low:  # the buffer holds at most link_low bytes now
+            self.unread_control = low
         if self.read_paused:
             self.read_paused = False
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+                self._stall_timer = None
             if not self.closed:
                 self.transport.resume_reading()
         blocked = self.link_blocked
@@ -810,16 +869,50 @@ class Session(asyncio.Protocol):
         if self._lazy_timer is not None:
             self._lazy_timer.cancel()
             self._lazy_timer = None
-        out = self.conn.data_to_send()
+        conn = self.conn
+        queued = conn.outgoing_bytes
+        out = conn.data_to_send()
         if out:
             transport = self.transport
             if transport is None or self.closed:
                 return
+            if len(out) > SMALL_CHUNKS and queued < len(out) * SMALL_CHUNK:
+                # Many small frames (answers to a flood of ECHO, CLOSE...): one bytes object.
+                # A buffered chunk costs uvloop ~150 bytes of bookkeeping, 12x an ECHOOK.
+                out = [b"".join(out)]
             transport.writelines(out)
-            if (self.link_paused and not self.read_paused
-                    and transport.get_write_buffer_size() > self.hard_limit):
-                self.read_paused = True
-                transport.pause_reading()
+            control = conn.control_bytes_queued
+            unread = self.unread_control + control - self._control_mark
+            self._control_mark = control
+            if not self.link_paused:
+                # write() calls pause_writing() above link_high: below it, so is the buffer
+                high = self.hub.link_high
+                self.unread_control = high if unread > high else unread
+            else:
+                size = transport.get_write_buffer_size()
+                unread = size if unread > size else unread
+                self.unread_control = unread
+                if unread > self.control_limit and not self.read_paused:
+                    self._stop_reading(unread)
+
+    def _stop_reading(self, unread: int) -> None:
+        """The peer leaves more than control_limit bytes of control frames unread (they are
+        mostly answers to its own frames): stop reading it until it reads them (resume_writing),
+        so that it cannot make this side queue answers without bound; cut the link if it has
+        not read them within the hub's send_timeout."""
+        self.read_paused = True
+        self.transport.pause_reading()
+        self.hub.debug(f"link {self.peer}: {unread} bytes of control frames unread by the peer: "
+                       "reading paused")
+        self._stall_timer = self.loop.call_later(self.hub.send_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        if self.read_paused and not self.closed:
+            self._fail(f"the peer does not read: {_human(self.unread_control)} of control "
+                       f"frames (answers to its own) unread for {self.hub.send_timeout:g} s "
+                       f"({_human(self.transport.get_write_buffer_size())} queued in all)",
+                       reset=True, penalise=True)
 
     # -- events ----------------------------------------------------------------------------
 
@@ -877,13 +970,14 @@ class Session(asyncio.Protocol):
             self.peer_hello = ev.peer_hello
             kind = (f"extensions ({f.peer_extensions})" if f.extensions
                     else "plain SockMux (no extensions)")
-            hub.log_event(
-                f"link {self.peer}: handshake with {ev.peer_hello!r} done, {kind}, frames "
-                f"{f.max_frame_size}, window {f.send_window}/{f.receive_window}, "
-                f"streams {f.max_streams}, half-close {'on' if f.half_close else 'off'}",
-                SOCKMUX_EVENT="handshake", SOCKMUX_LINK=self.peer, SOCKMUX_PEER_HELLO=ev.peer_hello)
-            self.hard_limit = (f.max_streams * (f.send_window + 2 * f.max_frame_size)
-                               + hub.link_high + CONTROL_SLACK)
+            text = (f"link {self.peer}: handshake with {ev.peer_hello!r} done, {kind}, frames "
+                    f"{f.max_frame_size}, window {f.send_window}/{f.receive_window}, "
+                    f"streams {f.max_streams}, half-close {'on' if f.half_close else 'off'}")
+            if self.quiet:  # its address has failed links on record (see Hub._link_made)
+                hub.debug(text)
+            else:
+                hub.log_event(text, SOCKMUX_EVENT="handshake", SOCKMUX_LINK=self.peer,
+                              SOCKMUX_PEER_HELLO=ev.peer_hello)
         elif isinstance(ev, Authenticated):
             self.authenticated = True
             hub.log_event(f"link {self.peer}: peer authenticated (shared secret)",
@@ -892,7 +986,7 @@ class Session(asyncio.Protocol):
             self._ready(ev.authenticated)
         elif isinstance(ev, AuthenticationFailed):
             hub.stats.auth_failures += 1
-            self._fail(f"authentication failed: {ev.reason}", priority=3)
+            self._fail(f"authentication failed: {ev.reason}", priority=3, penalise=True)
         elif isinstance(ev, DeadPeer):
             self._fail(f"peer dead: nothing received for {ev.idle:.0f} s")
         elif isinstance(ev, PeerRestarted):
@@ -993,7 +1087,7 @@ class Session(asyncio.Protocol):
         if not self.ready and not self.closed:
             self._fail(f"handshake not complete after {self.hub.handshake_timeout:g} s "
                        f"(state {self.conn.state.value}, authentication "
-                       f"{self.conn.auth_state.value.lower()})")
+                       f"{self.conn.auth_state.value.lower()})", reset=True, penalise=True)
 
     # -- the end ---------------------------------------------------------------------------
 
@@ -1008,20 +1102,26 @@ class Session(asyncio.Protocol):
         """Close the link (shutdown, replaced by a newer link): every stream is reset."""
         self._fail(reason)
 
-    def _fail(self, reason: str, priority: int = 4) -> None:
+    def _fail(self, reason: str, priority: int = 4, reset: bool = False,
+              penalise: bool = False) -> None:
+        """Close the link: ``reset`` at once (RST: the peer does not read, there is nothing
+        it would get), else after flushing what is queued (at most LINK_CLOSE_LINGER).
+        ``penalise``: this side cuts the link for the peer's fault; if it never was up, the
+        hub may hold it for a while before the reset (see admission.py)."""
         if self.closed:
             return
-        try:
-            self.flush_now()  # an AUTH failure notice, CLOSEs: the peer's log should say why
-        except Exception:  # the transport may be gone already
-            pass
+        if not reset:
+            try:
+                self.flush_now()  # an AUTH failure notice, CLOSEs: the peer's log should say why
+            except Exception:  # the transport may be gone already
+                pass
         self.closed = True
         self.reason = reason
         was_ready, self.ready = self.ready, False
-        for timer in (self._timer, self._handshake_timer):
+        for timer in (self._timer, self._handshake_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
-        self._timer = self._handshake_timer = None
+        self._timer = self._handshake_timer = self._stall_timer = None
         self.conn.close_link(reason)
         streams = list(self.streams.values())
         for stream in streams:
@@ -1029,12 +1129,32 @@ class Session(asyncio.Protocol):
             stream._close_local(abort=True)
         self.link_blocked.clear()
         transport = self.transport
+        # (a link whose peer leaves much unread is not held: its buffer would be held with it)
+        may_hold = (transport is not None
+                    and transport.get_write_buffer_size() <= self.hub.link_low)
+        hold = self.hub._link_down(self, reason, was_ready, len(streams), priority, penalise,
+                                   may_hold)
         if transport is not None and not transport.is_closing():
-            transport.close()
-            self._abort_timer = self.loop.call_later(LINK_CLOSE_LINGER, transport.abort)
-        self.hub._link_down(self, reason, was_ready, len(streams), priority)
+            if hold > 0:  # unread, until the hold is over (or the peer gives up)
+                transport.pause_reading()
+                self._abort_timer = self.loop.call_later(hold, self.release)
+            elif reset:
+                _reset(transport)
+            else:
+                transport.close()
+                self._abort_timer = self.loop.call_later(LINK_CLOSE_LINGER, transport.abort)
         if transport is None and not self.done.done():
             self.done.set_result(reason)
+
+    def release(self) -> None:
+        """A held link's time is over (or the tunnel stops): reset it."""
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
+        self.hub._unheld(self)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            _reset(transport)
 
     def __repr__(self) -> str:
         return (f"<Session {self.peer} ready={self.ready} closed={self.closed} "
@@ -1048,7 +1168,7 @@ class HubStats:
     """Tunnel-wide counters (over every link), for STATUS= and tests."""
 
     __slots__ = ("total", "accepted", "refused", "finished", "bytes_up", "bytes_down",
-                 "links_up", "links_down", "auth_failures", "entrance_refused")
+                 "links_up", "links_down", "auth_failures", "entrance_refused", "links_refused")
 
     def __init__(self) -> None:
         self.total = 0  # streams opened either way (including refused ones)
@@ -1061,6 +1181,7 @@ class HubStats:
         self.links_down = 0
         self.auth_failures = 0
         self.entrance_refused = 0  # clients refused because no link was up
+        self.links_refused = 0  # links reset at accept (admit_link)
 
 
 class _Unlogged:
@@ -1093,15 +1214,27 @@ class Hub:
                  stream_log_rate: float | None = None, debug: bool = False,
                  hold_timeout: float = 0.0,
                  first_data_wait: float = FIRST_DATA_WAIT,
-                 reply_wait: float = REPLY_WAIT) -> None:
+                 reply_wait: float = REPLY_WAIT,
+                 send_timeout: float = SEND_TIMEOUT, failure_delay: float = 0.0) -> None:
         self.loop = asyncio.get_running_loop()
         self.config = config
         self.exits = dict(exits or {})
         self.opener = opener
         self.log = log
         self.name = name
+        #: A link must be up (handshake and authentication done) this long after it connects.
         self.handshake_timeout = handshake_timeout
+        #: Links being set up at once, TLS handshakes included (admit_link, receptors).
         self.max_pending_links = max_pending_links
+        #: Failed links from an address are held before the reset, up to this long; and the
+        #: records of failed links, one per address and minute (see admission.py).
+        self.penalties = Penalties(failure_delay)
+        self.link_records = RecordWindows()
+        self.held: dict[str, Session] = {}  # by address: the failed link being held
+        self._link_summary_timer: asyncio.TimerHandle | None = None
+        #: A link whose reading paused because the peer leaves control frames unread (see
+        #: Session._stop_reading) is cut after this many seconds without the peer reading.
+        self.send_timeout = send_timeout
         self.link_high = link_high
         self.link_low = link_low
         self.on_ready = on_ready
@@ -1138,7 +1271,7 @@ class Hub:
         #: this long; an entrance client's EOF is passed on once the server has sent nothing
         #: for this long (0: neither waits). See Stream.exit_connected and Stream._end.
         self.reply_waits = Waits(self.loop, reply_wait, self._release)
-        self.quiet = Waits(self.loop, reply_wait, self._quiet)
+        self.eof_waits = Waits(self.loop, reply_wait, self._pass_eof_on)
 
     @property
     def first_data_wait(self) -> float:
@@ -1154,7 +1287,7 @@ class Hub:
 
     @reply_wait.setter
     def reply_wait(self, seconds: float) -> None:
-        self.reply_waits.delay = self.quiet.delay = seconds
+        self.reply_waits.delay = self.eof_waits.delay = seconds
 
     # -- logging ---------------------------------------------------------------------------
 
@@ -1172,28 +1305,56 @@ class Hub:
         """The protocol factory for links (links.connect_tcp, listen_tcp, open_fifos, ...)."""
         return Session(self)
 
+    def admit_link(self, transport: Any, handshakes: int) -> bool:
+        """A receptor's connection was accepted (:func:`links.listen_tcp` asks before any
+        byte is read or written): False, and it is reset, when a failed link from its address
+        is being held, or :attr:`max_pending_links` links (``handshakes``: TLS handshakes in
+        progress, plus the sessions not up yet) are being set up already."""
+        peername = transport.get_extra_info("peername")
+        source = _source_of(peername)
+        if source is not None and source in self.held:
+            why = "a failed link from this address is being held"
+        else:
+            pending = handshakes + sum(1 for s in self.sessions if not s.ever_ready)
+            if pending < self.max_pending_links:
+                return True
+            why = (f"{pending} links are being set up already (the limit, "
+                   "--max-pending-links)")
+        self.stats.links_refused += 1
+        peer = format_address(peername)
+        _reset(transport)
+        if source is None or self.link_records.take(source, self.loop.time(), why):
+            self.log_event(f"link from {peer} refused: {why}", priority=4,
+                           SOCKMUX_EVENT="link-refused", SOCKMUX_LINK=peer, SOCKMUX_REASON=why)
+        else:
+            self._arm_link_summary()
+        return False
+
     def _link_made(self, session: Session) -> bool:
         if self.closing:
             session.closed = True
             session.transport.abort()
             return False
-        pending = sum(1 for s in self.sessions if not s.ever_ready)
-        if pending >= self.max_pending_links:
-            self.log_event(f"link from {session.peer} dropped: {pending} links are already "
-                           "being set up", priority=4, SOCKMUX_EVENT="link-refused",
-                           SOCKMUX_LINK=session.peer)
-            session.closed = True
-            session.transport.abort()
-            return False
         self.sessions.add(session)
-        self.log_event(f"link {session.peer}: connected, handshake starts",
-                       SOCKMUX_EVENT="link-connected", SOCKMUX_LINK=session.peer)
+        source = session.source
+        session.quiet = (source is not None
+                         and self.penalties.failures(source, self.loop.time()) > 0)
+        text = f"link {session.peer}: connected, handshake starts"
+        if session.quiet:  # failed links from there are summed up (admission.py)
+            self.debug(text)
+        else:
+            self.log_event(text, SOCKMUX_EVENT="link-connected", SOCKMUX_LINK=session.peer)
         return True
 
     def _link_ready(self, session: Session) -> None:
         self.current = session
         waiting, self.waiting = self.waiting, {}
         self.stats.links_up += 1
+        if session.source is not None:
+            self.penalties.forgive(session.source)
+            suppressed = self.link_records.pop(session.source)
+            if suppressed is not None:
+                self._log_suppressed(suppressed)
         auth = "authenticated" if session.authenticated else "NOT authenticated"
         self.log_event(f"link {session.peer}: up ({auth}), peer {session.peer_hello!r}",
                        SOCKMUX_EVENT="link-up", SOCKMUX_LINK=session.peer,
@@ -1217,23 +1378,78 @@ class Hub:
         self._changed()
 
     def _link_down(self, session: Session, reason: str, was_ready: bool, streams: int,
-                   priority: int) -> None:
+                   priority: int, penalise: bool = False, may_hold: bool = True) -> float:
+        """Log the end of a link; returns how long to hold it before the reset (a failed
+        link from an address with failures on record: see admission.py), 0 for no hold."""
         self.sessions.discard(session)
         if self.current is session:
             self.current = None
         if session.ever_ready:
             self.stats.links_down += 1
-        uptime = self.loop.time() - (session.ready_at or session.started)
-        what = "down" if session.ever_ready else "closed before it was up"
-        self.log_event(f"link {session.peer}: {what}: {reason}"
-                       + (f" ({streams} streams reset, up {uptime:.0f} s)"
-                          if session.ever_ready else ""),
-                       priority=priority if not self.closing else 6,
-                       SOCKMUX_EVENT="link-down", SOCKMUX_LINK=session.peer,
-                       SOCKMUX_REASON=reason)
+        now = self.loop.time()
+        hold = 0.0
+        source = session.source
+        logged = True
+        if source is not None and not session.ever_ready and not self.closing:
+            if penalise:
+                hold = self.penalties.failed(source, now)
+                if hold and (not may_hold or source in self.held or len(self.held) >= MAX_HELD):
+                    hold = 0.0
+                if hold:
+                    self.held[source] = session
+            logged = self.link_records.take(source, now, reason)
+        if logged:
+            uptime = now - (session.ready_at or session.started)
+            what = "down" if session.ever_ready else "closed before it was up"
+            if hold:
+                failures = self.penalties.failures(source or "", now)
+                extra = (f"; held {hold:g} s before the reset ({failures} failed link"
+                         f"{'s' if failures > 1 else ''} from {source} in a row; further "
+                         f"failures from it are summed up every {WINDOW:g} s)")
+            elif session.ever_ready:
+                extra = f" ({streams} streams reset, up {uptime:.0f} s)"
+            else:
+                extra = ""
+            self.log_event(f"link {session.peer}: {what}: {reason}{extra}",
+                           priority=priority if not self.closing else 6,
+                           SOCKMUX_EVENT="link-down", SOCKMUX_LINK=session.peer,
+                           SOCKMUX_REASON=reason)
+        else:
+            self._arm_link_summary()
         if self.on_down is not None:
             self.on_down(session, reason)
         self._changed()
+        return hold
+
+    def _unheld(self, session: Session) -> None:
+        """A held failed link is reset or gone (see Session.release)."""
+        source = session.source
+        if source is not None and self.held.get(source) is session:
+            del self.held[source]
+
+    def _arm_link_summary(self) -> None:
+        if self._link_summary_timer is None and not self.closing:
+            self._link_summary_timer = self.loop.call_later(WINDOW, self._link_summaries)
+
+    def _link_summaries(self) -> None:
+        """One record per address for the failed links that got none of their own."""
+        self._link_summary_timer = None
+        for suppressed in self.link_records.due(self.loop.time()):
+            self._log_suppressed(suppressed)
+        if len(self.link_records):
+            self._arm_link_summary()
+
+    def _log_suppressed(self, s: Suppressed) -> None:
+        seconds = self.loop.time() - s.since
+        failures = self.penalties.failures(s.source, self.loop.time())
+        held = self.penalties.maximum > 0 and failures > 0
+        self.log_event(
+            f"links from {s.source}: {s.count} more refused or failed before they were up "
+            f"in the last {seconds:.0f} s, without a record each (last: {s.last_reason})"
+            + (f"; {failures} failures in a row, each failed link is held up to "
+               f"{self.penalties.maximum:g} s before the reset" if held else ""),
+            priority=4, SOCKMUX_EVENT="links-unlogged", REMOTE_ADDR=s.source,
+            SOCKMUX_LINKS=s.count, SOCKMUX_REASON=s.last_reason)
 
     # -- entrances -------------------------------------------------------------------------
 
@@ -1309,7 +1525,7 @@ class Hub:
             server_addr, local_addr, _ = stream.connected_as
             stream._accept(server_addr or "-", local_addr or "-")
 
-    def _quiet(self, stream: Stream) -> None:
+    def _pass_eof_on(self, stream: Stream) -> None:
         """The server of a stream whose client sent EOF was quiet for reply_wait: pass the
         EOF on now (see Stream._end)."""
         if stream.quiet_wait and stream.sid is not None:
@@ -1488,9 +1704,18 @@ class Hub:
         for stream in list(self.waiting) + self.first_wait.clear():
             self._unhold(stream, reason)
         self.reply_waits.clear()  # exits and entrances of the links closed below
-        self.quiet.clear()
+        self.eof_waits.clear()
         for session in list(self.sessions):
             session.close(reason)
+        for session in list(self.held.values()):
+            session.release()
+        if self._link_summary_timer is not None:
+            self._link_summary_timer.cancel()
+            self._link_summary_timer = None
+        for source in self.link_records.sources():
+            suppressed = self.link_records.pop(source)
+            if suppressed is not None:
+                self._log_suppressed(suppressed)
         if self._summary_timer is not None:
             self._summary_timer.cancel()
         if self._change_timer is not None:

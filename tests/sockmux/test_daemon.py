@@ -440,7 +440,7 @@ def test_check_with_flags(tmp_path, secret):
                                    "SERVER=10.0.0.2:80,-in", "--no-auth"],
                          capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert out.returncode == 0, out.stderr
-    for text in ("Accept=127.0.0.1:8000", "Entrance           9000", "Entrance           9001",
+    for text in ("Accept=127.0.0.1:8000", "Entrance             9000", "Entrance             9001",
                  "9001 -> tcp 10.0.0.1:23", "default -> tcp 10.0.0.2:80", "none: the peer"):
         assert text in out.stdout, out.stdout
 
@@ -467,6 +467,18 @@ def test_check_with_flags(tmp_path, secret):
     (["--connect", "h:1", "--no-auth", "--exit", "h:2", "--stream-log-rate", "-1"],
      "records per second from 0 to 1000000"),
     (["name", "--stream-log-rate", "0"], "exclude each other"),
+    (["--accept", "127.0.0.1:1", "--no-auth", "--exit", "h:2", "--max-pending-links", "0"],
+     "a number of links from 1 to 1024"),
+    (["--accept", "127.0.0.1:1", "--no-auth", "--exit", "h:2", "--max-pending-links", "1025"],
+     "a number of links from 1 to 1024"),
+    (["--connect", "h:1", "--no-auth", "--exit", "h:2", "--max-pending-links", "4"],
+     "--max-pending-links is for a receptor"),
+    (["--connect", "h:1", "--no-auth", "--exit", "h:2", "--failure-delay", "5s"],
+     "--failure-delay is for a receptor"),
+    (["--connect", "h:1", "--no-auth", "--exit", "h:2", "--handshake-timeout", "0"],
+     "must be greater than zero"),
+    (["--connect", "h:1", "--no-auth", "--exit", "h:2", "--send-timeout", "0"],
+     "must be greater than zero"),
     (["--connect", "h:1", "--no-extensions", "--exit", "h:2", "--secret", "/x"],
      "cannot authenticate"),
     (["--connect", "h:1", "--secret", "/nonexistent/secret", "--exit", "h:2"],

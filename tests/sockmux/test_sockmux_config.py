@@ -371,6 +371,9 @@ _BAD_VALUES = [
     ("StreamLogRate", "-1", "StreamLogRate=: '-1' is not a non-negative integer"),
     ("StreamLogRate", "lots", "StreamLogRate=: 'lots' is not a non-negative integer"),
     ("FrameSize", "1M", "FrameSize=: '1M' is out of range 512-65543"),
+    ("SendTimeoutSec", "0", "SendTimeoutSec=: '0': the timeout must be greater than zero"),
+    ("HandshakeTimeoutSec", "0",
+     "HandshakeTimeoutSec=: '0': the timeout must be greater than zero"),
     ("Acept", "[::]:1", "unknown key Acept= (did you mean 'Accept'?)"),
     ("tls", "yes", "unknown key tls= (did you mean 'TLS'?)"),
     ("PORT", "80", "unknown key PORT="),
@@ -555,6 +558,28 @@ def test_reconnect_only_for_dialing_links(tmp_path: Path, secret: Path) -> None:
     assert only_problem(tmp_path, text)[1].endswith("not to Stdio= ones")
     tunnel = load_body(tmp_path, f"FIFO=/a /b\nSecret={secret}\nExit=tcpmux\nReconnectMaxSec=1\n")
     assert tunnel.reconnect_max == 1
+
+
+def test_receptor_limits(tmp_path: Path) -> None:
+    """MaxPendingLinks= (1-1024) and FailureDelaySec= (0 allowed) are Accept= keys."""
+    accept = "Accept=[::]:7000\nAuthentication=none\nExit=tcpmux\n"
+    tunnel = load_body(tmp_path, accept)
+    assert (tunnel.max_pending_links, tunnel.failure_delay, tunnel.handshake_timeout) == (
+        8, 60.0, 10.0)
+    for value in (1, 1024):
+        assert load_body(tmp_path, f"{accept}MaxPendingLinks={value}\n").max_pending_links == value
+    assert load_body(tmp_path, f"{accept}FailureDelaySec=0\n").failure_delay == 0
+    assert load_body(tmp_path, f"{accept}FailureDelaySec=2min\n").failure_delay == 120
+    assert load_body(tmp_path, f"{accept}HandshakeTimeoutSec=3s\n").handshake_timeout == 3
+    text = f"[Tunnel]\n{accept}"
+    for value in ("0", "1025"):
+        assert only_problem(tmp_path, f"{text}MaxPendingLinks={value}\n") == (
+            5, f"MaxPendingLinks=: '{value}' is out of range 1-1024")
+    assert only_problem(tmp_path, f"{text}FailureDelaySec=soon\n")[1].startswith(
+        "FailureDelaySec=: 'soon' is not a time span")
+    for key in ("MaxPendingLinks=4", "FailureDelaySec=5s"):
+        line, message = only_problem(tmp_path, f"[Tunnel]\n{PLAIN}{key}\n")
+        assert message.startswith(f"{key.split('=')[0]}= only applies to Accept= tunnels"), message
 
 
 # --------------------------------------------------------------------------- authentication
@@ -955,28 +980,32 @@ def test_format_tunnel(levels: list[Path], pem: Path, tmp_path: Path) -> None:
         """,
     )
     assert format_tunnel(load_tunnel("office", levels)).splitlines() == [
-        "Tunnel             office",
-        f"File               {levels[0] / 'office.conf'}",
-        f"Overrides          {levels[3] / 'office.conf'}",
-        "Description        Office gateway",
-        "Link               Accept=[::]:7000 (receptor, the peer connects here)",
-        f"TLS                yes: certificate {pem}, key {pem}, CA {pem}, "
+        "Tunnel               office",
+        f"File                 {levels[0] / 'office.conf'}",
+        f"Overrides            {levels[3] / 'office.conf'}",
+        "Description          Office gateway",
+        "Link                 Accept=[::]:7000 (receptor, the peer connects here)",
+        f"TLS                  yes: certificate {pem}, key {pem}, CA {pem}, "
         "peer certificate verified",
-        f"Authentication     secret from {secret} (32 bytes)",
-        "Extensions         yes",
-        "Entrance           5432 (127.0.0.1:5432 and [::1]:5432)",
-        "Entrance           fd:web (socket from systemd, FileDescriptorName=web)",
-        f"Exit               2000 -> exec {CAT} -u",
-        "Exit               8080 -> tcp 127.0.0.1:80",
-        "Exit               default -> tcpmux "
+        f"Authentication       secret from {secret} (32 bytes)",
+        "Extensions           yes",
+        "Entrance             5432 (127.0.0.1:5432 and [::1]:5432)",
+        "Entrance             fd:web (socket from systemd, FileDescriptorName=web)",
+        f"Exit                 2000 -> exec {CAT} -u",
+        "Exit                 8080 -> tcp 127.0.0.1:80",
+        "Exit                 default -> tcpmux "
         "(tcpmuxd's dispatcher: the stream names a TCPMUX service)",
-        "MaxStreams         1024",
-        "KeepAliveSec       1min 30s",
-        "DeadPeerSec        2min",
-        "ConnectTimeoutSec  10s",
-        "WindowSize         1048576 (1M)",
-        "FrameSize          65536 (64K)",
-        "StreamLogRate      100/s",
+        "MaxStreams           1024",
+        "KeepAliveSec         1min 30s",
+        "DeadPeerSec          2min",
+        "ConnectTimeoutSec    10s",
+        "WindowSize           1048576 (1M)",
+        "FrameSize            65536 (64K)",
+        "StreamLogRate        100/s",
+        "SendTimeoutSec       30s",
+        "HandshakeTimeoutSec  10s",
+        "MaxPendingLinks      8",
+        "FailureDelaySec      1min",
     ]
 
 
@@ -987,26 +1016,29 @@ def test_format_tunnel_plain_peer(tmp_path: Path) -> None:
         "Exit=2323=127.0.0.1:23\n",
     )
     lines = format_tunnel(tunnel).splitlines()
-    assert "Link               Connect=192.0.2.1:8000 (connector, re-dials with backoff)" in lines
-    assert "TLS                no" in lines
-    assert "Authentication     none: the peer is not authenticated" in lines
-    assert "Extensions         no: plain DeleGate SockMux only" in lines
-    assert "Exit               2323 -> tcp 127.0.0.1:23" in lines
     assert (
-        "Exit               default -> none: streams from other entrance ports are refused" in lines
+        "Link                 Connect=192.0.2.1:8000 (connector, re-dials with backoff)" in lines
     )
-    assert "ReconnectMaxSec    30s" in lines
-    assert "MaxStreams         1024 (a plain peer: fewer)" in lines
+    assert "TLS                  no" in lines
+    assert "Authentication       none: the peer is not authenticated" in lines
+    assert "Extensions           no: plain DeleGate SockMux only" in lines
+    assert "Exit                 2323 -> tcp 127.0.0.1:23" in lines
+    assert (
+        "Exit                 default -> none: streams from other entrance ports are refused"
+        in lines
+    )
+    assert "ReconnectMaxSec      30s" in lines
+    assert "MaxStreams           1024 (a plain peer: fewer)" in lines
 
 
 def test_format_tunnel_pipe_links_show_no_tls(tmp_path: Path, secret: Path) -> None:
     tunnel = load_body(tmp_path, f"FIFO=/run/a /run/b\nSecret={secret}\nEntrance=80\n")
     out = format_tunnel(tunnel)
-    assert "Link               FIFO=/run/a /run/b\n" in out
-    assert "\nTLS " not in out and "\nReconnectMaxSec    30s\n" in out
+    assert "Link                 FIFO=/run/a /run/b\n" in out
+    assert "\nTLS " not in out and "\nReconnectMaxSec      30s\n" in out
     out = format_tunnel(load_body(tmp_path, f"Stdio=yes\nSecret={secret}\nEntrance=80\n"))
-    assert "Link               Stdio=yes\n" in out and "ReconnectMaxSec" not in out
-    assert "Exit               none: streams from the peer are refused" in out.splitlines()
+    assert "Link                 Stdio=yes\n" in out and "ReconnectMaxSec" not in out
+    assert "Exit                 none: streams from the peer are refused" in out.splitlines()
 
 
 # --------------------------------------------------------------------------- the man page
