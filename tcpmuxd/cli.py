@@ -53,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest service name accepted, in bytes (default: 256)")
     p.add_argument("--max-connections", metavar="N", type=_positive_int, default=1024,
                    help="connections open at once, all services together (default: 1024)")
+    p.add_argument("--max-pending-per-source", metavar="N", type=_positive_int,
+                   default=Limits.max_pending_per_source,
+                   help="connections from one address (an IPv6 /64) still to send their name; "
+                        "past it a new one is refused at once, so that one address cannot hold "
+                        "every slot (default: 64)")
+    p.add_argument("--stop-timeout", metavar="SEC", type=_non_negative_float,
+                   default=Limits.stop_timeout,
+                   help="on SIGTERM, how long relays and hand-overs in progress may go on "
+                        "before they are reset (default: 30)")
     p.add_argument("--version", action="version", version=f"tcpmuxd {__version__}")
     return p
 
@@ -64,6 +73,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {text!r}")
     return value
 
 
@@ -81,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     search_path = tuple(args.config_dir) or config.DEFAULT_SEARCH_PATH
     limits = Limits(name_timeout=args.name_timeout, max_name_length=args.max_name_length,
-                    max_connections=args.max_connections)
+                    max_connections=args.max_connections,
+                    max_pending_per_source=args.max_pending_per_source,
+                    stop_timeout=args.stop_timeout)
     environ = dict(os.environ)
     log = systemd.EventLog(environ, "tcpmuxd")
     cfg = config.load(search_path, max_name_length=limits.max_name_length)
@@ -173,9 +194,13 @@ async def _serve(listeners, cfg, search_path, limits: Limits, log: systemd.Event
         log.record(f"reloaded: {len(new.services)} services, {len(new.errors)} errors")
         notifier.ready(dispatcher.status())
 
+    hurry = asyncio.Event()
+
     def stop(signum: int) -> None:
         if not stopped.done():
             stopped.set_result(signum)
+        else:  # asked again while stopping: cut what is left now
+            hurry.set()
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -190,9 +215,10 @@ async def _serve(listeners, cfg, search_path, limits: Limits, log: systemd.Event
     names = ", ".join(name for _sock, name in listeners)
     log.record(f"serving {len(cfg.services)} services on {names}")
     notifier.ready(dispatcher.status())
-    await stopped
+    signum = await stopped
     notifier.stopping()
-    dispatcher.close()
+    log.record(f"stopping ({signal.Signals(signum).name}): no longer accepting")
+    await dispatcher.stop(limits.stop_timeout, hurry)
     log.record("stopped")
     return 0
 
