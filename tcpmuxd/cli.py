@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Mapping
 
 from tcpmuxd import __version__, config, handlers, inetd, protocol, systemd
 from tcpmuxd.addresses import parse_listen
@@ -105,11 +106,15 @@ def main(argv: list[str] | None = None) -> int:
                     stop_timeout=args.stop_timeout)
     environ = dict(os.environ)
     log = systemd.EventLog(environ, "tcpmuxd")
-    cfg = config.load(search_path, max_name_length=limits.max_name_length)
-
     if args.check:
+        switch_users, judged = _user_switching(environ)
+        cfg = config.load(search_path, max_name_length=limits.max_name_length,
+                          switch_users=switch_users)
+        print(f"Handlers as other users (User=, Group=, SupplementaryGroups=): "
+              f"{'possible' if switch_users else 'not possible'}: {judged}\n")
         print(config.format_table(cfg))
         return 0 if cfg.ok else 1
+    cfg = config.load(search_path, max_name_length=limits.max_name_length)
     for error in cfg.errors:
         log.record(f"configuration: {error}", priority=3)
 
@@ -138,6 +143,71 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handlers.reset_signals()
     return asyncio.run(_serve(listeners, cfg, search_path, limits, log, environ))
+
+
+#: The units that run tcpmuxd, by mode, and the socket unit that starts each.
+UNITS = (("tcpmuxd.socket", "tcpmuxd.service"), ("tcpmuxd-inetd.socket", "tcpmuxd-inetd@.service"))
+#: systemctl shows a template's settings through an instance (the template itself is not loaded).
+_TEMPLATE_INSTANCE = "check"
+_CREDENTIAL_PROPERTIES = ("LoadState", "MainPID", "DynamicUser", "User", "PrivateUsers",
+                          "CapabilityBoundingSet", "AmbientCapabilities")
+_SWITCH_CAPABILITY_NAMES = {"cap_setuid", "cap_setgid"}
+
+
+def _user_switching(environ: Mapping[str, str]) -> tuple[bool, str]:
+    """For --check: whether the tcpmuxd that will serve the services may run handlers as other
+    users, and whose credentials that was judged by. Not this shell's: an administrator's root
+    shell can switch users, the shipped units' dynamic user cannot.
+
+    Run by systemd (INVOCATION_ID: ExecStartPre=, systemd-run), this process has its unit's
+    credentials. Else, where systemd manages tcpmuxd, the unit of the mode in use (the one
+    whose socket is active, else enabled; Accept=no when neither is): its main process's
+    capabilities while it runs, else what its settings give. Else this process's own.
+    """
+    if environ.get("INVOCATION_ID"):
+        return config.can_switch_users(), "judged for this process, which systemd started"
+    sockets = [systemd.unit_properties(socket_unit, ("LoadState", "ActiveState",
+                                                     "UnitFileState"))
+               for socket_unit, _service in UNITS]
+    unit = UNITS[0][1]
+    for state in ("active", "enabled"):
+        used = [p is not None and state in (p.get("ActiveState"), p.get("UnitFileState"))
+                for p in sockets]
+        if any(used):
+            unit = UNITS[used.index(True)][1]
+            break
+    shown = unit.replace("@.", f"@{_TEMPLATE_INSTANCE}.")
+    props = systemd.unit_properties(shown, _CREDENTIAL_PROPERTIES)
+    if props is None:
+        return (config.can_switch_users(),
+                f"judged for this process (uid {os.geteuid()}): systemd does not run tcpmuxd here")
+    return _unit_user_switching(unit, props)
+
+
+def _unit_user_switching(unit: str, props: Mapping[str, str]) -> tuple[bool, str]:
+    """Whether ``unit``'s processes may switch users, from ``systemctl show`` properties."""
+    pid = int(props.get("MainPID") or 0)
+    if pid:
+        try:
+            possible = config.can_switch_users(pid)
+        except OSError:
+            pass
+        else:
+            return possible, (f"{unit} is running (pid {pid}) "
+                              f"{'with' if possible else 'without'} CAP_SETUID and CAP_SETGID")
+    if props.get("PrivateUsers") == "yes":
+        return False, f"{unit} has PrivateUsers=yes: no other users exist in its namespace"
+    bounding = set(props.get("CapabilityBoundingSet", "").split())
+    ambient = set(props.get("AmbientCapabilities", "").split())
+    dynamic = props.get("DynamicUser") == "yes"
+    user = props.get("User", "")
+    as_root = not dynamic and user in ("", "root", "0")
+    caps = bounding if as_root else bounding & ambient
+    possible = _SWITCH_CAPABILITY_NAMES <= caps
+    who = ("a dynamic user (DynamicUser=yes)" if dynamic
+           else "root" if as_root else f"user {user}")
+    return possible, (f"{unit} runs tcpmuxd as {who}, "
+                      f"{'with' if possible else 'without'} CAP_SETUID and CAP_SETGID")
 
 
 def _bound_name(sock: socket.socket) -> str:

@@ -348,18 +348,22 @@ def _name_problem(name: str, max_length: int) -> str | None:
     return f"the service name {name!r} contains {bad!r}: names are visible ASCII, no spaces"
 
 
-def can_switch_users() -> bool:
-    """Whether this process may run a handler as another user: CAP_SETUID and CAP_SETGID are
-    in its effective set (root outside the units' sandbox has them, a dynamic user does not)."""
+def can_switch_users(pid: int | None = None) -> bool:
+    """Whether this process (or process ``pid``) may run a handler as another user:
+    CAP_SETUID and CAP_SETGID are in its effective set (root outside the units' sandbox has
+    them, a dynamic user does not). Raises OSError when ``pid``'s status cannot be read."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid or 'self'}/status") as f:
             for line in f:
                 if line.startswith("CapEff:"):
                     effective = int(line.split()[1], 16)
                     return effective & _SWITCH_CAPABILITIES == _SWITCH_CAPABILITIES
-    except (OSError, ValueError, IndexError):
+    except (ValueError, IndexError):
         pass
-    return os.geteuid() == 0
+    except OSError:
+        if pid is not None:
+            raise
+    return os.geteuid() == 0 if pid is None else False
 
 
 def _parse_service(path: Path, text: str, max_name_length: int, switch_users: bool) -> _Parsed:
