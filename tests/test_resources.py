@@ -18,11 +18,13 @@ client socket here is closed in a ``finally``.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import selectors
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -32,7 +34,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tcpmuxd_harness import Daemon, read_all, talk, write_service
+from tcpmuxd_harness import PYTHON, ROOT, Daemon, read_all, talk, write_service
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -786,3 +788,66 @@ def test_max_pending_per_source_at_its_edge(services: Path, daemon_factory, clie
         assert recv_line(over) == refusal
     summary = daemon.wait_for_log("refused 1 more connections in 10s", timeout=15)
     assert "127.0.0.2 (1)" in summary and summary.count("waiting to send a name (3)") == 1
+
+
+#: Run under ``unshare -n`` (a network namespace of its own, gone with it): four IPv6 addresses
+#: on its loopback, tcpmuxd with --max-pending-per-source 2, then two silent clients from one
+#: /64, a third from the same /64 (refused at once) and one from another /64 (waited for: once
+#: accepted, it sends its name). Prints what the last two got.
+IPV6_SOURCES = r"""
+import json, os, socket, subprocess, sys, time
+conf, python = sys.argv[1], sys.argv[2]
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+for address in ("fd00:1::1", "fd00:1::2", "fd00:1::3", "fd00:2::1"):
+    subprocess.run(["ip", "-6", "addr", "add", f"{address}/64", "dev", "lo", "nodad"], check=True)
+daemon = subprocess.Popen([python, "-m", "tcpmuxd", "--config-dir", conf, "--listen",
+                           "[::1]:2001", "--max-pending-per-source", "2"],
+                          stderr=subprocess.PIPE, text=True)
+def silent(source):
+    # connect and send nothing; return once the daemon holds the connection (ss says so)
+    s = socket.create_connection(("::1", 2001), timeout=10, source_address=(source, 0))
+    peer = f"[{source}]:{s.getsockname()[1]}"
+    deadline = time.monotonic() + 10
+    while True:
+        ss = subprocess.run(["ss", "-Htnp", "state", "established", "sport", "= :2001"],
+                            capture_output=True, text=True, check=True).stdout
+        if any(peer in line and f"pid={daemon.pid}," in line for line in ss.splitlines()):
+            return s
+        assert time.monotonic() < deadline, f"not accepted: {ss}"
+        time.sleep(0.005)
+def rest(s):
+    data = b""
+    while chunk := s.recv(4096):
+        data += chunk
+    return data.decode()
+try:
+    assert " services on " in daemon.stderr.readline()
+    held = [silent("fd00:1::1"), silent("fd00:1::2")]
+    with socket.create_connection(("::1", 2001), timeout=10,
+                                  source_address=("fd00:1::3", 0)) as third:
+        same = rest(third)  # the refusal, at once (or nothing until --name-timeout)
+    with silent("fd00:2::1") as other:  # accepted and waited for: now it sends its name
+        other.sendall(b"cat\r\nfrom the other /64")
+        other.shutdown(socket.SHUT_WR)
+        print(json.dumps({"same /64": same, "other /64": rest(other)}))
+finally:
+    daemon.terminate()
+    daemon.wait(10)
+"""
+
+
+def test_ipv6_sources_count_by_their_64(services: Path):
+    """One IPv6 host can pick any address of its /64: the pending cap counts the /64."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare (util-linux) for a network namespace")
+    services.chmod(0o755)
+    write_service(services, "cat.conf", "[Service]\nExec=/bin/cat\n")
+    r = subprocess.run(["unshare", "-n", PYTHON, "-c", IPV6_SOURCES, str(services), PYTHON],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    if r.returncode != 0 and "unshare failed" in r.stderr:
+        pytest.skip(f"cannot make a network namespace here: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout) == {
+        "same /64": "-too many connections from fd00:1::/64 waiting to send a name (2)\r\n",
+        "other /64": "+\r\nfrom the other /64",
+    }

@@ -359,3 +359,32 @@ def test_restart_finishes_relays_and_the_new_process_serves_who_came_meanwhile(
             a.kill()
         listener.close()
         upstream.close()
+
+
+def test_accept_yes_instance_relay_is_cut_at_the_stop_timeout(services: Path, tmp_path: Path):
+    """Accept=yes: the instance relaying a Forward= connection does the same on SIGTERM."""
+    from test_exec_environment import socket_activate
+
+    upstream = Upstream(size=None)
+    try:
+        write_service(services, "fwd.conf", f"[Service]\nForward=127.0.0.1:{upstream.port}\n")
+        options = f"import sys; sys.argv += ['--stop-timeout', '{STOP_TIMEOUT}']\n"
+        with socket_activate("accept", services, tmp_path, before_exec=options) as srv:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=IO_TIMEOUT) as client:
+                client.sendall(b"fwd\r\n")
+                assert client.recv(3) == b"+\r\n"
+                wait_quiet(lambda: upstream.sent)
+                children = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children")
+                (instance,) = map(int, children.read_text().split())
+                stopped_at = time.monotonic()
+                os.kill(instance, signal.SIGTERM)
+                srv.wait_for_log("cut (reset) at stop after 1.5s", timeout=STOP_TIMEOUT + SLACK)
+                cut_after = time.monotonic() - stopped_at
+                received, how, _data = read_until_end(client)
+        assert STOP_TIMEOUT <= cut_after <= STOP_TIMEOUT + SLACK, cut_after
+        assert how == "reset"
+        assert upstream.done.wait(IO_TIMEOUT) and upstream.ended == "reset", upstream.ended
+        record = next(line for line in srv.output().splitlines() if " fwd: accepted" in line)
+        assert 0 < received <= counts(record)[1] <= upstream.sent, (record, received)
+    finally:
+        upstream.close()
