@@ -567,32 +567,33 @@ class Dispatcher:
             self.counters.end(conn.service, conn.remote.source)
         self._end(conn, f"internal error: {e!r}")
 
+    @staticmethod
+    def _send_refusal(conn: _Connection, reason: str) -> bool:
+        """Send ``-reason`` and our EOF; False when the client is gone."""
+        conn.decision = f"refused: {reason}"
+        assert conn.sock is not None
+        try:
+            conn.sock.send(protocol.negative(reason))
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        return True
+
     def _refuse(self, conn: _Connection, reason: str) -> None:
         """Send ``-reason`` and close so that the client can read it (shutdown, then drain)."""
-        conn.decision = f"refused: {reason}"
-        sock = conn.sock
-        assert sock is not None
-        try:
-            sock.send(protocol.negative(reason))
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
+        if not self._send_refusal(conn, reason):
             self._end(conn)
             return
+        assert conn.sock is not None
         conn.timer = self._loop.call_later(self.limits.linger, self._drained, conn)
-        self._loop.add_reader(sock.fileno(), self._drain, conn)
+        self._loop.add_reader(conn.sock.fileno(), self._drain, conn)
 
     def _refuse_now(self, conn: _Connection, reason: str, record: bool = True) -> None:
         """Send ``-reason`` and close at once, holding nothing: for refusals that must not cost
         a slot (a flooding source, a stop). What the client sent already is read off first."""
-        conn.decision = f"refused: {reason}"
-        sock = conn.sock
-        assert sock is not None
-        try:
-            sock.send(protocol.negative(reason))
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        _discard_received(sock)
+        if self._send_refusal(conn, reason):
+            assert conn.sock is not None
+            _discard_received(conn.sock)
         self._end(conn, record=record)
 
     def _drain(self, conn: _Connection) -> None:

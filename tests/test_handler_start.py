@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,9 +26,9 @@ from typing import Iterator
 
 import pytest
 
-from tcpmuxd_harness import read_all, write_service
+from tcpmuxd_harness import write_service
 from test_exec_environment import socket_activate
-from test_resources import unused_uid
+from test_resources import public_dir, unused_uid  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -38,15 +36,6 @@ IO_TIMEOUT = 10.0
 #: RLIMIT_NPROC of tcpmuxd (root, so its own forks are not limited): the limit a handler run
 #: as another user meets when that user already has this many processes.
 NPROC = 3
-
-
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """Service files and scripts another uid can read (tmp_path is root's, mode 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="tcpmuxd-start-"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def nproc_limit() -> None:
