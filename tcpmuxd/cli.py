@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Mapping
 
 from tcpmuxd import __version__, config, handlers, inetd, protocol, systemd
 from tcpmuxd.addresses import parse_listen
@@ -53,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest service name accepted, in bytes (default: 256)")
     p.add_argument("--max-connections", metavar="N", type=_positive_int, default=1024,
                    help="connections open at once, all services together (default: 1024)")
+    p.add_argument("--max-pending-per-source", metavar="N", type=_positive_int,
+                   default=Limits.max_pending_per_source,
+                   help="connections from one address (an IPv6 /64) still to send their name; "
+                        "past it a new one is refused at once, so that one address cannot hold "
+                        "every slot (default: 64)")
+    p.add_argument("--stop-timeout", metavar="SEC", type=_non_negative_float,
+                   default=Limits.stop_timeout,
+                   help="on SIGTERM, how long relays and hand-overs in progress may go on "
+                        "before they are reset (default: 30)")
     p.add_argument("--version", action="version", version=f"tcpmuxd {__version__}")
     return p
 
@@ -64,6 +74,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {text!r}")
     return value
 
 
@@ -81,14 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     search_path = tuple(args.config_dir) or config.DEFAULT_SEARCH_PATH
     limits = Limits(name_timeout=args.name_timeout, max_name_length=args.max_name_length,
-                    max_connections=args.max_connections)
+                    max_connections=args.max_connections,
+                    max_pending_per_source=args.max_pending_per_source,
+                    stop_timeout=args.stop_timeout)
     environ = dict(os.environ)
     log = systemd.EventLog(environ, "tcpmuxd")
-    cfg = config.load(search_path, max_name_length=limits.max_name_length)
-
     if args.check:
+        switch_users, judged = _user_switching(environ)
+        cfg = config.load(search_path, max_name_length=limits.max_name_length,
+                          switch_users=switch_users)
+        print(f"Handlers as other users (User=, Group=, SupplementaryGroups=): "
+              f"{'possible' if switch_users else 'not possible'}: {judged}\n")
         print(config.format_table(cfg))
         return 0 if cfg.ok else 1
+    cfg = config.load(search_path, max_name_length=limits.max_name_length)
     for error in cfg.errors:
         log.record(f"configuration: {error}", priority=3)
 
@@ -117,6 +143,71 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handlers.reset_signals()
     return asyncio.run(_serve(listeners, cfg, search_path, limits, log, environ))
+
+
+#: The units that run tcpmuxd, by mode, and the socket unit that starts each.
+UNITS = (("tcpmuxd.socket", "tcpmuxd.service"), ("tcpmuxd-inetd.socket", "tcpmuxd-inetd@.service"))
+#: systemctl shows a template's settings through an instance (the template itself is not loaded).
+_TEMPLATE_INSTANCE = "check"
+_CREDENTIAL_PROPERTIES = ("LoadState", "MainPID", "DynamicUser", "User", "PrivateUsers",
+                          "CapabilityBoundingSet", "AmbientCapabilities")
+_SWITCH_CAPABILITY_NAMES = {"cap_setuid", "cap_setgid"}
+
+
+def _user_switching(environ: Mapping[str, str]) -> tuple[bool, str]:
+    """For --check: whether the tcpmuxd that will serve the services may run handlers as other
+    users, and whose credentials that was judged by. Not this shell's: an administrator's root
+    shell can switch users, the shipped units' dynamic user cannot.
+
+    Run by systemd (INVOCATION_ID: ExecStartPre=, systemd-run), this process has its unit's
+    credentials. Else, where systemd manages tcpmuxd, the unit of the mode in use (the one
+    whose socket is active, else enabled; Accept=no when neither is): its main process's
+    capabilities while it runs, else what its settings give. Else this process's own.
+    """
+    if environ.get("INVOCATION_ID"):
+        return config.can_switch_users(), "judged for this process, which systemd started"
+    sockets = [systemd.unit_properties(socket_unit, ("LoadState", "ActiveState",
+                                                     "UnitFileState"))
+               for socket_unit, _service in UNITS]
+    unit = UNITS[0][1]
+    for state in ("active", "enabled"):
+        used = [p is not None and state in (p.get("ActiveState"), p.get("UnitFileState"))
+                for p in sockets]
+        if any(used):
+            unit = UNITS[used.index(True)][1]
+            break
+    shown = unit.replace("@.", f"@{_TEMPLATE_INSTANCE}.")
+    props = systemd.unit_properties(shown, _CREDENTIAL_PROPERTIES)
+    if props is None:
+        return (config.can_switch_users(),
+                f"judged for this process (uid {os.geteuid()}): systemd does not run tcpmuxd here")
+    return _unit_user_switching(unit, props)
+
+
+def _unit_user_switching(unit: str, props: Mapping[str, str]) -> tuple[bool, str]:
+    """Whether ``unit``'s processes may switch users, from ``systemctl show`` properties."""
+    pid = int(props.get("MainPID") or 0)
+    if pid:
+        try:
+            possible = config.can_switch_users(pid)
+        except OSError:
+            pass
+        else:
+            return possible, (f"{unit} is running (pid {pid}) "
+                              f"{'with' if possible else 'without'} CAP_SETUID and CAP_SETGID")
+    if props.get("PrivateUsers") == "yes":
+        return False, f"{unit} has PrivateUsers=yes: no other users exist in its namespace"
+    bounding = set(props.get("CapabilityBoundingSet", "").split())
+    ambient = set(props.get("AmbientCapabilities", "").split())
+    dynamic = props.get("DynamicUser") == "yes"
+    user = props.get("User", "")
+    as_root = not dynamic and user in ("", "root", "0")
+    caps = bounding if as_root else bounding & ambient
+    possible = _SWITCH_CAPABILITY_NAMES <= caps
+    who = ("a dynamic user (DynamicUser=yes)" if dynamic
+           else "root" if as_root else f"user {user}")
+    return possible, (f"{unit} runs tcpmuxd as {who}, "
+                      f"{'with' if possible else 'without'} CAP_SETUID and CAP_SETGID")
 
 
 def _bound_name(sock: socket.socket) -> str:
@@ -173,9 +264,13 @@ async def _serve(listeners, cfg, search_path, limits: Limits, log: systemd.Event
         log.record(f"reloaded: {len(new.services)} services, {len(new.errors)} errors")
         notifier.ready(dispatcher.status())
 
+    hurry = asyncio.Event()
+
     def stop(signum: int) -> None:
         if not stopped.done():
             stopped.set_result(signum)
+        else:  # asked again while stopping: cut what is left now
+            hurry.set()
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -190,9 +285,10 @@ async def _serve(listeners, cfg, search_path, limits: Limits, log: systemd.Event
     names = ", ".join(name for _sock, name in listeners)
     log.record(f"serving {len(cfg.services)} services on {names}")
     notifier.ready(dispatcher.status())
-    await stopped
+    signum = await stopped
     notifier.stopping()
-    dispatcher.close()
+    log.record(f"stopping ({signal.Signals(signum).name}): no longer accepting")
+    await dispatcher.stop(limits.stop_timeout, hurry)
     log.record("stopped")
     return 0
 

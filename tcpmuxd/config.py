@@ -151,16 +151,56 @@ class Service:
         return str(self.forward if kind == "forward" else self.pass_to)
 
     def allows(self, addr: str) -> bool:
-        """systemd's rule: allowed if in IPAddressAllow=, else denied if in IPAddressDeny=, else
-        allowed. A peer that is not an IP address (a unix socket, a tunnel stream) is refused
-        as soon as either list is set: an access rule must fail closed."""
+        """Whether a client connected from ``addr`` may use the service (:meth:`refusal`)."""
+        return self.refusal(addr) is None
+
+    def refusal(self, addr: str, tunnel: str | None = None,
+                authenticated: bool = True) -> str | None:
+        """Why a client at ``addr`` may not use the service (the ``-`` reply), or None.
+
+        systemd's rule: allowed if in IPAddressAllow=, else refused if in IPAddressDeny=, else
+        allowed. A peer that is not an IP address is refused as soon as either list is set: an
+        access rule must fail closed. ``tunnel``: the client came through that SockMux tunnel
+        and ``addr`` is its origin as the tunnel's peer reported it. With a list set, that
+        origin is judged only when the peer is ``authenticated`` and the address means the same
+        on both sides: loopback, link-local, unspecified and multicast addresses name the far
+        host or its link, never ours, so they match no entry (not even ``localhost`` or
+        ``any``) and such a stream is refused. Other addresses, private ones included, are
+        judged as written (tcpmuxd.conf(5)).
+        """
         if not self.ip_allow and not self.ip_deny:
-            return True
+            return None
+        origin = addr or "an unknown origin"
+        if tunnel is not None:
+            if not authenticated:
+                return (f"not allowed from {origin} through tunnel {tunnel}: its peer is not "
+                        "authenticated, so the origin it reports cannot be trusted")
+            scope = _host_or_link_scope(addr)
+            if scope is not None:
+                return (f"not allowed from {origin} through tunnel {tunnel}: {scope} of the "
+                        "far side, never one of ours")
         if addr in self.ip_allow:
-            return True
-        if addr in self.ip_deny:
-            return False
-        return ip_address_of(addr) is not None
+            return None
+        if addr in self.ip_deny or ip_address_of(addr) is None:
+            return f"not allowed from {origin}" + (f" through tunnel {tunnel}" if tunnel else "")
+        return None
+
+
+def _host_or_link_scope(addr: str) -> str | None:
+    """What an address is when it only means something on one host or one link ("a loopback
+    address"), or None for an address that may mean the same across a tunnel (or no IP)."""
+    ip = ip_address_of(addr)
+    if ip is None:
+        return None
+    if ip.is_loopback:
+        return "a loopback address"
+    if ip.is_link_local:
+        return "a link-local address"
+    if ip.is_unspecified:
+        return "the unspecified address"
+    if ip.is_multicast:
+        return "a multicast address"
+    return None
 
 
 @dataclass(frozen=True)
@@ -308,18 +348,22 @@ def _name_problem(name: str, max_length: int) -> str | None:
     return f"the service name {name!r} contains {bad!r}: names are visible ASCII, no spaces"
 
 
-def can_switch_users() -> bool:
-    """Whether this process may run a handler as another user: CAP_SETUID and CAP_SETGID are
-    in its effective set (root outside the units' sandbox has them, a dynamic user does not)."""
+def can_switch_users(pid: int | None = None) -> bool:
+    """Whether this process (or process ``pid``) may run a handler as another user:
+    CAP_SETUID and CAP_SETGID are in its effective set (root outside the units' sandbox has
+    them, a dynamic user does not). Raises OSError when ``pid``'s status cannot be read."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid or 'self'}/status") as f:
             for line in f:
                 if line.startswith("CapEff:"):
                     effective = int(line.split()[1], 16)
                     return effective & _SWITCH_CAPABILITIES == _SWITCH_CAPABILITIES
-    except (OSError, ValueError, IndexError):
+    except (ValueError, IndexError):
         pass
-    return os.geteuid() == 0
+    except OSError:
+        if pid is not None:
+            raise
+    return os.geteuid() == 0 if pid is None else False
 
 
 def _parse_service(path: Path, text: str, max_name_length: int, switch_users: bool) -> _Parsed:

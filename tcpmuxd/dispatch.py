@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import os
 import socket
 import subprocess
@@ -35,7 +36,7 @@ from typing import Callable, Mapping, Union
 from tcpmuxd import handlers, passfd, protocol, relay
 from tcpmuxd.addresses import Endpoint, ip_address_of
 from tcpmuxd.config import Configuration, Service
-from tcpmuxd.handlers import SocketAddress
+from tcpmuxd.handlers import SocketAddress, oserror_text
 from tcpmuxd.systemd import EventLog
 
 
@@ -43,8 +44,13 @@ from tcpmuxd.systemd import EventLog
 CHILD_POLL_INTERVAL = 0.5
 
 #: While out of descriptors, accepting pauses and resumes four times a second: say so in the log
-#: once in a while, not every time.
+#: once in a while, not every time. Refusals of a flooding source are summed up as often.
 PAUSE_LOG_INTERVAL = 10.0
+#: Sources named in one summary of refused floods (the busiest ones).
+FLOOD_LOG_SOURCES = 5
+#: What a refusal closed at once reads off the socket first, so that its close is a FIN, not
+#: the reset that unread data would cause (bytes that come later still cause one).
+DISCARD_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,10 @@ class Limits:
     name_timeout: float = 10.0
     max_name_length: int = protocol.DEFAULT_MAX_NAME_LENGTH
     max_connections: int = 1024
+    #: Connections from one source still to send their name (cli.py documents the default).
+    max_pending_per_source: int = 64
+    #: How long a stop waits for relays and hand-overs in progress before cutting them.
+    stop_timeout: float = 30.0
     accept_backoff: float = 0.25
     #: How long a refused connection is drained after the ``-`` line before it is closed.
     linger: float = 2.0
@@ -99,7 +109,7 @@ class Counters:
                 del counter[key]
 
 
-def decide(config: Configuration, event: protocol.Event, source: str,
+def decide(config: Configuration, event: protocol.Event, remote: SocketAddress,
            counters: Counters | None) -> Decision:
     """The order every refusal is checked in: parse, find service, access, limits.
 
@@ -113,8 +123,10 @@ def decide(config: Configuration, event: protocol.Event, source: str,
     service = config.lookup(event.name)
     if service is None:
         return Refuse(f"unknown service {event.name}")
-    if not service.allows(source):
-        return Refuse(f"not allowed from {source}")
+    refusal = service.refusal(remote.host, remote.tunnel, remote.authenticated)
+    if refusal is not None:
+        return Refuse(refusal)
+    source = remote.source
     if counters is not None:
         if service.max_connections and counters.per_service[service.key] >= service.max_connections:
             return Refuse(f"service busy ({service.max_connections} connections)")
@@ -124,16 +136,98 @@ def decide(config: Configuration, event: protocol.Event, source: str,
     return Accept(service)
 
 
-def _oserror_text(e: OSError) -> str:
-    """The errno's own words ("Connection refused"), not asyncio's wrapper text."""
-    return os.strerror(e.errno) if e.errno else str(e)
+def pending_source(remote: SocketAddress) -> str:
+    """What a connection in the name phase counts against for ``max_pending_per_source``: its
+    IPv4 address, or the /64 of its IPv6 address (a host commonly has a whole /64 to pick
+    source addresses from); for a stream through a tunnel, that of its origin and the tunnel."""
+    ip = ip_address_of(remote.host)
+    if ip is None:
+        key = remote.host or remote.family.lower()
+    elif ip.version == 6:
+        key = str(ipaddress.IPv6Network((ip, 64), strict=False))
+    else:
+        key = str(ip)
+    return key if remote.tunnel is None else f"{key} via {remote.tunnel}"
+
+
+def _discard_received(sock: socket.socket) -> None:
+    """Read off (non-blocking) what the client has sent already, up to DISCARD_LIMIT."""
+    left = DISCARD_LIMIT
+    while left > 0:
+        try:
+            data = sock.recv(min(left, 65536))
+        except OSError:
+            return
+        if not data:
+            return
+        left -= len(data)
+
+
+class _FloodLog:
+    """Refusals of a source over ``max_pending_per_source``, logged without flooding the log:
+    the first of a source in each PAUSE_LOG_INTERVAL in full, the rest summed up at its end."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, log: EventLog) -> None:
+        self._loop = loop
+        self._log = log
+        self._logged: dict[str, float] = {}  # source -> when its last full record was written
+        self._suppressed: Counter[str] = Counter()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def refused(self, source: str, message: str) -> None:
+        now = self._loop.time()
+        if now - self._logged.get(source, -PAUSE_LOG_INTERVAL) >= PAUSE_LOG_INTERVAL:
+            self._logged[source] = now
+            self._log.record(f"{message}; further refusals of {source} are summed up every "
+                             f"{PAUSE_LOG_INTERVAL:.0f}s", priority=4,
+                             TCPMUX_DECISION="refused", REMOTE_ADDR=source)
+        else:
+            self._suppressed[source] += 1
+        if self._timer is None:
+            self._timer = self._loop.call_later(PAUSE_LOG_INTERVAL, self._summary)
+
+    def _summary(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        for source, when in list(self._logged.items()):
+            if now - when >= PAUSE_LOG_INTERVAL:
+                del self._logged[source]
+        if self._suppressed:
+            total = sum(self._suppressed.values())
+            top = ", ".join(f"{source} ({n})" for source, n
+                            in self._suppressed.most_common(FLOOD_LOG_SOURCES))
+            more = len(self._suppressed) - FLOOD_LOG_SOURCES
+            self._log.record(
+                f"refused {total} more connections in {PAUSE_LOG_INTERVAL:.0f}s from sources "
+                f"with too many connections waiting to send a name: {top}"
+                + (f" and {more} more sources" if more > 0 else ""), priority=4,
+                TCPMUX_DECISION="refused")
+            self._suppressed.clear()
+        if self._logged:
+            self._timer = self._loop.call_later(PAUSE_LOG_INTERVAL, self._summary)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._suppressed:
+            self._summary()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
 
 class _Connection:
-    """A connection from accept to its log record."""
+    """A connection from accept to its log record.
+
+    ``timer`` is whichever deadline the connection waits under: the name deadline, the drain
+    of a refusal, or the connect to a Forward=/PassTo= target. ``pending`` is the source it
+    counts against while in the name phase (None after). ``cut`` says why it was reset.
+    """
 
     __slots__ = ("sock", "remote", "local", "started", "reader", "timer", "name", "service",
-                 "decision", "pid", "status", "listener", "ended", "upstream")
+                 "decision", "pid", "status", "listener", "ended", "upstream", "pending",
+                 "relay", "cut")
 
     def __init__(self, sock: socket.socket, remote: SocketAddress, local: SocketAddress,
                  listener: str, max_name_length: int) -> None:
@@ -151,6 +245,9 @@ class _Connection:
         self.status = ""
         self.ended = False
         self.upstream: socket.socket | None = None  # while a Forward=/PassTo= connect is under way
+        self.pending: str | None = None
+        self.relay: relay.Relay | None = None
+        self.cut = ""
 
 
 class Dispatcher:
@@ -172,6 +269,12 @@ class Dispatcher:
         self._children: dict[int, tuple[subprocess.Popen, _Connection, int | None]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._relays: set[relay.Relay] = set()
+        #: Connections whose client socket is still ours (all but those handed to Exec=).
+        self._open: set[_Connection] = set()
+        self._pending: Counter[str] = Counter()
+        self._flood_log = _FloodLog(self._loop, log)
+        self._stopping = False
+        self._settled: asyncio.Event | None = None  # set once _open is empty, while stopping
 
     # -- listeners -------------------------------------------------------------------------
 
@@ -181,20 +284,66 @@ class Dispatcher:
         if not self._paused:
             self._loop.add_reader(sock.fileno(), self._accept, sock, name)
 
-    def close(self) -> None:
-        """Stop accepting; connections in flight are cut, handlers already running go on."""
+    def _close_listeners(self) -> None:
         for fd, (sock, _name) in self._listeners.items():
             self._loop.remove_reader(fd)
             sock.close()
         self._listeners.clear()
-        for task in self._tasks:
+
+    async def stop(self, timeout: float, hurry: asyncio.Event | None = None) -> None:
+        """Stop gracefully (SIGTERM): stop accepting, answer clients still sending their name
+        with ``-server shutting down``, let the other connections we hold (relays, connects to
+        Forward=/PassTo= targets, refusals being drained) end by themselves for up to
+        ``timeout`` seconds or until ``hurry`` is set, then reset and log what is left.
+
+        Under systemd the listening sockets stay open in tcpmuxd.socket: connections that were
+        not accepted yet wait there for the next start (a restart loses none of them).
+        """
+        self._stopping = True
+        self._close_listeners()
+        for conn in [c for c in self._open if c.pending is not None]:
+            self._end_name_phase(conn)
+            self._refuse(conn, "server shutting down")
+        if self._open:
+            n = len(self._open)
+            self.log.record(f"stopping: waiting up to {timeout:g}s for {n} connection"
+                            f"{'s' if n != 1 else ''} in flight", priority=5)
+            self._settled = asyncio.Event()
+            waits = [self._loop.create_task(self._settled.wait())]
+            if hurry is not None:
+                waits.append(self._loop.create_task(hurry.wait()))
+            try:
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+        why = (f"cut (reset) at stop after {timeout:g}s" if hurry is None or not hurry.is_set()
+               else "cut (reset) at stop, asked again to stop")
+        self.close(why)
+
+    def close(self, why: str = "cut (reset): dispatcher closed") -> None:
+        """Stop accepting and end every connection we hold now: a client still sending its name
+        gets ``-server shutting down``, the rest are reset and logged as cut (``why``).
+        Handlers already running go on in their own sessions."""
+        self._stopping = True
+        self._close_listeners()
+        for conn in list(self._open):
+            if conn.pending is not None:
+                self._end_name_phase(conn)
+                self._refuse_now(conn, "server shutting down")
+            else:
+                self._cut(conn, why)
+        for task in list(self._tasks):
             task.cancel()
-        for r in list(self._relays):
-            r.abort()
+        if self._children:
+            self.log.record(f"{len(self._children)} Exec= handlers keep running in their own "
+                            "sessions (pids " + " ".join(map(str, self._children)) + ")")
         for _child, _conn, pidfd in self._children.values():
             if pidfd is not None:
                 self._loop.remove_reader(pidfd)
                 os.close(pidfd)
+        self._children.clear()
+        self._flood_log.close()
 
     def status(self) -> str:
         c = self.counters
@@ -238,7 +387,7 @@ class Dispatcher:
                 continue
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE):
-                    self._refuse_with_spare(listener, e)
+                    self._refuse_with_spare(listener, name, e)
                     self._pause_accepting(os.strerror(e.errno))
                     return
                 if e.errno in (errno.ENOBUFS, errno.ENOMEM):
@@ -247,11 +396,13 @@ class Dispatcher:
                 raise
             self._start(sock, name)
 
-    def _refuse_with_spare(self, listener: socket.socket, e: OSError) -> None:
+    def _refuse_with_spare(self, listener: socket.socket, name: str, e: OSError) -> None:
         """Use the spare descriptor to tell one waiting client why, instead of leaving it hanging.
 
-        accept() fails with EMFILE even when nobody is waiting, so the spare is reopened on
-        every path; if the slot was taken meanwhile it is reopened when accepting resumes.
+        The client is refused like any other (``-`` line, shutdown, drain, log record), so it
+        keeps the spare's slot until it has read the line and closed; the spare is reopened
+        when accepting resumes. accept() fails with EMFILE even when nobody is waiting, so the
+        spare is reopened at once when nobody was.
         """
         if self._spare is None:
             return
@@ -261,24 +412,24 @@ class Dispatcher:
             sock, _addr = listener.accept()
         except OSError:
             sock = None
-        try:
-            if sock is not None:
-                with sock:
-                    sock.setblocking(False)
-                    sock.send(protocol.negative(
-                        f"server out of resources: {os.strerror(e.errno)}"))
-                self.counters.refused += 1
-        except OSError:
-            pass
-        finally:
-            self._spare = self._open_spare()
+        if sock is not None:
+            sock.setblocking(False)
+            try:
+                remote, local = handlers.addresses_of(sock)
+            except OSError:
+                sock.close()
+            else:
+                conn = self._track(sock, remote, local, name)
+                self._refuse(conn, f"server out of resources: {os.strerror(e.errno)}")
+        self._spare = self._open_spare()
 
     # -- the name phase --------------------------------------------------------------------
 
     def serve_socket(self, sock: socket.socket, remote: SocketAddress, local: SocketAddress,
                      listener: str) -> None:
         """Serve a connection that did not come from our listeners, such as a sockmuxd stream
-        (a socketpair end): ``remote`` is who the client really is, for access rules and logs."""
+        (a socketpair end): ``remote`` is who the client really is, for access rules and logs
+        (with ``tunnel`` set for a stream through a tunnel)."""
         sock.setblocking(False)
         self._serve(sock, remote, local, listener)
 
@@ -291,55 +442,92 @@ class Dispatcher:
             return
         self._serve(sock, remote, local, listener)
 
-    def _serve(self, sock: socket.socket, remote: SocketAddress, local: SocketAddress,
-               listener: str) -> None:
+    def _track(self, sock: socket.socket, remote: SocketAddress, local: SocketAddress,
+               listener: str) -> _Connection:
         conn = _Connection(sock, remote, local, listener, self.limits.max_name_length)
         self.counters.active += 1
+        self._open.add(conn)
+        return conn
+
+    def _serve(self, sock: socket.socket, remote: SocketAddress, local: SocketAddress,
+               listener: str) -> None:
+        """Take a new connection: its name may be there already (it usually is), so it is read
+        at once; only a connection still to send it waits, and counts against its source."""
+        conn = self._track(sock, remote, local, listener)
+        if self._stopping:
+            self._refuse_now(conn, "server shutting down")
+            return
         if self.counters.active > self.limits.max_connections:
             self._refuse(conn, f"too many connections ({self.limits.max_connections})")
             return
+        outcome = self._read_name(conn)
+        if outcome is not None:
+            self._name_read(conn, outcome)
+            return
+        source = pending_source(remote)
+        limit = self.limits.max_pending_per_source
+        if self._pending[source] >= limit:
+            reason = f"too many connections from {source} waiting to send a name ({limit})"
+            self._flood_log.refused(source, f"{remote}: refused: {reason}")
+            self._refuse_now(conn, reason, record=False)
+            return
+        self._pending[source] += 1
+        conn.pending = source
         conn.timer = self._loop.call_later(self.limits.name_timeout, self._timed_out, conn)
         self._loop.add_reader(sock.fileno(), self._readable, conn)
         self.on_change()
 
     def _timed_out(self, conn: _Connection) -> None:
-        assert conn.sock is not None
-        self._loop.remove_reader(conn.sock.fileno())
         conn.timer = None
-        self._decided(conn, decide(self.config, conn.reader.timeout(), conn.remote.host, None))
+        self._end_name_phase(conn)
+        self._decided(conn, decide(self.config, conn.reader.timeout(), conn.remote, None))
 
     def _readable(self, conn: _Connection) -> None:
+        outcome = self._read_name(conn)
+        if outcome is not None:
+            self._end_name_phase(conn)
+            self._name_read(conn, outcome)
+
+    def _read_name(self, conn: _Connection) -> protocol.Event | OSError | None:
+        """Peek at what has arrived and consume exactly the name line's bytes: the final event,
+        the error that ended the connection, or None while the line is not complete."""
         sock = conn.sock
         assert sock is not None
         try:
             data = sock.recv(conn.reader.peek_size(), socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except OSError as e:
-            self._stop_reading(conn)
-            self._end(conn, f"error: {_oserror_text(e)}")
-            return
+            return e
         if not data:
-            event: protocol.Event = conn.reader.eof()
-        else:
-            consume, event = conn.reader.feed(data)
-            while consume:
-                consume -= len(sock.recv(consume))
-            if isinstance(event, protocol.NeedData):
-                return
-        self._stop_reading(conn)
-        if isinstance(event, protocol.NameReceived):
-            conn.name = event.name
-        elif isinstance(event, protocol.HelpRequested):
-            conn.name = "HELP"
-        self._decided(conn, decide(self.config, event, conn.remote.host, self.counters))
+            return conn.reader.eof()
+        consume, event = conn.reader.feed(data)
+        while consume:
+            consume -= len(sock.recv(consume))
+        return None if isinstance(event, protocol.NeedData) else event
 
-    def _stop_reading(self, conn: _Connection) -> None:
+    def _name_read(self, conn: _Connection, outcome: protocol.Event | OSError) -> None:
+        if isinstance(outcome, OSError):
+            self._end(conn, f"error: {oserror_text(outcome)}")
+            return
+        if isinstance(outcome, protocol.NameReceived):
+            conn.name = outcome.name
+        elif isinstance(outcome, protocol.HelpRequested):
+            conn.name = "HELP"
+        self._decided(conn, decide(self.config, outcome, conn.remote, self.counters))
+
+    def _end_name_phase(self, conn: _Connection) -> None:
+        """Stop reading the name and give back the source's pending slot."""
         assert conn.sock is not None
         self._loop.remove_reader(conn.sock.fileno())
         if conn.timer is not None:
             conn.timer.cancel()
             conn.timer = None
+        source, conn.pending = conn.pending, None
+        if source is not None:
+            self._pending[source] -= 1
+            if self._pending[source] <= 0:
+                del self._pending[source]
 
     # -- after the name --------------------------------------------------------------------
 
@@ -352,7 +540,7 @@ class Dispatcher:
         else:
             service = decision.service
             conn.service = service
-            self.counters.start(service, conn.remote.host)
+            self.counters.start(service, conn.remote.source)
             if service.kind == "exec":
                 self._exec(conn, service)
             elif service.kind == "forward":
@@ -369,30 +557,46 @@ class Dispatcher:
 
     def _task_done(self, task: asyncio.Task, conn: _Connection) -> None:
         """Whatever escapes a connection's task still ends it: its slots are given back and it
-        gets its log record (never a connection that counts forever)."""
+        gets its log record (never a connection that counts forever). A cancelled task was
+        cut by close(), which ended its connection."""
         self._tasks.discard(task)
         if task.cancelled() or task.exception() is None or conn.ended:
             return
         e = task.exception()
         if conn.service is not None:
-            self.counters.end(conn.service, conn.remote.host)
+            self.counters.end(conn.service, conn.remote.source)
         self._end(conn, f"internal error: {e!r}")
+
+    @staticmethod
+    def _send_refusal(conn: _Connection, reason: str) -> bool:
+        """Send ``-reason`` and our EOF; False when the client is gone."""
+        conn.decision = f"refused: {reason}"
+        assert conn.sock is not None
+        try:
+            conn.sock.send(protocol.negative(reason))
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        return True
 
     def _refuse(self, conn: _Connection, reason: str) -> None:
         """Send ``-reason`` and close so that the client can read it (shutdown, then drain)."""
-        conn.decision = f"refused: {reason}"
-        sock = conn.sock
-        assert sock is not None
-        try:
-            sock.send(protocol.negative(reason))
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
+        if not self._send_refusal(conn, reason):
             self._end(conn)
             return
-        deadline = self._loop.call_later(self.limits.linger, self._drained, conn)
-        self._loop.add_reader(sock.fileno(), self._drain, conn, deadline)
+        assert conn.sock is not None
+        conn.timer = self._loop.call_later(self.limits.linger, self._drained, conn)
+        self._loop.add_reader(conn.sock.fileno(), self._drain, conn)
 
-    def _drain(self, conn: _Connection, deadline: asyncio.TimerHandle) -> None:
+    def _refuse_now(self, conn: _Connection, reason: str, record: bool = True) -> None:
+        """Send ``-reason`` and close at once, holding nothing: for refusals that must not cost
+        a slot (a flooding source, a stop). What the client sent already is read off first."""
+        if self._send_refusal(conn, reason):
+            assert conn.sock is not None
+            _discard_received(conn.sock)
+        self._end(conn, record=record)
+
+    def _drain(self, conn: _Connection) -> None:
         assert conn.sock is not None
         try:
             if conn.sock.recv(65536):
@@ -401,11 +605,13 @@ class Dispatcher:
             return
         except OSError:
             pass
-        deadline.cancel()
         self._drained(conn)
 
     def _drained(self, conn: _Connection) -> None:
         assert conn.sock is not None
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
         self._loop.remove_reader(conn.sock.fileno())
         self._end(conn)
 
@@ -425,18 +631,17 @@ class Dispatcher:
         try:
             conn.sock.send(protocol.positive())
         except OSError as e:
-            conn.decision = f"client gone: {_oserror_text(e)}"
+            conn.decision = f"client gone: {oserror_text(e)}"
             return False
         return True
 
     def _exec(self, conn: _Connection, service: Service) -> None:
+        """Start the handler; the ``+`` (Acknowledge=yes) comes from the child, once it exists
+        (handlers.py), so a handler that cannot be started is refused with ``-``."""
         assert conn.sock is not None and service.exec_argv is not None
         if not os.access(service.exec_argv[0], os.X_OK):
             self._service_refuse(conn, service, "handler failed to start: "
                                  f"{service.exec_argv[0]} is not executable")
-            return
-        if not self._acknowledge(conn, service):
-            self._service_end(conn, service)
             return
         env = handlers.handler_environment(service, conn.remote, conn.local, self.environ)
         # O_NONBLOCK lives on the open file description the handler shares: clear it, or a
@@ -444,16 +649,20 @@ class Dispatcher:
         conn.sock.setblocking(True)
         try:
             child = handlers.spawn(service, conn.sock, env)
-        except OSError as e:
-            reason = f"handler failed to start: {_oserror_text(e)}"
-            if service.acknowledge:
-                conn.decision = reason
+        except handlers.StartError as e:
+            if e.replied:  # the exec failed after the child sent "+": all that is left is a cut
+                relay.reset(conn.sock)
+                conn.sock = None
+                conn.decision = f"handler failed to start after the + reply: {e.reason}"
+                conn.cut = "connection reset"
                 self._service_end(conn, service)
             else:
-                self._service_refuse(conn, service, reason)
+                conn.sock.setblocking(False)
+                self._service_refuse(conn, service, f"handler failed to start: {e.reason}")
             return
         conn.sock.close()
         conn.sock = None
+        self._let_go(conn)
         conn.pid = child.pid
         conn.decision = "accepted"
         self._watch_child(child, conn)
@@ -475,6 +684,8 @@ class Dispatcher:
             self._loop.add_reader(pidfd, self._child_exited, child.pid)
 
     def _poll_child(self, pid: int) -> None:
+        if pid not in self._children:
+            return  # closed: no longer ours to reap
         if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
             self._loop.call_later(CHILD_POLL_INTERVAL, self._poll_child, pid)
         else:
@@ -523,7 +734,7 @@ class Dispatcher:
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as e:  # EMFILE/ENFILE: out of descriptors for the upstream side
-            self._service_refuse(conn, service, f"server out of resources: {_oserror_text(e)}")
+            self._service_refuse(conn, service, f"server out of resources: {oserror_text(e)}")
             return
         sock.setblocking(False)
         if family != socket.AF_UNIX:
@@ -532,24 +743,26 @@ class Dispatcher:
         if err == 0:
             then(conn, service, sock)
         elif err == errno.EINPROGRESS:
-            fd = sock.fileno()
-            timer = self._loop.call_later(service.connect_timeout, self._connect_done,
-                                          conn, service, sock, then, "timed out")
-            self._loop.add_writer(fd, self._connect_done, conn, service, sock, then, timer)
+            conn.timer = self._loop.call_later(service.connect_timeout, self._connect_done,
+                                               conn, service, sock, then, True)
+            self._loop.add_writer(sock.fileno(), self._connect_done, conn, service, sock, then,
+                                  False)
             conn.upstream = sock
         else:
             sock.close()
             self._service_refuse(conn, service, f"service unavailable: {os.strerror(err)}")
 
     def _connect_done(self, conn: _Connection, service: Service, sock: socket.socket, then,
-                      outcome: asyncio.TimerHandle | str) -> None:
-        """The connect finished (writable) or timed out (``outcome`` is the reason)."""
+                      timed_out: bool) -> None:
+        """The connect finished (writable) or timed out."""
         self._loop.remove_writer(sock.fileno())
         conn.upstream = None
-        if isinstance(outcome, str):
-            why = outcome
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        if timed_out:
+            why = "timed out"
         else:
-            outcome.cancel()
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err == 0:
                 then(conn, service, sock)
@@ -570,12 +783,14 @@ class Dispatcher:
 
         def done(sent: int, received: int, error: OSError | None) -> None:
             self._relays.discard(r)
+            conn.relay = None
             conn.status = f"{sent} bytes in, {received} bytes out"
             if error is not None:
-                conn.status += f", ended by {_oserror_text(error)}"
+                conn.status += f", ended by {oserror_text(error)}"
             self._service_end(conn, service)
 
         r = relay.Relay(self._loop, client, upstream, done)
+        conn.relay = r
         self._relays.add(r)
 
     def _pass_connected(self, conn: _Connection, service: Service,
@@ -591,25 +806,62 @@ class Dispatcher:
                 passfd.send_connection(channel, conn.sock, info)
                 conn.decision = "passed"
             except OSError as e:
-                conn.decision = f"hand-over failed: {_oserror_text(e)}"
+                conn.decision = f"hand-over failed: {oserror_text(e)}"
         self._service_end(conn, service)
 
+    def _cut(self, conn: _Connection, why: str) -> None:
+        """End a connection we hold now (a stop): reset what is open, log it as cut."""
+        if conn.relay is not None:
+            conn.cut = why
+            conn.relay.abort()  # resets both ends; its done() ends the connection
+            return
+        if conn.decision.startswith("refused") and conn.sock is not None:
+            self._drained(conn)  # it has its "-" line already: a normal close
+            return
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        if conn.upstream is not None:
+            self._loop.remove_writer(conn.upstream.fileno())
+            conn.upstream.close()
+            conn.upstream = None
+        assert conn.sock is not None
+        self._loop.remove_reader(conn.sock.fileno())
+        if conn.service is not None:
+            # on its way to a Forward=/PassTo= target (resolving or connecting): nothing has
+            # been answered yet, so the client can still be told
+            self.counters.end(conn.service, conn.remote.source)
+            self._refuse_now(conn, "server shutting down")
+            return
+        relay.reset(conn.sock)  # half-way through the HELP listing
+        conn.sock = None
+        conn.cut = why
+        self._end(conn)
+
     def _service_refuse(self, conn: _Connection, service: Service, reason: str) -> None:
-        self.counters.end(service, conn.remote.host)
+        self.counters.end(service, conn.remote.source)
         self._refuse(conn, reason)
 
     def _service_end(self, conn: _Connection, service: Service) -> None:
-        self.counters.end(service, conn.remote.host)
+        self.counters.end(service, conn.remote.source)
         self._end(conn)
 
-    def _end(self, conn: _Connection, decision: str | None = None) -> None:
-        """Close what is left and write the one record of this connection."""
+    def _let_go(self, conn: _Connection) -> None:
+        """The client socket is no longer ours (ended, or handed to an Exec= handler)."""
+        self._open.discard(conn)
+        if self._settled is not None and not self._open:
+            self._settled.set()
+
+    def _end(self, conn: _Connection, decision: str | None = None, record: bool = True) -> None:
+        """Close what is left and write the one record of this connection (``record``: False
+        for refusals that are logged in summaries instead)."""
         if conn.ended:
             return
         conn.ended = True
         if conn.sock is not None:
             conn.sock.close()
             conn.sock = None
+        self._let_go(conn)
         if decision:
             conn.decision = decision
         self.counters.active -= 1
@@ -617,6 +869,9 @@ class Dispatcher:
             self.counters.refused += 1
         elif conn.decision in ("accepted", "passed"):
             self.counters.accepted += 1
+        if not record:
+            self.on_change()
+            return
         duration = time.monotonic() - conn.started
         name = conn.name or "-"
         parts = [f"{conn.remote} {name}: {conn.decision or 'closed'}"]
@@ -624,14 +879,24 @@ class Dispatcher:
             parts.append(f"pid {conn.pid}")
         if conn.status:
             parts.append(conn.status)
+        if conn.cut:
+            parts.append(conn.cut)
         parts.append(f"{duration:.3f}s")
+        if conn.cut:
+            priority = 4
+        elif conn.decision in ("accepted", "passed", "help"):
+            priority = 6
+        else:
+            priority = 5
         self.log.record(
             ", ".join(parts),
-            priority=6 if conn.decision in ("accepted", "passed", "help") else 5,
+            priority=priority,
             TCPMUX_SERVICE=conn.service.name if conn.service else (conn.name or None),
             TCPMUX_REQUESTED=conn.name or None,
             TCPMUX_DECISION=conn.decision,
+            TCPMUX_CUT=conn.cut or None,
             TCPMUX_LISTENER=conn.listener,
+            TCPMUX_TUNNEL=conn.remote.tunnel,
             REMOTE_ADDR=conn.remote.host or None,
             REMOTE_PORT=conn.remote.port or None,
             TCPMUX_HANDLER_PID=conn.pid,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import select
+import signal
 import socket
 import time
 from typing import Mapping
@@ -65,7 +66,7 @@ def serve_connection(sock: socket.socket, config: Configuration, limits: dispatc
     event = read_name(sock, limits)
     name = event.name if isinstance(event, protocol.NameReceived) else (
         "HELP" if isinstance(event, protocol.HelpRequested) else "-")
-    decision = dispatch.decide(config, event, remote.host, None)
+    decision = dispatch.decide(config, event, remote, None)
 
     def record(outcome: str, status: str = "") -> None:
         extra = f", {status}" if status else ""
@@ -86,7 +87,7 @@ def serve_connection(sock: socket.socket, config: Configuration, limits: dispatc
     if service.kind == "exec":
         return _exec(sock, service, remote, local, environ, record)
     if service.kind == "forward":
-        return _forward(sock, service, record)
+        return _forward(sock, service, limits, record)
     return _pass(sock, service, remote, local, record)
 
 
@@ -98,19 +99,22 @@ def _exec(sock: socket.socket, service: Service, remote, local, environ, record)
         _reply(sock, protocol.negative(reason))
         return 1
     env = handlers.handler_environment(service, remote, local, environ)
+    # The record is written before the exec, which leaves no one to write it after; a failure
+    # gets a second record that says so.
     record("accepted", f"exec {service.exec_argv[0]} as pid {os.getpid()}")
-    if service.acknowledge:
-        sock.sendall(protocol.positive())
     try:
         handlers.exec_in_place(service, sock, env)
-    except OSError as e:
-        reason = f"handler failed to start: {e.strerror or e}"
-        record(f"failed: {reason}")
-        if not service.acknowledge:
-            try:
-                os.write(1, protocol.negative(reason))
-            except OSError:
-                pass
+    except handlers.StartError as e:
+        # sock's descriptor is closed by now: the connection is fds 0 and 1
+        out = socket.socket(fileno=1)
+        if e.replied:
+            record(f"failed: handler failed to start after the + reply: {e.reason}",
+                   "connection reset")
+            relay.reset(out)
+        else:
+            record(f"refused: handler failed to start: {e.reason}")
+            _reply(out, protocol.negative(f"handler failed to start: {e.reason}"))
+            out.detach()
         return 1
 
 
@@ -136,19 +140,60 @@ def _open(sock: socket.socket, service: Service, target, record) -> socket.socke
         return None
 
 
-def _forward(sock: socket.socket, service: Service, record) -> int:
+def _forward(sock: socket.socket, service: Service, limits: dispatch.Limits, record) -> int:
     upstream = _open(sock, service, service.forward, record)
     if upstream is None:
         return 0
     if service.acknowledge:
         sock.sendall(protocol.positive())
-    try:
-        sent, received = asyncio.run(relay.relay(sock, upstream))
-    except OSError as e:
-        record("accepted", f"relay ended by {e.strerror or e}")
-        return 0
-    record("accepted", f"{sent} bytes in, {received} bytes out")
+    sent, received, error, cut = asyncio.run(_relay(sock, upstream, limits.stop_timeout))
+    status = f"{sent} bytes in, {received} bytes out"
+    if error is not None:
+        status += f", ended by {handlers.oserror_text(error)}"
+    if cut:
+        status += f", {cut}"
+    record("accepted", status)
     return 0
+
+
+async def _relay(client: socket.socket, upstream: socket.socket,
+                 stop_timeout: float) -> tuple[int, int, OSError | None, str]:
+    """Relay until both directions end: (bytes in, bytes out, error, why it was cut or "").
+
+    SIGTERM (the instance being stopped) lets the relay go on for up to ``stop_timeout``
+    seconds, as in the daemon, a second one not; then both ends are reset, so that neither
+    takes the cut for a normal end.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[tuple[int, int, OSError | None]] = loop.create_future()
+    cut = ""
+
+    def on_done(forth: int, back: int, error: OSError | None) -> None:
+        if not done.done():
+            done.set_result((forth, back, error))
+
+    r = relay.Relay(loop, client, upstream, on_done)
+
+    timer: asyncio.TimerHandle | None = None
+
+    def cut_now(why: str) -> None:
+        nonlocal cut
+        if not done.done():
+            cut = why
+            r.abort()
+
+    def stopping() -> None:
+        nonlocal timer
+        if timer is None:
+            timer = loop.call_later(stop_timeout, cut_now,
+                                    f"cut (reset) at stop after {stop_timeout:g}s")
+        else:
+            cut_now("cut (reset) at stop, asked again to stop")
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping)
+    forth, back, error = await done
+    return forth, back, error, cut
 
 
 def _pass(sock: socket.socket, service: Service, remote, local, record) -> int:

@@ -95,7 +95,9 @@ class NameReader:
     now held here), and nothing beyond them. After a final event (anything but :class:`NeedData`)
     the reader must not be fed again.
 
-    Bounds: at most ``max_length`` name bytes plus CR, LF and surrounding blanks are ever held;
+    Bounds: at most :attr:`line_limit` bytes (``max_length`` name bytes plus CR, LF and
+    surrounding blanks) are ever held or consumed, and never a byte past the first LF; the event
+    does not depend on how the bytes were split into reads (tests/test_protocol_properties.py).
     :meth:`peek_size` says how much to peek so that a too-long line is seen as such at once.
     """
 
@@ -110,6 +112,11 @@ class NameReader:
         self._done = False
 
     @property
+    def held(self) -> int:
+        """How many bytes of the line are held here (never more than :attr:`line_limit`)."""
+        return len(self._held)
+
+    @property
     def line_limit(self) -> int:
         """Longest acceptable line, terminator included."""
         return self.max_length + self.SLACK + 2
@@ -122,13 +129,16 @@ class NameReader:
         if self._done:
             raise RuntimeError("NameReader fed after a final event")
         end = available.find(b"\n")
+        # The line is too long as soon as it cannot end within line_limit bytes, however the
+        # bytes were split into reads; what is known to be too long is neither held nor
+        # consumed (the refusal drains the connection anyway).
         if end < 0:
+            if len(self._held) + len(available) >= self.line_limit:
+                return self._final(0, BadName(self._too_long()))
             self._held += available
-            if len(self._held) >= self.line_limit:
-                return self._final(len(available), BadName(self._too_long()))
-            if not available:
-                return 0, NeedData()
             return len(available), NeedData()
+        if len(self._held) + end + 1 > self.line_limit:
+            return self._final(0, BadName(self._too_long()))
         self._held += available[: end + 1]
         return self._final(end + 1, self._parse(bytes(self._held)))
 

@@ -7,17 +7,31 @@ note on the issue). Each direction reads a chunk and writes it straight on; what
 does not take at once waits, with reading from the source stopped, until the destination is
 writable again, so memory per relay is bounded by one chunk per direction. EOF is passed on as
 a half-close, the way systemd-socket-proxyd does it; the relay ends when both directions have
-ended, or at the first error on either side (then both sockets are closed at once).
+ended, or at the first error on either side (then both sockets are closed at once). A relay
+that is cut (:meth:`Relay.abort`, the daemon stopping) resets both sockets, so that neither
+end mistakes the cut for a normal end. The byte counts are what reached each destination.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from typing import Callable
 
 #: Bytes read at once, and so the most a direction holds while its destination is full.
 CHUNK = 256 * 1024
+#: SO_LINGER on, timeout 0: close() sends a reset (RST) and drops what is unsent.
+_RESET = struct.pack("ii", 1, 0)
+
+
+def reset(sock: socket.socket) -> None:
+    """Close ``sock`` with a reset, so that the peer sees a cut, never a normal end (EOF)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    except OSError:
+        pass  # not TCP (a unix socket): a close is all there is
+    sock.close()
 
 
 class _Direction:
@@ -65,7 +79,6 @@ class Relay:
             d.eof = True
             self._end_direction(d)
             return
-        d.count += len(data)
         try:
             sent = d.dst.send(data)
         except (BlockingIOError, InterruptedError):
@@ -73,6 +86,7 @@ class Relay:
         except OSError as e:
             self._finish(e)
             return
+        d.count += sent
         if sent < len(data):
             d.pending = memoryview(data)[sent:]
             self._loop.remove_reader(d.src.fileno())
@@ -87,6 +101,7 @@ class Relay:
         except OSError as e:
             self._finish(e)
             return
+        d.count += sent
         d.pending = d.pending[sent:] if sent < len(d.pending) else None
         if d.pending is not None:
             return
@@ -108,7 +123,7 @@ class Relay:
         if self._forth.done and self._back.done:
             self._finish(None)
 
-    def _finish(self, error: OSError | None) -> None:
+    def _finish(self, error: OSError | None, cut: bool = False) -> None:
         if self._finished:
             return
         self._finished = True
@@ -118,29 +133,12 @@ class Relay:
                 self._loop.remove_reader(fd)
                 self._loop.remove_writer(fd)
         for d in (self._forth, self._back):
-            d.src.close()
+            if cut:
+                reset(d.src)
+            else:
+                d.src.close()
         self._on_done(self._forth.count, self._back.count, error)
 
     def abort(self) -> None:
-        """Close both sides now (daemon shutting down)."""
-        self._finish(None)
-
-
-async def relay(a: socket.socket, b: socket.socket) -> tuple[int, int]:
-    """Relay until both directions end; (bytes a->b, bytes b->a). Raises the first OSError."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[tuple[int, int]] = loop.create_future()
-
-    def on_done(forth: int, back: int, error: OSError | None) -> None:
-        if not done.done():
-            if error is None:
-                done.set_result((forth, back))
-            else:
-                done.set_exception(error)
-
-    r = Relay(loop, a, b, on_done)
-    try:
-        return await done
-    except asyncio.CancelledError:
-        r.abort()
-        raise
+        """Cut both sides now (the daemon stopping): each gets a reset, not an EOF."""
+        self._finish(None, cut=True)

@@ -10,12 +10,14 @@ notify keeps working, and children get an environment built from scratch instead
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from systemd import daemon as _daemon
 from systemd import journal as _journal
@@ -174,3 +176,25 @@ class EventLog:
             stream.flush()  # type: ignore[attr-defined]
         except (OSError, ValueError):
             pass
+
+
+#: Where systemd, as the init system, keeps its runtime state (sd_booted()'s test).
+SYSTEMD_RUNTIME = "/run/systemd/system"
+
+
+def unit_properties(unit: str, names: Sequence[str],
+                    runtime_dir: str = SYSTEMD_RUNTIME) -> dict[str, str] | None:
+    """``systemctl show UNIT`` for the properties ``names``; None when systemd does not manage
+    ``unit`` here (not the init system, no systemctl, or no such unit loaded)."""
+    systemctl = shutil.which("systemctl")
+    if systemctl is None or not os.path.isdir(runtime_dir):
+        return None
+    try:
+        out = subprocess.run([systemctl, "show", unit, "--property=" + ",".join(names)],
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    props = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    if out.returncode != 0 or props.get("LoadState", "loaded") != "loaded":
+        return None
+    return props

@@ -250,6 +250,15 @@ def test_the_two_modes_conflict_both_ways(units):
     assert set(no_side) <= words(units, "tcpmuxd-inetd.socket", "Unit", "After")
 
 
+def test_stop_timeout_leaves_room_for_tcpmuxd_to_cut_and_log(units):
+    """systemd's SIGKILL must come after tcpmuxd has cut what --stop-timeout left (and logged
+    it), in both modes."""
+    from tcpmuxd.dispatch import Limits
+    for unit in SERVICES:
+        seconds = config.parse_timespan(one(units, unit, "Service", "TimeoutStopSec"))
+        assert seconds >= Limits.stop_timeout + 10, (unit, seconds)
+
+
 def test_both_services_have_the_same_sandbox(units):
     for unit in SERVICES:
         service = units[unit]["Service"]

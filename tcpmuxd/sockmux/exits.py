@@ -15,9 +15,12 @@ calls ``stream.exit_failed(reason)`` (CLOSE with the reason). Kinds:
   ``terminate_grace`` seconds, then SIGTERM (its process group), then SIGKILL.
 * ``tcpmux``: one end of a socketpair goes to an in-process tcpmuxd
   :class:`~tcpmuxd.dispatch.Dispatcher` built from tcpmuxd's conf.d (``tcpmux_search_path``),
-  which reads a TCPMUX service name from the stream and serves it exactly as for a client of
-  tcpmuxd's own port, with the far client's address for access rules and logs. Services with
-  ``User=`` need sockmuxd to be allowed to switch users (see sockmuxd(8)).
+  which reads a TCPMUX service name from the stream and serves it as for a client of tcpmuxd's
+  own port, with the far client's address (as the peer reports it) and the tunnel's name for
+  logs, limits and access rules: with ``IPAddressAllow=``/``IPAddressDeny=`` set, such an
+  origin counts only from an authenticated peer and never as one of our own addresses
+  (tcpmuxd.conf(5)). Services with ``User=`` need sockmuxd to be allowed to switch users (see
+  sockmuxd(8)).
 
 Opening a tcp or unix exit is the event loop's connect coroutine, driven without a Task
 (:class:`_Connecting`); exec and tcpmux exits are one short task each. The stream cancels
@@ -313,8 +316,13 @@ class ExitOpener:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         host, port = _split(stream.client)
         ehost, eport = _split(stream.entrance)
+        # The client's address is the one the peer reports, from the far side's networks: the
+        # dispatcher judges it as a tunnel's origin, never as one of our own addresses.
+        session = stream.session
+        authenticated = session is not None and bool(session.authenticated)
         try:
-            dispatcher.serve_socket(theirs, SocketAddress(host, port, "TCP"),
+            dispatcher.serve_socket(theirs, SocketAddress(host, port, "TCP", self.tunnel,
+                                                          authenticated),
                                     SocketAddress(ehost, eport, "TCP"), f"sockmux:{self.tunnel}")
         except OSError as exc:
             ours.close()
