@@ -1,98 +1,66 @@
-"""A live DeleGate 9.9.11 connector against a sockmuxd receptor that requires authentication
-(issue 11, item 4): DeleGate cannot authenticate, so every link fails at the end of the
-handshake, and DeleGate dials again at once. Before, that was about 25 links a second, three
-log records each, for as long as both ran. Now each failed link is held before the reset, 1 s
-after the first failure and twice as long after each further one (``--failure-delay``), and
-only the first failure gets a full record.
+"""A live DeleGate 9.9.11 connector against a sockmuxd receptor that requires authentication:
+DeleGate cannot authenticate, so every link fails at the end of the handshake, and DeleGate
+dials again at once. Before, that was about 25 links a second, three log records each, for as
+long as both ran. Now each failed link is held before the reset, 1 s after the first failure
+and twice as long after each further one (``--failure-delay``), and only the first failure gets
+a full record.
 
-DeleGate is found through ``DELEGATED`` (the path of a built ``delegated``); without it the test
-is skipped with the reason. It runs, with the receptor, in a network namespace of its own
-(``unshare -n``, loopback up), as DeleGate must: it resolves names at start-up.
+DeleGate is found or built as delegate_peer.py says; without it the test is skipped with the
+reason. It runs, with the receptor, in a network namespace of its own, as DeleGate must.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shlex
-import shutil
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
+import time
 
 import pytest
+from delegate_peer import DeleGate, find_or_build
+from netns_harness import NsProc, add_namespace, delete_namespace, namespace_name
 
-ROOT = Path(__file__).resolve().parents[2]
 SECONDS = 12
 FAILURE_DELAY = 4
+LINK = 7000
 
 
-def _delegated() -> Path:
-    given = os.environ.get("DELEGATED")
-    if not given:
-        pytest.skip("no DeleGate peer: set DELEGATED=/path/to/delegated (a DeleGate 9.9.11 "
-                    "built from its public source) to run this test")
-    path = Path(given)
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        pytest.skip(f"DELEGATED={given} is not an executable file")
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        pytest.skip("needs unshare(1) and ip(8) to run DeleGate in a network namespace")
-    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot make a network namespace: {probe.stderr.decode().strip()}")
-    return path
-
-
-def _run(delegated: Path, tmp: Path, extra: list[str]) -> tuple[str, int]:
-    """Receptor and DeleGate connector together for SECONDS in a fresh namespace; returns
-    the receptor's log and the CPU ticks it used meanwhile."""
-    secret = tmp / "secret"
-    secret.write_text("0123456789abcdef0123456789abcdef\n")
-    secret.chmod(0o600)
-    dgroot = Path(tempfile.mkdtemp(prefix="tcpmuxd-delegate-"))  # DeleGate runs as nobody
-    dgroot.chmod(0o777)
-    log = tmp / "sockmuxd.log"
-    sockmuxd = [sys.executable, "-m", "tcpmuxd.sockmux.daemon", "--accept", "127.0.0.1:7000",
-                "--secret", str(secret), "--exit", "127.0.0.1:9", *extra]
-    delegate = [str(delegated), "-f", "-v", "SERVER=sockmux://127.0.0.1:7000",
-                "PORT=127.0.0.1:8001", "SERVER=tcprelay://127.0.0.1:9001,-in",
-                f"DGROOT={dgroot}", "RESOLV=", "RES_WAIT=0", "ADMIN=root@localhost",
-                "SOXCONF=crypt:no"]
-    script = f"""
-        set -e
-        ip link set lo up
-        {shlex.join(sockmuxd)} > {shlex.quote(str(log))} 2>&1 &
-        receptor=$!
-        for i in $(seq 100); do
-            grep -q 'waiting for the peer' {shlex.quote(str(log))} && break
-            sleep 0.05
-        done
-        setsid {shlex.join(delegate)} > {shlex.quote(str(tmp / 'delegate.log'))} 2>&1 &
-        dg=$!
-        before=$(awk '{{print $14+$15}}' /proc/$receptor/stat)
-        sleep {SECONDS}
-        after=$(awk '{{print $14+$15}}' /proc/$receptor/stat)
-        kill -- -$dg 2>/dev/null || true
-        kill $receptor
-        wait $receptor || true
-        sleep 0.2
-        kill -9 -- -$dg 2>/dev/null || true
-        echo "cpu $((after - before))"
-    """
-    try:
-        out = subprocess.run(["unshare", "-n", "bash", "-c", script], cwd=ROOT,
-                             capture_output=True, text=True, timeout=SECONDS + 30)
-    finally:
-        shutil.rmtree(dgroot, ignore_errors=True)
-    match = re.search(r"cpu (\d+)", out.stdout)
-    assert match, out.stdout + out.stderr
-    return log.read_text(errors="replace"), int(match.group(1))
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 def test_a_delegate_that_cannot_authenticate_redials_slowly_and_quietly(tmp_path):
-    delegated = _delegated()
-    text, ticks = _run(delegated, tmp_path, ["--failure-delay", f"{FAILURE_DELAY}s"])
+    binary, how = find_or_build()
+    if binary is None:
+        pytest.skip(how)
+    ns = namespace_name("dgr")
+    reason = add_namespace(ns)
+    procs: list[NsProc] = []
+    try:
+        if reason:
+            pytest.skip(reason)
+        secret = tmp_path / "secret"
+        secret.write_text("0123456789abcdef0123456789abcdef\n")
+        secret.chmod(0o600)
+        receptor = NsProc("receptor", ns, [
+            sys.executable, "-m", "tcpmuxd.sockmux.daemon", "--accept", f"127.0.0.1:{LINK}",
+            "--secret", str(secret), "--exit", "127.0.0.1:9",
+            "--failure-delay", f"{FAILURE_DELAY}s"], tmp_path / "sockmuxd.log")
+        procs.append(receptor)
+        assert receptor.wait_line("waiting for the peer", 0, 15), receptor.text()
+        before = _cpu_ticks(receptor.p.pid)
+        procs.append(DeleGate(binary, ns, tmp_path / "delegate.log", entrance=8001,
+                              exit_port=9001, connect=LINK))
+        time.sleep(SECONDS)
+        ticks = _cpu_ticks(receptor.p.pid) - before
+        for p in reversed(procs):
+            p.stop()
+        text = "\n".join(line for _t, line in receptor.lines)
+    finally:
+        for p in procs:
+            p.stop()
+        delete_namespace(ns)
     summed = [int(n) for n in re.findall(r"(\d+) more refused or failed", text)]
     attempts = text.count("closed before it was up") + sum(summed)
     print(f"DeleGate connector, {SECONDS} s: {attempts} links, {len(text.splitlines())} log "
