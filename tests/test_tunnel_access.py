@@ -19,14 +19,13 @@ namespaces made here are touched; they are deleted at the end whatever happened.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+from netns_harness import NsProc, add_namespace, delete_namespace, ip, namespace_name
 
 from tcpmuxd_harness import PYTHON, ROOT, write_service
 
@@ -59,27 +58,15 @@ print(json.dumps(out))
 """
 
 
-def ip(*args: str) -> None:
-    out = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=15)
-    if out.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {out.stderr.strip()}")
-
-
 @pytest.fixture
 def hosts() -> Iterator[tuple[str, str]]:
     """Namespaces (A, B) joined by a veth pair, B with public addresses of its own."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
-    a, b = f"tmx-a-{os.getpid()}", f"tmx-b-{os.getpid()}"
-    made: list[str] = []
+    a, b = namespace_name("tmx-a"), namespace_name("tmx-b")
     try:
         for ns in (a, b):
-            try:
-                ip("netns", "add", ns)
-            except RuntimeError as e:
-                pytest.skip(f"cannot make network namespaces here: {e}")
-            made.append(ns)
-            ip("-n", ns, "link", "set", "lo", "up")
+            reason = add_namespace(ns)
+            if reason:
+                pytest.skip(reason)
         ip("-n", a, "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
            "netns", b)
         ip("-n", a, "addr", "add", f"{ADDR_A}/24", "dev", "veth-a")
@@ -90,43 +77,23 @@ def hosts() -> Iterator[tuple[str, str]]:
             ip("-n", ns, "link", "set", dev, "up")
         yield a, b
     finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=15)
+        for ns in (a, b):
+            delete_namespace(ns)
 
 
-class InNamespace:
-    """A process run in a namespace (``ip netns exec``), its output in a file."""
-
-    def __init__(self, ns: str, argv: list[str], log: Path) -> None:
-        self.log = log
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("LISTEN_", "WATCHDOG_", "NOTIFY_", "JOURNAL_"))}
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], cwd=ROOT, env=env,
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                         start_new_session=True)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+def run_in(ns: str, argv: list[str], log: Path) -> NsProc:
+    """``argv`` in namespace ``ns``, its output in ``log`` (named after the file)."""
+    return NsProc(log.name, ns, argv, log)
 
 
 @pytest.fixture
-def started() -> Iterator[list[InNamespace]]:
-    procs: list[InNamespace] = []
+def started() -> Iterator[list[NsProc]]:
+    procs: list[NsProc] = []
     yield procs
     for p in reversed(procs):
         p.stop()
     for p in procs:
-        print(f"--- {p.log.name}\n{p.output()}")
+        print(f"--- {p.name}\n{p.text()}")
 
 
 def requests(ns: str, items: list[tuple[str, int, str]]) -> list[str]:
@@ -136,10 +103,10 @@ def requests(ns: str, items: list[tuple[str, int, str]]) -> list[str]:
     return json.loads(out.stdout)
 
 
-def wait_until_served(ns: str, source: str, port: int, log: InNamespace) -> None:
+def wait_until_served(ns: str, source: str, port: int, log: NsProc) -> None:
     deadline = time.monotonic() + UP_TIMEOUT
     while requests(ns, [(source, port, "open\r\n")]) != ["+\r\nopen\n"]:
-        assert time.monotonic() < deadline, f"the tunnel did not come up:\n{log.output()}"
+        assert time.monotonic() < deadline, f"the tunnel did not come up:\n{log.text()}"
         time.sleep(0.2)
 
 
@@ -165,16 +132,16 @@ def test_tunnel_origins_are_judged_as_the_far_sides_never_as_ours(hosts, started
     secret.write_text("0123456789abcdef0123456789abcdef\n")
     secret.chmod(0o600)
     sockmuxd = [PYTHON, "-m", "tcpmuxd.sockmux.daemon"]
-    exit_a = InNamespace(a, [*sockmuxd, "--name", TUNNEL, "--accept", f"{ADDR_A}:{LINK_PORT}",
+    exit_a = run_in(a, [*sockmuxd, "--name", TUNNEL, "--accept", f"{ADDR_A}:{LINK_PORT}",
                              "--secret", str(secret), "--exit", f"{ENTRANCE_PORT}=tcpmux",
                              "--tcpmux-config-dir", str(conf)], tmp_path / "exit-a.log")
     started.append(exit_a)
-    started.append(InNamespace(b, [*sockmuxd, "--name", "to-a", "--connect",
+    started.append(run_in(b, [*sockmuxd, "--name", "to-a", "--connect",
                                    f"{ADDR_A}:{LINK_PORT}", "--secret", str(secret),
                                    "--entrance", f"0.0.0.0:{ENTRANCE_PORT}"],
                                tmp_path / "entrance-b.log"))
     # tcpmuxd on A itself, with the same services: A's own loopback clients
-    started.append(InNamespace(a, [PYTHON, "-m", "tcpmuxd", "--config-dir", str(conf),
+    started.append(run_in(a, [PYTHON, "-m", "tcpmuxd", "--config-dir", str(conf),
                                    "--listen", f"127.0.0.1:{TCPMUX_PORT}"],
                                tmp_path / "tcpmuxd-a.log"))
     wait_until_served(b, "127.0.0.1", ENTRANCE_PORT, exit_a)
@@ -208,7 +175,7 @@ def test_tunnel_origins_are_judged_as_the_far_sides_never_as_ours(hosts, started
 
     # A's own loopback, straight to tcpmuxd on A: localhost means this one
     assert requests(a, [("127.0.0.1", TCPMUX_PORT, "local\r\n")]) == [ok["local"]]
-    log = exit_a.output()
+    log = exit_a.text()
     assert f"via {TUNNEL} local: refused: not allowed from 127.0.0.1 through tunnel {TUNNEL}: " \
            "a loopback address of the far side" in log, log
     assert f"{ADDR_B}:" in log and f"via {TUNNEL} lan: accepted" in log, log
@@ -221,11 +188,11 @@ def test_origin_from_an_unauthenticated_peer_is_not_trusted(hosts, started, tmp_
         write_service(conf, f"{name}.conf", f"[Service]\nExec=/bin/echo {name}\n"
                                             f"{SERVICES[name]}")
     sockmuxd = [PYTHON, "-m", "tcpmuxd.sockmux.daemon", "--no-auth"]
-    exit_a = InNamespace(a, [*sockmuxd, "--name", NOAUTH_TUNNEL, "--accept",
+    exit_a = run_in(a, [*sockmuxd, "--name", NOAUTH_TUNNEL, "--accept",
                              f"{ADDR_A}:{NOAUTH_LINK}", "--exit", f"{NOAUTH_ENTRANCE}=tcpmux",
                              "--tcpmux-config-dir", str(conf)], tmp_path / "exit-a.log")
     started.append(exit_a)
-    started.append(InNamespace(b, [*sockmuxd, "--connect", f"{ADDR_A}:{NOAUTH_LINK}",
+    started.append(run_in(b, [*sockmuxd, "--connect", f"{ADDR_A}:{NOAUTH_LINK}",
                                    "--entrance", f"0.0.0.0:{NOAUTH_ENTRANCE}"],
                                tmp_path / "entrance-b.log"))
     wait_until_served(b, ADDR_B, NOAUTH_ENTRANCE, exit_a)

@@ -248,6 +248,17 @@ def run_client(port: int, request: bytes, payload: bytes = b"", *, close: str = 
     return r
 
 
+def recv_exactly(s: socket.socket, n: int) -> bytes:
+    """``n`` bytes, or fewer if the stream ends first."""
+    got = b""
+    while len(got) < n:
+        chunk = s.recv(min(n - len(got), 1 << 16))
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
 def clients_in(ns: str, jobs: list, timeout: float = 180.0) -> list[Result]:
     """Run ``run_client(*args, **kw)`` for each (args, kw) of ``jobs`` at once, each in a
     thread inside ``ns``; their results in order."""
@@ -466,22 +477,11 @@ def test_fifty_concurrent_streams(checked, port):
             s = socket.create_connection(("127.0.0.1", port), timeout=STEP_TIMEOUT)
             with s:
                 s.sendall(b"echo\nfirst %02d|" % i)
-                got = b""
-                while len(got) < 9:
-                    chunk = s.recv(100)
-                    if not chunk:
-                        break
-                    got += chunk
+                got = recv_exactly(s, 9)
                 barrier.wait()  # all 50 are open now
                 more = random.Random(i).randbytes(65536)
                 s.sendall(more)
-                want = len(got) + len(more)
-                while len(got) < want:
-                    chunk = s.recv(1 << 16)
-                    if not chunk:
-                        break
-                    got += chunk
-                results[i] = got
+                results[i] = got + recv_exactly(s, len(more))
         except (OSError, threading.BrokenBarrierError) as exc:
             results[i] = repr(exc)
 
@@ -567,13 +567,7 @@ def test_more_streams_than_delegates_table_and_the_link_survives(checked, port):
         with s:
             try:
                 s.sendall(b"echo\nhello %02d\n" % i)
-                got = b""
-                while len(got) < 9:
-                    chunk = s.recv(100)
-                    if not chunk:
-                        break
-                    got += chunk
-                first = "ok" if got == b"hello %02d\n" % i else "refused"
+                first = "ok" if recv_exactly(s, 9) == b"hello %02d\n" % i else "refused"
             except OSError as exc:
                 first = f"refused ({_ending(exc)})"
             barrier.wait()  # hold every stream until all 70 were tried
@@ -582,12 +576,7 @@ def test_more_streams_than_delegates_table_and_the_link_survives(checked, port):
                 return
             try:
                 s.sendall(b"again %02d\n" % i)
-                got = b""
-                while len(got) < 9:
-                    chunk = s.recv(100)
-                    if not chunk:
-                        break
-                    got += chunk
+                got = recv_exactly(s, 9)
                 outcome[i] = "ok" if got == b"again %02d\n" % i else f"broken {got!r}"
             except OSError as exc:
                 outcome[i] = f"broken ({_ending(exc)})"
