@@ -1,6 +1,6 @@
 """What an exec'd handler finds when it starts, checked from inside the handler.
 
-DESIGN.md section 2 and the issue: the socket on fds 0 and 1 (and 2 unless StandardError= sends
+tcpmuxd.conf(5), Exec=: the socket on fds 0 and 1 (and 2 unless StandardError= sends
 it elsewhere), its own session, default signal dispositions and an empty signal mask, no other
 inherited fds, User=/Group=/SupplementaryGroups= (plus the user's own groups), an environment
 without systemd's private variables but with TCPMUX_SERVICE, the systemd and the UCSPI names of
