@@ -147,7 +147,8 @@ def uid_of(c: Container, pid: str) -> int:
 
 
 #: An "editor" for systemctl edit: writes $DROPIN into the file it is given.
-EDITOR = '#!/bin/sh\nprintf %s "$DROPIN" > "$1"\n'
+#: The file to edit is the last argument: systemd 257 (Debian 13) passes "+LINE FILE".
+EDITOR = '#!/bin/sh\nfor file; do :; done\nprintf %s "$DROPIN" > "$file"\n'
 
 
 def edit(c: Container, unit: str, dropin: str) -> None:
