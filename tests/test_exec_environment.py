@@ -448,7 +448,8 @@ def test_user_group_and_supplementary_groups(server: Server) -> None:
 def test_user_own_groups(server: Server) -> None:
     own = user_with_own_groups()
     if own is None:
-        pytest.skip("no account on this host is a member of a secondary group")
+        pytest.skip("no account on this host is a member of a secondary group (a fresh "
+                    "minimal system has none; e.g. `gpasswd -a daemon users` makes one)")
     user, gid, groups = own
     status = run_probe(server, "probe-own").status()
     assert status["Uid"].split() == [str(pwd.getpwnam(user).pw_uid)] * 4, status["Uid"]
