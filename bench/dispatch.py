@@ -468,7 +468,7 @@ class Bench:
         port = free_port()
         conf = os.path.join(self.tmp, "xinetd.conf")
         user = "    user        = root\n" if os.geteuid() == 0 else ""
-        # per notes/peers.md: no rate limit (cps = 0 0) and no `bind` in defaults
+        # no rate limit (cps = 0 0) and no `bind` in defaults: bench/README.md says why
         with open(conf, "w") as f:
             f.write(
                 "defaults\n{\n    cps         = 0 0\n    instances   = UNLIMITED\n"

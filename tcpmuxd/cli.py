@@ -1,6 +1,6 @@
 """``tcpmuxd``: the command line, the choice of mode, and the daemon's life cycle.
 
-Modes, picked from what the process was given (DESIGN.md section 2):
+Modes, picked from what the process was given (tcpmuxd(8), docs/tcpmuxd.8.scd):
 
 * listening sockets from systemd (Accept=no) or ``--listen``: the long-running dispatcher;
 * one connection from systemd (Accept=yes: LISTEN_FDS with a connected socket, or a socket on

@@ -6,7 +6,7 @@ answers how many of them belong to the name line, so the caller can consume exac
 what lets bytes sent right behind the name reach an exec'd handler, which every classic inetd
 loses. The client side parses the one-line ``+``/``-`` reply the same way.
 
-Rules (RFC 1078 and DESIGN.md section 2):
+Rules (RFC 1078 and tcpmuxd(8), docs/tcpmuxd.8.scd):
 
 * a name line ends at LF; one CR right before it is dropped (CRLF is the standard, a bare LF is
   what clients in the wild send); spaces and tabs around the name are ignored;

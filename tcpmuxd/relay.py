@@ -2,14 +2,14 @@
 
 Plain callbacks on raw non-blocking sockets (``add_reader``/``add_writer``), not asyncio
 transports: a Forward= connection is mostly set-up and tear-down, and two transports plus their
-protocol objects cost more than the whole relay below (measured with bench/dispatch.py; see the
-note on the issue). Each direction reads a chunk and writes it straight on; what the destination
-does not take at once waits, with reading from the source stopped, until the destination is
-writable again, so memory per relay is bounded by one chunk per direction. EOF is passed on as
-a half-close, the way systemd-socket-proxyd does it; the relay ends when both directions have
-ended, or at the first error on either side (then both sockets are closed at once). A relay
-that is cut (:meth:`Relay.abort`, the daemon stopping) resets both sockets, so that neither
-end mistakes the cut for a normal end. The byte counts are what reached each destination.
+protocol objects cost more than the whole relay below (measured with bench/dispatch.py). Each
+direction reads a chunk and writes it straight on; what the destination does not take at once
+waits, with reading from the source stopped, until the destination is writable again, so memory
+per relay is bounded by one chunk per direction. EOF is passed on as a half-close, the way
+systemd-socket-proxyd does it; the relay ends when both directions have ended, or at the first
+error on either side (then both sockets are closed at once). A relay that is cut
+(:meth:`Relay.abort`, the daemon stopping) resets both sockets, so that neither end mistakes
+the cut for a normal end. The byte counts are what reached each destination.
 """
 
 from __future__ import annotations

@@ -3,11 +3,14 @@ module, so that a conftest.py in a subdirectory cannot shadow them)."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from privileges import AnyUserPython, python_for_any_user
 from tcpmuxd_harness import Daemon
 
 @pytest.fixture
@@ -30,3 +33,16 @@ def daemon_factory(tmp_path: Path) -> Iterator:
     yield start
     for d in started:
         d.stop()
+
+
+@pytest.fixture(scope="session")
+def any_user_python() -> Iterator[AnyUserPython]:
+    """How another user runs this tree's tcpmuxd (privileges.python_for_any_user), with a
+    world-readable scratch directory for the copies it may need (pytest's own temporary
+    directories are root's, mode 0700), removed at the end of the session."""
+    scratch = Path(tempfile.mkdtemp(prefix="tcpmuxd-any-user-"))
+    try:
+        scratch.chmod(0o755)
+        yield python_for_any_user(scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

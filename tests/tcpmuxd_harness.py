@@ -113,14 +113,17 @@ class Daemon:
     """tcpmuxd running standalone on loopback.
 
     Without ``port`` it binds port 0 and reads the port the kernel chose from its start-up line,
-    so no other process can take the port between choosing and binding it.
+    so no other process can take the port between choosing and binding it. ``python`` and
+    ``cwd`` (with PYTHONPATH in ``env``) run it from elsewhere, e.g. as another user
+    (privileges.python_for_any_user).
     """
 
     _ids = itertools.count()
 
     def __init__(self, config_dir: Path, tmp: Path, args: list[str] | None = None,
                  env: dict[str, str] | None = None, preexec_fn=None, notify: bool = True,
-                 port: int | None = None) -> None:
+                 port: int | None = None, python: str = PYTHON,
+                 cwd: Path | str = ROOT) -> None:
         self.config_dir = config_dir
         self.port = port or 0
         ident = f"{os.getpid()}-{next(self._ids)}"
@@ -130,11 +133,11 @@ class Daemon:
         if self.notify:
             environ["NOTIFY_SOCKET"] = str(self.notify.path)
         environ.update(env or {})
-        argv = [PYTHON, "-m", "tcpmuxd", "--config-dir", str(config_dir),
+        argv = [python, "-m", "tcpmuxd", "--config-dir", str(config_dir),
                 "--listen", f"127.0.0.1:{self.port}", *(args or [])]
         self.log = open(self.log_path, "w+b")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=environ,
-                                     cwd=ROOT, start_new_session=True, preexec_fn=preexec_fn)
+                                     cwd=cwd, start_new_session=True, preexec_fn=preexec_fn)
         self.ready_message = ""
         try:
             if self.notify:

@@ -642,11 +642,18 @@ def test_version():
 # --- signals --------------------------------------------------------------------------------
 
 
+def interruptible() -> None:
+    """SIGINT as in a terminal's foreground: where the test itself runs in the background of
+    a non-interactive shell (``script/test &``, some CI runners), it inherits SIGINT ignored,
+    and Python keeps it ignored, as a program started with ``&`` should."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_exits_130_without_traceback(serve):
     server = serve(silent)
     with subprocess.Popen(
         [*CLIENT, server.target, "svc"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, cwd=ROOT, env=_env(),
+        stderr=subprocess.PIPE, cwd=ROOT, env=_env(), preexec_fn=interruptible,
     ) as proc:
         try:
             assert server.line_seen.wait(IO_TIMEOUT), "the client never sent its name"

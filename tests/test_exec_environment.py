@@ -1,6 +1,6 @@
 """What an exec'd handler finds when it starts, checked from inside the handler.
 
-DESIGN.md section 2 and the issue: the socket on fds 0 and 1 (and 2 unless StandardError= sends
+tcpmuxd.conf(5), Exec=: the socket on fds 0 and 1 (and 2 unless StandardError= sends
 it elsewhere), its own session, default signal dispositions and an empty signal mask, no other
 inherited fds, User=/Group=/SupplementaryGroups= (plus the user's own groups), an environment
 without systemd's private variables but with TCPMUX_SERVICE, the systemd and the UCSPI names of
@@ -448,7 +448,8 @@ def test_user_group_and_supplementary_groups(server: Server) -> None:
 def test_user_own_groups(server: Server) -> None:
     own = user_with_own_groups()
     if own is None:
-        pytest.skip("no account on this host is a member of a secondary group")
+        pytest.skip("no account on this host is a member of a secondary group (a fresh "
+                    "minimal system has none; e.g. `gpasswd -a daemon users` makes one)")
     user, gid, groups = own
     status = run_probe(server, "probe-own").status()
     assert status["Uid"].split() == [str(pwd.getpwnam(user).pw_uid)] * 4, status["Uid"]

@@ -510,13 +510,15 @@ NPROC = 4
 
 
 def test_out_of_processes_refuses_stays_calm_and_recovers(public_dir: Path, daemon_factory,
-                                                          clients):
+                                                          clients, any_user_python):
     if os.geteuid() != 0:
         pytest.skip("needs root to run the daemon as another user")
     write_service(public_dir, "cat.conf", "[Service]\nExec=/bin/cat\n")
     write_service(public_dir, "cat-noack.conf", "[Service]\nExec=/bin/cat\nAcknowledge=no\n")
     uid = unused_uid()
-    daemon: Daemon = daemon_factory(public_dir, notify=False, preexec_fn=unprivileged(uid, NPROC))
+    daemon: Daemon = daemon_factory(public_dir, notify=False, preexec_fn=unprivileged(uid, NPROC),
+                                    python=any_user_python.python, cwd=any_user_python.cwd,
+                                    env={"PYTHONPATH": any_user_python.pythonpath})
     assert os.stat(f"/proc/{daemon.proc.pid}").st_uid == uid
 
     # Fill the process table of this uid with running handlers until fork fails. The daemon

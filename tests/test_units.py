@@ -294,11 +294,13 @@ def test_user_services_are_an_error_naming_the_drop_in(tmp_path):
     assert sorted(cfg.services) == ["grp", "plain", "who"] and cfg.ok, cfg.errors
 
 
-def test_can_switch_users_reads_the_effective_capabilities():
-    probe = [sys.executable, "-c",
+def test_can_switch_users_reads_the_effective_capabilities(any_user_python):
+    probe = [any_user_python.python, "-c",
              "from tcpmuxd.config import can_switch_users as f; print(f())"]
-    env = {"PYTHONPATH": str(UNITS.parent), "PATH": "/usr/bin:/bin"}
-    here = subprocess.run(probe, capture_output=True, text=True, env=env, check=True).stdout
+    env = {"PYTHONPATH": any_user_python.pythonpath, "PATH": "/usr/bin:/bin"}
+    cwd = any_user_python.cwd  # nobody runs it too
+    here = subprocess.run(probe, capture_output=True, text=True, env=env, cwd=cwd,
+                          check=True).stdout
     with open("/proc/self/status") as f:
         eff = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
     assert here.strip() == str(eff & 0xC0 == 0xC0)
@@ -308,7 +310,8 @@ def test_can_switch_users_reads_the_effective_capabilities():
     # and the unprivileged user of the shipped units.
     for how in (["--bounding-set=-setuid,-setgid", "--inh-caps=-all"],
                 ["--reuid=65534", "--regid=65534", "--clear-groups"]):
-        r = subprocess.run(["setpriv", *how, *probe], capture_output=True, text=True, env=env)
+        r = subprocess.run(["setpriv", *how, *probe], capture_output=True, text=True, env=env,
+                           cwd=cwd)
         assert (r.returncode, r.stdout.strip()) == (0, "False"), (how, r.stdout, r.stderr)
 
 

@@ -3,7 +3,7 @@
 The connection is fed the bytes read from the link and returns events; it queues the bytes to
 write. It never touches a socket, a clock or a timer: the driver (``session.py``) does the I/O,
 passes the monotonic time in, and acts on the events. It speaks DeleGate 9.9.11's SockMux
-(``docs/sockmux-protocol.md``, ``reference/sockmux-wire.md``) and negotiates tcpmuxd's
+(``docs/sockmux-protocol.md``) and negotiates tcpmuxd's
 extensions (half-close, more streams, larger frames and windows, mutual authentication) so
 that a plain DeleGate peer falls back to plain behaviour.
 

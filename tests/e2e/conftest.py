@@ -15,7 +15,8 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def nspawn_available() -> None:
-    """Skip, saying why, where containers cannot be booted (not root, no systemd-nspawn)."""
+    """Skip, saying why, where containers cannot be booted (nspawn.unavailable_reason: not
+    root, no systemd-nspawn, a chroot, a bare container does not come up)."""
     reason = unavailable_reason()
     if reason:
         pytest.skip(f"end-to-end test under systemd skipped: {reason}")

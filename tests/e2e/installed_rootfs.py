@@ -29,11 +29,12 @@ turn down.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 
 from .nspawn import Container
 
-__all__ = ["OverlayRootContainer", "link_veth"]
+__all__ = ["OverlayRootContainer", "link_veth", "veth_unavailable_reason"]
 
 #: Runs as the process that then execs nspawn: $1 the layer directory, $2 the merged root.
 _PREPARE = r"""
@@ -83,6 +84,21 @@ class OverlayRootContainer(Container):
         return ["unshare", "--mount", "--propagation", "private", "--",
                 "/bin/sh", "-c", _PREPARE, "prepare-root", self._layers, self.directory, "--",
                 *argv]
+
+
+def veth_unavailable_reason() -> str | None:
+    """Why :func:`link_veth` cannot work here (a message for ``pytest.skip``), or None.
+
+    A veth pair is made, and goes away, in a network namespace of its own: some machines (in
+    containers, mostly) may not create veth devices at all.
+    """
+    if shutil.which("ip") is None:
+        return "the ip command is not installed (apt-get install iproute2)"
+    r = subprocess.run(["unshare", "--net", "--", "ip", "link", "add", "probe0", "type", "veth",
+                        "peer", "name", "probe1"], capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        return f"cannot create a veth pair here: {(r.stderr or r.stdout).strip()}"
+    return None
 
 
 def link_veth(a: Container, b: Container, *, name: str, address_a: str, address_b: str,

@@ -42,8 +42,8 @@ Usage::
         with c.connect(("127.0.0.1", 7)) as s:
             ...
 
-Processes started with :meth:`exec` enter all of the container's namespaces (``nsenter --all``)
-with a clean environment; they stay in the test's cgroup, which does not matter for
+Processes started with :meth:`exec` enter all of the container's namespaces and its root
+(``nsenter --all --root --wd``) with a clean environment; they stay in the test's cgroup, which does not matter for
 ``systemctl``/``journalctl``. Sockets from :meth:`connect`/:meth:`socket` are created by a helper
 thread that joined the container's network namespace (a socket stays in the namespace it was
 created in), so they can be used from any thread afterwards.
@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import itertools
 import json
 import os
@@ -101,16 +102,119 @@ _counter = itertools.count(1)
 
 
 def unavailable_reason() -> str | None:
-    """Why containers cannot be booted here (a message for ``pytest.skip``), or None."""
+    """Why containers cannot be booted here (a message for ``pytest.skip``), or None.
+
+    First what can be seen up front: not root; no CAP_SYS_ADMIN or CAP_NET_ADMIN (nested in a
+    container that dropped them: the containers' mounts or network); no systemd-nspawn; a root
+    directory that is not a mount point (a chroot: nspawn's first step, making / a slave mount,
+    fails); no user namespaces for this process (the kernel refuses them in a chroot, and the
+    containers' processes would inherit that: sockmuxd@.service's PrivateUsers= fails); an
+    empty /etc/machine-id (a system that never booted: nspawn needs the host's machine ID).
+    Then, once per process, a bare container (the host's /usr, nothing of this project) is
+    booted and its loopback used: where that fails (nested in another container, no cgroups or
+    namespaces to spare, ...), the reason is its first error, and the tests that need
+    containers are skipped, not failed.
+    """
     if os.geteuid() != 0:
         return "booting systemd with systemd-nspawn needs root (euid is %d)" % os.geteuid()
+    missing = _missing_capabilities()
+    if missing:
+        return (f"this process lacks {' and '.join(missing)} (nested in a container that "
+                "dropped them?), without which the containers' mounts or network cannot be set "
+                "up; run the tests on the host, or give the outer container these capabilities")
     for tool in (NSPAWN, NSENTER):
         if shutil.which(tool) is None:
             return (
                 f"{tool} is not installed (apt-get install --no-install-recommends "
                 "systemd-container util-linux)"
             )
-    return None
+    in_a_root = ("run the tests on a booted system, or enter the root with pivot_root in a "
+                 "mount namespace of its own instead of chroot (as script/fresh-debian-check "
+                 "does)")
+    if not _root_is_a_mount_point():
+        return ("/ is not a mount point here (a chroot?), so systemd-nspawn cannot boot the "
+                f"host's root; {in_a_root}")
+    problem = _user_namespace_problem()
+    if problem:
+        return (f"this process cannot create user namespaces ({problem}; the kernel refuses "
+                "them in a chroot), and services with PrivateUsers= in the containers would "
+                f"fail; {in_a_root}")
+    try:
+        machine_id = open("/etc/machine-id").read().strip()
+    except OSError:
+        machine_id = ""
+    if not machine_id:
+        return ("/etc/machine-id is missing or empty (a system that never booted, e.g. a fresh "
+                "chroot), and systemd-nspawn needs the host's machine ID: systemd-machine-id-setup "
+                "makes one, as the first boot would")
+    return _boot_problem()
+
+
+def _root_is_a_mount_point() -> bool:
+    """Whether / is a mount point of this process's mount namespace. In a chroot into a plain
+    directory it is not: /proc/self/mountinfo leaves out mounts above the process's root."""
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == "/" for line in f if len(line.split()) > 4)
+
+
+#: Capabilities booting and wiring containers takes, by bit number (linux/capability.h).
+_NEEDED_CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21}
+
+
+def _missing_capabilities() -> list[str]:
+    """The capabilities of _NEEDED_CAPABILITIES this process does not have in effect."""
+    with open("/proc/self/status") as f:
+        effective = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
+    return [name for name, bit in _NEEDED_CAPABILITIES.items() if not effective >> bit & 1]
+
+
+def _user_namespace_problem() -> str | None:
+    """Why ``unshare --user`` fails here (its error), or None when it works."""
+    r = subprocess.run(["unshare", "--user", "--", "true"], capture_output=True, text=True,
+                       timeout=30)
+    return (r.stderr.strip() or f"unshare --user exited with {r.returncode}") \
+        if r.returncode else None
+
+
+@functools.cache
+def _boot_problem() -> str | None:
+    """Boot a bare container once; None if it came up, else why not (its first error)."""
+    try:
+        with Container(name_prefix="nspawn-probe", log=lambda line: None) as c:
+            try:
+                c.in_netns(_loopback_works)
+            except OSError as e:
+                return f"a bare container boots here, but its loopback does not work: {e}"
+            return None
+    except ContainerError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        console = lines[lines.index("--- console (tail) ---") + 1:] \
+            if "--- console (tail) ---" in lines else []
+        errors = [line for line in console if re.search(
+            r"fail|error|denied|not permitted|invalid|cannot|unable", line, re.I)]
+        detail = "; ".join(errors[-3:]) or (console[-1] if console else "")
+        where = _container_name()
+        return (f"a bare container cannot boot here{f' (inside a {where} container)' if where else ''}: "
+                f"{lines[0] if lines else e!r}" + (f": {detail}" if detail else ""))
+
+
+def _loopback_works() -> None:
+    """Connect to a socket listening on 127.0.0.1 (in the caller's network namespace)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        socket.create_connection(server.getsockname(), timeout=5).close()
+
+
+def _container_name() -> str | None:
+    """The kind of container this runs in (systemd-detect-virt --container), or None."""
+    try:
+        r = subprocess.run(["systemd-detect-virt", "--container"], capture_output=True,
+                           text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    name = r.stdout.strip()
+    return name if r.returncode == 0 and name and name != "none" else None
 
 
 class ContainerError(RuntimeError):
@@ -568,7 +672,10 @@ class Container:
         environment = dict(EXEC_ENVIRONMENT)
         if env:
             environment.update(env)
-        argv = [NSENTER, f"--target={self.leader_pid}", "--all", "--", *cmd]
+        # --root and --wd: the container's init's root and directory. Entering its mount
+        # namespace alone puts us at that namespace's root, which is the container's only where
+        # nspawn could make it so (not when the tests run in a chroot: then it is the host's).
+        argv = [NSENTER, f"--target={self.leader_pid}", "--all", "--root", "--wd", "--", *cmd]
         if text and isinstance(input, bytes):
             input = input.decode()
         r = subprocess.run(

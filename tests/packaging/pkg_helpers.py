@@ -55,6 +55,7 @@ DEBIAN_PACKAGE_OF = {
     "dpkg-buildpackage": "dpkg-dev",
     "dh": "debhelper",
     "dh_python3": "dh-python",
+    "pkg-config": "pkgconf",
     "lintian": "lintian",
     "scdoc": "scdoc",
     "man": "man-db",
@@ -68,11 +69,15 @@ DEBIAN_PACKAGE_OF = {
     "bash": "bash",
 }
 
-#: Packages a Debian build needs besides the tools (Build-Depends of packaging/debian/control).
+#: Packages a Debian build needs besides the tools (Build-Depends of packaging/debian/control,
+#: and build-essential, which dpkg-checkbuilddeps always wants; systemd-dev, Debian 13's home of
+#: systemd.pc, is one of two alternatives and so not listed).
 DEB_BUILD_DEPENDS = (
+    "build-essential",
     "dpkg-dev",
     "debhelper",
     "dh-python",
+    "pkgconf",
     "pybuild-plugin-pyproject",
     "python3-all",
     "python3-setuptools",
@@ -345,6 +350,13 @@ class DebBuild:
 
 
 _deb_cache: dict[tuple[str, str], object] = {}
+
+
+def deb_unitdir() -> str:
+    """Where the Debian package puts the units, as debian/rules finds it (systemd.pc):
+    /lib/systemd/system on Debian 12, /usr/lib/systemd/system from Debian 13."""
+    require_tools("pkg-config")
+    return run(["pkg-config", "--variable=systemdsystemunitdir", "systemd"]).stdout.strip()
 
 
 def deb_architecture() -> str:

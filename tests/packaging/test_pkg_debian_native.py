@@ -34,6 +34,7 @@ from pkg_helpers import (
     build_deb,
     compiled_description,
     compiled_stems,
+    deb_unitdir,
     dist_info,
     expected_files,
     mypy_pythonpath,
@@ -45,7 +46,6 @@ from pkg_helpers import (
 )
 
 SITELIB = "/usr/lib/python3/dist-packages"
-UNITDIR = "/lib/systemd/system"
 DOCDIR = "/usr/share/doc/tcpmuxd"
 IO_TIMEOUT = 20.0
 
@@ -74,7 +74,7 @@ def test_the_package_holds_the_compiled_modules_beside_their_sources(build):
         files = {"/" + m.name.lstrip("./") for m in tar.getmembers() if m.isfile()}
     so = {f for f in files if f.endswith(".so")}
     assert without_abi_suffix(so) == compiled_stems(SITELIB), sorted(so)
-    expected = expected_files(unitdir=UNITDIR, sitelib=SITELIB, docdir=DOCDIR, man_suffix=".gz")
+    expected = expected_files(unitdir=deb_unitdir(), sitelib=SITELIB, docdir=DOCDIR, man_suffix=".gz")
     assert expected - files == set(), "missing from the .deb"
     assert {f for f in files - expected - so if not f.startswith(dist_info(SITELIB) + "/")
             and not f.startswith(DOCDIR + "/") and not f.startswith("/usr/share/lintian/")} == set()

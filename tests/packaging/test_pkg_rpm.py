@@ -19,9 +19,12 @@ but not Fedora's macro packages, so the test supplies stand-ins, plainly:
   (systemd-rpm-macros, copied from systemd's src/rpm/macros.systemd.in without the argument
   count checks), ``%_docdir_fmt`` (rpm's own default on Fedora: /usr/share/doc/NAME), and
   redhat-rpm-config's debuginfo settings (``%_enable_debug_packages``, ``%_debugsource_packages``,
-  and the ``%install`` that inserts ``%debug_package``), so that the compiled build makes its
-  -debuginfo and -debugsource packages as on Fedora (find-debuginfo needs elfutils and cpio).
-  They are loaded with ``rpmbuild --load``.
+  and, for rpm older than 4.20, the ``%install`` that inserts ``%debug_package``), so that the
+  compiled build makes its -debuginfo and -debugsource packages as on Fedora (find-debuginfo
+  needs elfutils and cpio).
+  They are read from ``~/.rpmmacros`` of a HOME the test makes for each rpm command
+  (``rpm_home``): rpm reads that file whenever it reads its configuration, as rpm 4.20 does
+  again for a ``BuildArch: noarch`` package, forgetting files given with ``--load``.
 - ``%python3_sitelib`` and ``%python3_sitearch`` are both Debian's /usr/lib/python3/dist-packages,
   and the build runs with ``DEB_PYTHON_INSTALL_LAYOUT=deb_system``, which makes Debian's pip
   install there (and scripts into /usr/bin) for ``--prefix /usr``, as Fedora's pip does into
@@ -109,6 +112,11 @@ fi \
 %_enable_debug_packages 1
 %_debugsource_packages 1
 %_missing_build_ids_terminate_build 1
+"""
+#: How redhat-rpm-config makes rpm older than 4.20 insert the debuginfo packages (Debian 12 has
+#: 4.18). rpm 4.20 (Debian 13) does it by itself from %_enable_debug_packages, and this
+#: definition would put %debug_package's text into the %build script.
+DEBUG_PACKAGE_INSTALL_HOOK = r"""
 %install %{?_enable_debug_packages:%{?buildsubdir:%{debug_package}}}\
 %%install\
 %{nil}
@@ -132,10 +140,19 @@ class RpmBuild:
         return self.packages["tcpmuxd"]
 
 
-def macros_file(work: Path) -> Path:
-    path = work / "fedora-standin.macros"
-    path.write_text(FEDORA_MACROS)
-    return path
+def rpm_version() -> tuple[int, ...]:
+    out = run(["rpm", "--version"]).stdout  # "RPM version 4.18.1"
+    return tuple(int(n) for n in re.search(r"(\d+(?:\.\d+)+)", out).group(1).split("."))
+
+
+def rpm_home(work: Path) -> dict[str, str]:
+    """The environment for an rpm command that reads the stand-in macros: HOME=WORK/home, with
+    them in its .rpmmacros."""
+    home = work / "home"
+    home.mkdir(exist_ok=True)
+    hook = DEBUG_PACKAGE_INSTALL_HOOK if rpm_version() < (4, 20) else ""
+    (home / ".rpmmacros").write_text(FEDORA_MACROS + hook)
+    return {"HOME": str(home)}
 
 
 def build_rpm(tmp_path_factory, flavour: str) -> RpmBuild:
@@ -147,7 +164,8 @@ def _build_rpm(tmp_path_factory, flavour: str) -> RpmBuild:
     require_tools("rpmbuild", "rpm", "scdoc")
     # What the spec's BuildRequires are on Debian (%check runs the commands' --help).
     require_debian_packages("python3-pip", "python3-setuptools", "python3-wheel", "python3-systemd")
-    env = {"DEB_PYTHON_INSTALL_LAYOUT": "deb_system"}
+    work = tmp_path_factory.mktemp(f"rpm-{flavour}")
+    env = {"DEB_PYTHON_INSTALL_LAYOUT": "deb_system", **rpm_home(work)}
     expected = {"tcpmuxd"}
     if flavour == "native":
         # BuildRequires gcc and python3-devel; find-debuginfo runs eu-strip and cpio.
@@ -155,11 +173,10 @@ def _build_rpm(tmp_path_factory, flavour: str) -> RpmBuild:
         require_debian_packages("python3-dev")
         env["PYTHONPATH"] = mypy_pythonpath(tmp_path_factory)
         expected |= {"tcpmuxd-debuginfo", "tcpmuxd-debugsource"}
-    work = tmp_path_factory.mktemp(f"rpm-{flavour}")
     out = work / "out"
     with timed(f"RPM (packaging/build-rpm, rpmbuild -bb), {flavour}"):
-        r = run(["sh", PACKAGING / "build-rpm", out, "--nodeps", f"--load={macros_file(work)}",
-                 *FLAVOURS[flavour]], env=env, check=False, timeout=900)
+        r = run(["sh", PACKAGING / "build-rpm", out, "--nodeps", *FLAVOURS[flavour]], env=env,
+                check=False, timeout=900)
     log = r.stdout + r.stderr
     packages = {query(p, "--qf", "%{NAME}"): p for p in out.glob("*.rpm")} if out.exists() else {}
     assert r.returncode == 0 and set(packages) == expected, (
@@ -208,8 +225,8 @@ def test_build_requires_and_architecture(flavour, tmp_path):
     require_tools("rpmspec")
 
     def rpmspec(*query: str) -> list[str]:
-        return run(["rpmspec", "-q", *query, f"--load={macros_file(tmp_path)}",
-                    *FLAVOURS[flavour], SPEC]).stdout.splitlines()
+        return run(["rpmspec", "-q", *query, *FLAVOURS[flavour], SPEC],
+                   env=rpm_home(tmp_path)).stdout.splitlines()
 
     requires = set(rpmspec("--buildrequires"))
     print(sorted(requires))

@@ -16,7 +16,8 @@ from typing import Callable
 from tcpmuxd.sockmux import SockMuxConfig, SockMuxConnection, StreamRequested
 from tcpmuxd.sockmux import frames as F
 
-VECTORS = Path("/work/shared/reference/vectors")
+#: The captured DeleGate session (vectors/README.md says what it is).
+VECTORS = Path(__file__).resolve().parent / "vectors"
 SECRET = b"correct horse battery staple 42"
 OTHER_SECRET = b"a quite different shared secret!"
 HELLO_TIME = datetime(2026, 11, 21, 16, 17, 4, 460503)

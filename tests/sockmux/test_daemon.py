@@ -585,12 +585,15 @@ def test_unit_contract():
 # --------------------------------------------------------------------------- under systemd
 
 E2E_PROJECT = "/opt/tcpmuxd"
+#: The project's venv's packages, for /usr/bin/python3 (the venv's own interpreter).
+E2E_SITE = f"{E2E_PROJECT}/.venv/lib/python{sys.version_info[0]}.{sys.version_info[1]}" \
+    "/site-packages"
 #: The shipped units unchanged, but run from the bind mount (uvloop from the project's venv).
 E2E_DROPIN = f"""\
 [Service]
 ExecStart=
 ExecStart=/usr/bin/python3 -m tcpmuxd.sockmux.daemon %i
-Environment=PYTHONPATH={E2E_PROJECT}:{E2E_PROJECT}/.venv/lib/python3.11/site-packages
+Environment=PYTHONPATH={E2E_PROJECT}:{E2E_SITE}
 Environment=PYTHONDONTWRITEBYTECODE=1
 WatchdogSec=3s
 """

@@ -3,6 +3,11 @@
 script/bootstrap compiles the modules of pyproject.toml's [tool.sockmuxd-native] in place;
 script/test runs tests/sockmux on both builds. These tests check that each run really uses
 the build it claims to, in this process and in a fresh interpreter (as the daemons start).
+
+Where script/build-native failed (it keeps its log in build/native-failed.log), the tests of
+the compiled build fail with that log: the compiled build is what sockmuxd runs, and a build
+that does not compile here must not pass as a build that was never made. Without a build and
+without that log (script/build-native never ran), they are skipped.
 """
 
 import importlib.machinery
@@ -25,6 +30,20 @@ LISTED = native_modules()
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 BUILT = all((ROOT / (m.replace(".", "/") + SUFFIX)).exists() for m in LISTED)
 PURE = os.environ.get(native.PURE_PYTHON_ENV) == "1"
+#: Written by script/build-native when compiling failed, removed when it succeeds.
+BUILD_FAILED = ROOT / "build" / "native-failed.log"
+
+
+def require_compiled_build() -> None:
+    """Return if the tree has the compiled build; else fail (the build failed) or skip."""
+    if BUILT:
+        return
+    if BUILD_FAILED.exists():
+        lines = BUILD_FAILED.read_text(errors="replace").splitlines()
+        errors = [line for line in lines if "error" in line.lower()] or lines
+        pytest.fail("script/build-native failed, so the compiled build is missing "
+                    f"(whole log: {BUILD_FAILED}):\n" + "\n".join(errors[-20:]), pytrace=False)
+    pytest.skip("no compiled build in the tree (script/build-native was not run)")
 
 PROBE = """
 import json, sys
@@ -52,11 +71,10 @@ def test_this_run_uses_the_build_it_claims():
     if PURE:
         assert all(m.__file__.endswith(".py") for m in modules)
         assert native.compiled_modules() == [] and native.describe() == "pure Python"
-    elif BUILT:
+    else:
+        require_compiled_build()
         assert all(m.__file__.endswith(SUFFIX) for m in modules)
         assert set(native.compiled_modules()) >= {m.__name__ for m in modules}
-    else:
-        pytest.skip("no compiled build in the tree (script/build-native was not run)")
 
 
 def test_pure_python_switch_loads_every_module_from_source():
@@ -66,8 +84,8 @@ def test_pure_python_switch_loads_every_module_from_source():
     assert set(LISTED) <= set(got["files"])
 
 
-@pytest.mark.skipif(not BUILT, reason="no compiled build in the tree (run script/build-native)")
 def test_compiled_build_is_exactly_the_listed_modules():
+    require_compiled_build()
     got = probe(pure=False)
     assert got["compiled"] == LISTED  # all of them, and nothing else claims to be
     assert got["describe"] == "compiled: " + ", ".join(m.rpartition(".")[2] for m in LISTED)
@@ -78,8 +96,7 @@ def test_compiled_build_is_exactly_the_listed_modules():
 def test_compiled_build_is_newer_than_its_sources():
     """A stale build would test (and run) yesterday's code: script/build-native rebuilds
     when any listed source changed, and bootstrap runs it before the tests."""
-    if not BUILT:
-        pytest.skip("no compiled build in the tree (script/build-native was not run)")
+    require_compiled_build()
     oldest = min((ROOT / (m.replace(".", "/") + SUFFIX)).stat().st_mtime for m in LISTED)
     newest = max((ROOT / (m.replace(".", "/") + ".py")).stat().st_mtime for m in LISTED)
     assert oldest >= newest
