@@ -25,8 +25,8 @@ import socket
 from typing import TYPE_CHECKING, Mapping
 
 if TYPE_CHECKING:
-    from tcpmuxd.config import Service
-    from tcpmuxd.handlers import SocketAddress
+    from tcpmuxd.tcpmux.config import Service
+    from tcpmuxd.common.addresses import SocketAddress
 
 MAGIC = b"TCPMUX/1\n"
 #: A hand-over message larger than this is not one of ours.

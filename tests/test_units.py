@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tcpmuxd import config
+from tcpmuxd.tcpmux import config
 
 UNITS = Path(__file__).resolve().parent.parent / "units"
 SERVICES = ("tcpmuxd.service", "tcpmuxd-inetd@.service")
@@ -253,7 +253,7 @@ def test_the_two_modes_conflict_both_ways(units):
 def test_stop_timeout_leaves_room_for_tcpmuxd_to_cut_and_log(units):
     """systemd's SIGKILL must come after tcpmuxd has cut what --stop-timeout left (and logged
     it), in both modes."""
-    from tcpmuxd.dispatch import Limits
+    from tcpmuxd.tcpmux.policy import Limits
     for unit in SERVICES:
         seconds = config.parse_timespan(one(units, unit, "Service", "TimeoutStopSec"))
         assert seconds >= Limits.stop_timeout + 10, (unit, seconds)
@@ -296,7 +296,7 @@ def test_user_services_are_an_error_naming_the_drop_in(tmp_path):
 
 def test_can_switch_users_reads_the_effective_capabilities(any_user_python):
     probe = [any_user_python.python, "-c",
-             "from tcpmuxd.config import can_switch_users as f; print(f())"]
+             "from tcpmuxd.tcpmux.config import can_switch_users as f; print(f())"]
     env = {"PYTHONPATH": any_user_python.pythonpath, "PATH": "/usr/bin:/bin"}
     cwd = any_user_python.cwd  # nobody runs it too
     here = subprocess.run(probe, capture_output=True, text=True, env=env, cwd=cwd,

@@ -14,7 +14,7 @@ them, opens the entrances, keeps the link up in the tunnel's role, and talks to 
   and every few seconds while bytes move); ``STOPPING=1`` on SIGTERM/SIGINT.
 * ``WATCHDOG=1`` from the same timer that runs the links' keep-alive ticks, so a stuck event
   loop stops both and systemd restarts the daemon.
-* Logs through :class:`tcpmuxd.systemd.EventLog`: journal fields when stderr is the journal,
+* Logs through :class:`tcpmuxd.common.systemd.EventLog`: journal fields when stderr is the journal,
   one line on stderr otherwise. One record per stream, one per link event.
 
 Roles: a connector (``Connect=``) dials and re-dials forever with
@@ -42,12 +42,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Sequence
 
-from .. import __version__, systemd
-from ..addresses import Endpoint, parse_endpoint
-from ..dropins import parse_size, parse_timespan
-from . import config as tconfig
+from .. import __version__
+from ..common import systemd
+from ..common.addresses import Endpoint, parse_endpoint
+from ..common.dropins import parse_size, parse_timespan
+from . import tunnel as tconfig
 from . import links, native, tls
-from .config import Entrance, Exit, Tunnel, TunnelConfigError
+from .tunnel import Entrance, Exit, Tunnel, TunnelConfigError
 from .connection import SockMuxConfig
 from .exits import ExitOpener
 from .frames import MAX_FRAME_SIZE, MIN_FRAME_SIZE
@@ -985,7 +986,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root.addHandler(bridge)
     root.setLevel(logging.DEBUG if args.debug else logging.INFO)
     logging.getLogger("asyncio").addHandler(bridge)
-    from ..handlers import reset_signals
+    from ..common.children import reset_signals
     reset_signals()
     try:
         return asyncio.run(_run(tunnel, args, environ, loop_name))
@@ -1021,7 +1022,7 @@ def _check_runtime(t: Tunnel, args: argparse.Namespace) -> list[str]:
     except ValueError as exc:
         problems.append(str(exc))
     if any(e.kind == "tcpmux" for e in t.exits.values()):
-        from .. import config as tcpmux_config
+        from ..tcpmux import config as tcpmux_config
         path = tuple(args.tcpmux_config_dir) or tcpmux_config.DEFAULT_SEARCH_PATH
         cfg = tcpmux_config.load(path)
         print(f"{'TCPMUX':<17} {len(cfg.services)} services from "

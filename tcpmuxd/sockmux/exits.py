@@ -1,7 +1,7 @@
 """Exits: connecting a stream that arrived from the peer to its destination on this side.
 
 :class:`ExitOpener` connects a :class:`~tcpmuxd.sockmux.session.Stream` to an
-:class:`~tcpmuxd.sockmux.config.Exit`. It sets ``stream.connected_as`` first: the stream
+:class:`~tcpmuxd.sockmux.tunnel.Exit`. It sets ``stream.connected_as`` first: the stream
 answers CONNECTED with it as soon as its transport is made. If the exit cannot be reached it
 calls ``stream.exit_failed(reason)`` (CLOSE with the reason). Kinds:
 
@@ -14,7 +14,7 @@ calls ``stream.exit_failed(reason)`` (CLOSE with the reason). Kinds:
   (pidfd, else polling): no zombies. When its stream is over and it is still running, it gets
   ``terminate_grace`` seconds, then SIGTERM (its process group), then SIGKILL.
 * ``tcpmux``: one end of a socketpair goes to an in-process tcpmuxd
-  :class:`~tcpmuxd.dispatch.Dispatcher` built from tcpmuxd's conf.d (``tcpmux_search_path``),
+  :class:`~tcpmuxd.tcpmux.dispatch.Dispatcher` built from tcpmuxd's conf.d (``tcpmux_search_path``),
   which reads a TCPMUX service name from the stream and serves it as for a client of tcpmuxd's
   own port, with the far client's address (as the peer reports it) and the tunnel's name for
   logs, limits and access rules: with ``IPAddressAllow=``/``IPAddressDeny=`` set, such an
@@ -37,10 +37,10 @@ import subprocess
 from pathlib import Path
 from typing import Any, Final, Mapping, Sequence
 
-from ..handlers import SocketAddress
-from ..reaping import ExitWatch
-from ..systemd import EventLog, child_environment
-from .config import Exit
+from ..common.addresses import SocketAddress
+from ..common.children import ExitWatch
+from ..common.systemd import EventLog, child_environment
+from .tunnel import Exit
 
 __all__ = ["ExitOpener"]
 
@@ -218,8 +218,9 @@ class ExitOpener:
     def dispatcher(self) -> Any:
         """tcpmuxd's dispatcher for ``tcpmux`` exits, built on first use (conf.d read then)."""
         if self._dispatcher is None:
-            from .. import config as tcpmux_config
-            from ..dispatch import Dispatcher, Limits
+            from ..tcpmux import config as tcpmux_config
+            from ..tcpmux.dispatch import Dispatcher
+            from ..tcpmux.policy import Limits
 
             path = tuple(self.tcpmux_search_path or tcpmux_config.DEFAULT_SEARCH_PATH)
             cfg = tcpmux_config.load(path)

@@ -86,7 +86,7 @@ import subprocess
 import termios
 from typing import Any, Callable, Iterable, Sequence
 
-from tcpmuxd.reaping import ExitWatch
+from tcpmuxd.common.children import ExitWatch
 from tcpmuxd.sockmux.tls import TLSSettings, client_context, server_context
 from tcpmuxd.sockmux.tlslink import TLSConnection, TLSTransport, handshake, takes_buffers
 from tcpmuxd.sockmux.writebuf import BufferedWrites

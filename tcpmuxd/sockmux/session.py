@@ -107,10 +107,10 @@ import struct
 import time
 from typing import Any, Callable, Final, Mapping, Protocol
 
-from ..addresses import ip_address_of
-from ..systemd import EventLog
+from ..common.addresses import ip_address_of
+from ..common.systemd import EventLog
 from .admission import MAX_HELD, WINDOW, Penalties, RecordWindows, Suppressed
-from .config import Exit
+from .tunnel import Exit
 from .connection import (
     REASON_CLOSE,
     REASON_NO_SERVER,

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tcpmuxd.sockmux import SockMuxConfig
-from tcpmuxd.sockmux.config import parse_exit
+from tcpmuxd.sockmux.tunnel import parse_exit
 from tcpmuxd.sockmux.exits import ExitOpener, _Connecting
 from tcpmuxd.sockmux.session import Hub, Session, Stream
 

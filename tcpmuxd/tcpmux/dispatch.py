@@ -1,7 +1,7 @@
 """The accept loop and the life of one connection in the long-running daemon (Accept=no).
 
 Flow per connection: accept -> read the name line under one total deadline (peeking, so that no
-byte past the line is taken from the handler) -> :func:`decide` (parse, find service, access
+byte past the line is taken from the handler) -> :func:`~tcpmuxd.tcpmux.policy.decide` (parse, find service, access
 control, limits, in that order) -> ``+`` -> start the handler -> one log record when it ends.
 
 The name phase runs on raw non-blocking sockets with ``add_reader`` rather than transports or
@@ -24,20 +24,22 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import os
 import socket
 import subprocess
 import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import Callable, Mapping, Union
+from typing import Callable, Mapping
 
-from tcpmuxd import handlers, passfd, protocol, relay
-from tcpmuxd.addresses import Endpoint, ip_address_of
-from tcpmuxd.config import Configuration, Service
-from tcpmuxd.handlers import SocketAddress, oserror_text
-from tcpmuxd.systemd import EventLog
+from tcpmuxd import passfd
+from tcpmuxd.common.addresses import Endpoint, SocketAddress, addresses_of, ip_address_of
+from tcpmuxd.common.systemd import EventLog
+from tcpmuxd.tcpmux import handlers, protocol, relay
+from tcpmuxd.tcpmux.config import Configuration, Service
+from tcpmuxd.tcpmux.handlers import oserror_text
+from tcpmuxd.tcpmux.policy import (
+    Counters, Decision, Help, Limits, Refuse, decide, pending_source,
+)
 
 
 #: How often a handler is polled for when no pidfd could be opened for it (out of descriptors).
@@ -51,103 +53,6 @@ FLOOD_LOG_SOURCES = 5
 #: What a refusal closed at once reads off the socket first, so that its close is a FIN, not
 #: the reset that unread data would cause (bytes that come later still cause one).
 DISCARD_LIMIT = 64 * 1024
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The multiplexer-wide limits (per-service ones are in the service files)."""
-
-    name_timeout: float = 10.0
-    max_name_length: int = protocol.DEFAULT_MAX_NAME_LENGTH
-    max_connections: int = 1024
-    #: Connections from one source still to send their name (cli.py documents the default).
-    max_pending_per_source: int = 64
-    #: How long a stop waits for relays and hand-overs in progress before cutting them.
-    stop_timeout: float = 30.0
-    accept_backoff: float = 0.25
-    #: How long a refused connection is drained after the ``-`` line before it is closed.
-    linger: float = 2.0
-
-
-@dataclass(frozen=True)
-class Accept:
-    service: Service
-
-
-@dataclass(frozen=True)
-class Refuse:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Help:
-    listing: bytes
-
-
-Decision = Union[Accept, Refuse, Help]
-
-
-class Counters:
-    """Live connection counts: per service, per (service, source address), and totals."""
-
-    def __init__(self) -> None:
-        self.active = 0
-        self.per_service: Counter[str] = Counter()
-        self.per_source: Counter[tuple[str, str]] = Counter()
-        self.accepted = 0
-        self.refused = 0
-
-    def start(self, service: Service, source: str) -> None:
-        self.per_service[service.key] += 1
-        self.per_source[(service.key, source)] += 1
-
-    def end(self, service: Service, source: str) -> None:
-        for counter, key in ((self.per_service, service.key),
-                             (self.per_source, (service.key, source))):
-            counter[key] -= 1
-            if counter[key] <= 0:
-                del counter[key]
-
-
-def decide(config: Configuration, event: protocol.Event, remote: SocketAddress,
-           counters: Counters | None) -> Decision:
-    """The order every refusal is checked in: parse, find service, access, limits.
-
-    ``counters`` is None where limits are kept by someone else (systemd, in Accept=yes mode).
-    """
-    if isinstance(event, protocol.BadName):
-        return Refuse(event.reason)
-    if isinstance(event, protocol.HelpRequested):
-        return Help(protocol.help_listing(config.listed()))
-    assert isinstance(event, protocol.NameReceived)
-    service = config.lookup(event.name)
-    if service is None:
-        return Refuse(f"unknown service {event.name}")
-    refusal = service.refusal(remote.host, remote.tunnel, remote.authenticated)
-    if refusal is not None:
-        return Refuse(refusal)
-    source = remote.source
-    if counters is not None:
-        if service.max_connections and counters.per_service[service.key] >= service.max_connections:
-            return Refuse(f"service busy ({service.max_connections} connections)")
-        limit = service.max_connections_per_source
-        if limit and counters.per_source[(service.key, source)] >= limit:
-            return Refuse(f"too many connections from {source} ({limit})")
-    return Accept(service)
-
-
-def pending_source(remote: SocketAddress) -> str:
-    """What a connection in the name phase counts against for ``max_pending_per_source``: its
-    IPv4 address, or the /64 of its IPv6 address (a host commonly has a whole /64 to pick
-    source addresses from); for a stream through a tunnel, that of its origin and the tunnel."""
-    ip = ip_address_of(remote.host)
-    if ip is None:
-        key = remote.host or remote.family.lower()
-    elif ip.version == 6:
-        key = str(ipaddress.IPv6Network((ip, 64), strict=False))
-    else:
-        key = str(ip)
-    return key if remote.tunnel is None else f"{key} via {remote.tunnel}"
 
 
 def _discard_received(sock: socket.socket) -> None:
@@ -415,7 +320,7 @@ class Dispatcher:
         if sock is not None:
             sock.setblocking(False)
             try:
-                remote, local = handlers.addresses_of(sock)
+                remote, local = addresses_of(sock)
             except OSError:
                 sock.close()
             else:
@@ -436,7 +341,7 @@ class Dispatcher:
     def _start(self, sock: socket.socket, listener: str) -> None:
         sock.setblocking(False)
         try:
-            remote, local = handlers.addresses_of(sock)
+            remote, local = addresses_of(sock)
         except OSError:
             sock.close()
             return

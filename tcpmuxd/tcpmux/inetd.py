@@ -17,12 +17,15 @@ import socket
 import time
 from typing import Mapping
 
-from tcpmuxd import dispatch, handlers, passfd, protocol, relay
-from tcpmuxd.config import Configuration, Service
-from tcpmuxd.systemd import EventLog
+from tcpmuxd import passfd
+from tcpmuxd.common.addresses import addresses_of
+from tcpmuxd.common.systemd import EventLog
+from tcpmuxd.tcpmux import handlers, protocol, relay
+from tcpmuxd.tcpmux.config import Configuration, Service
+from tcpmuxd.tcpmux.policy import Help, Limits, Refuse, decide
 
 
-def read_name(sock: socket.socket, limits: dispatch.Limits) -> protocol.Event:
+def read_name(sock: socket.socket, limits: Limits) -> protocol.Event:
     """Read exactly the name line (peek, then consume), within one total deadline."""
     reader = protocol.NameReader(limits.max_name_length)
     deadline = time.monotonic() + limits.name_timeout
@@ -55,18 +58,18 @@ def _reply(sock: socket.socket, data: bytes) -> None:
         pass
 
 
-def serve_connection(sock: socket.socket, config: Configuration, limits: dispatch.Limits,
+def serve_connection(sock: socket.socket, config: Configuration, limits: Limits,
                      log: EventLog, environ: Mapping[str, str]) -> int:
     """Serve the one connection; returns the exit status when not exec'ing."""
     started = time.monotonic()
     try:
-        remote, local = handlers.addresses_of(sock)
+        remote, local = addresses_of(sock)
     except OSError:
         return 0
     event = read_name(sock, limits)
     name = event.name if isinstance(event, protocol.NameReceived) else (
         "HELP" if isinstance(event, protocol.HelpRequested) else "-")
-    decision = dispatch.decide(config, event, remote, None)
+    decision = decide(config, event, remote, None)
 
     def record(outcome: str, status: str = "") -> None:
         extra = f", {status}" if status else ""
@@ -75,11 +78,11 @@ def serve_connection(sock: socket.socket, config: Configuration, limits: dispatc
                    TCPMUX_SERVICE=name, TCPMUX_DECISION=outcome, REMOTE_ADDR=remote.host,
                    REMOTE_PORT=remote.port)
 
-    if isinstance(decision, dispatch.Refuse):
+    if isinstance(decision, Refuse):
         record(f"refused: {decision.reason}")
         _reply(sock, protocol.negative(decision.reason))
         return 0
-    if isinstance(decision, dispatch.Help):
+    if isinstance(decision, Help):
         record("help")
         _reply(sock, decision.listing)
         return 0
@@ -140,7 +143,7 @@ def _open(sock: socket.socket, service: Service, target, record) -> socket.socke
         return None
 
 
-def _forward(sock: socket.socket, service: Service, limits: dispatch.Limits, record) -> int:
+def _forward(sock: socket.socket, service: Service, limits: Limits, record) -> int:
     upstream = _open(sock, service, service.forward, record)
     if upstream is None:
         return 0

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tcpmuxd.protocol import BadName, Event, HelpRequested, NameReader, NameReceived, NeedData
+from tcpmuxd.tcpmux.protocol import BadName, Event, HelpRequested, NameReader, NameReceived, NeedData
 
 pytestmark = pytest.mark.timeout(120)
 

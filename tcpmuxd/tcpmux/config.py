@@ -7,7 +7,7 @@ an empty file or a symlink to ``/dev/null`` masks it. Files are INI read with
 that is what the people writing them already know.
 
 The machinery that is not about services (discovery, reading, the INI reader, the key table,
-the systemd value parsers) is in :mod:`tcpmuxd.dropins`, shared with sockmuxd's tunnel files;
+the systemd value parsers) is in :mod:`tcpmuxd.common.dropins`, shared with sockmuxd's tunnel files;
 this module holds the ``[Service]`` schema and what a set of services means (names, reloads).
 
 A broken file never takes the daemon or the other services down: it yields a
@@ -32,8 +32,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .addresses import AddressList, Endpoint, ip_address_of, parse_endpoint
-from .dropins import (
+from ..common.addresses import AddressList, Endpoint, ip_address_of, parse_endpoint
+from ..common.dropins import (
     MAX_FILE_SIZE,
     SUFFIX,
     ConfigError,

@@ -2,7 +2,7 @@
 
 ``sockmuxd NAME`` (the unit ``sockmuxd@NAME.service``) runs the tunnel of ``NAME.conf``, found
 along :data:`SEARCH_PATH` with the rules tcpmuxd's ``conf.d`` follows (they share
-:mod:`tcpmuxd.dropins`): the highest file of that name wins whole, an empty file or a symlink
+:mod:`tcpmuxd.common.dropins`): the highest file of that name wins whole, an empty file or a symlink
 to ``/dev/null`` masks it. The file has one ``[Tunnel]`` section with systemd-style keys.
 
 Unlike tcpmuxd, which serves every good file and reports the bad ones, a tunnel is all or
@@ -33,8 +33,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ..addresses import Endpoint, parse_endpoint
-from ..dropins import (
+from ..common.addresses import Endpoint, parse_endpoint
+from ..common.dropins import (
     SUFFIX,
     ConfigError,
     DropInError,

@@ -43,7 +43,6 @@ from netns_harness import (
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 DAEMON = [PYTHON, "-m", "tcpmuxd.sockmux.daemon"]
-NETNS_DIR = Path("/var/run/netns")
 
 ADDR_A, ADDR_B, PREFIX = "10.213.0.1", "10.213.0.2", 30  # test-only, inside our namespaces
 VETH_A, VETH_B = "smx-veth-a", "smx-veth-b"

@@ -13,7 +13,7 @@ Flow, in order, with the failure each step can end in (exit status in brackets):
    address the resolver returns, staggered, the way RFC 8305 ("Happy Eyeballs") describes
    [3, network error; 4, timeout];
 3. send ``SERVICE CRLF`` and read the reply line within one total deadline, not per read, with
-   :class:`~tcpmuxd.protocol.ReplyReader` [1, refused; 4, timeout; 5, protocol error];
+   :class:`~tcpmuxd.tcpmux.protocol.ReplyReader` [1, refused; 4, timeout; 5, protocol error];
 4. on ``+``: write the bytes that came right behind the reply line, then relay both ways. End of
    standard input half-closes the connection (``shutdown(SHUT_WR)``) and the relay keeps reading;
    end of the connection ends the program after everything received went to standard output
@@ -48,8 +48,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from tcpmuxd import __version__
-from tcpmuxd.addresses import parse_endpoint
-from tcpmuxd.protocol import (
+from tcpmuxd.common.addresses import parse_endpoint
+from tcpmuxd.tcpmux.protocol import (
     DEFAULT_MAX_NAME_LENGTH,
     HELP,
     Reply,
@@ -159,7 +159,7 @@ class Target:
 
 
 def parse_target(text: str) -> Target:
-    """Parse ``HOST[:PORT]`` in the project's address spelling (:mod:`tcpmuxd.addresses`).
+    """Parse ``HOST[:PORT]`` in the project's address spelling (:mod:`tcpmuxd.common.addresses`).
 
     HOST is a name, an IPv4 address or an IPv6 address in brackets; PORT defaults to 1. A bare
     IPv6 address is refused as in service files, because ``::1:80`` could mean either.

@@ -97,7 +97,7 @@ class NameReader:
 
     Bounds: at most :attr:`line_limit` bytes (``max_length`` name bytes plus CR, LF and
     surrounding blanks) are ever held or consumed, and never a byte past the first LF; the event
-    does not depend on how the bytes were split into reads (tests/test_protocol_properties.py).
+    does not depend on how the bytes were split into reads (tests/tcpmux/test_protocol_properties.py).
     :meth:`peek_size` says how much to peek so that a too-long line is seen as such at once.
     """
 

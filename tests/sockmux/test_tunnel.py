@@ -1,7 +1,7 @@
-"""Tunnel files (tcpmuxd/sockmux/config.py), with real files in tmp_path.
+"""Tunnel files (tcpmuxd/sockmux/tunnel.py), with real files in tmp_path.
 
-(Named test_sockmux_config.py, not test_config.py: without __init__.py files pytest imports test
-modules by their base name, and tests/test_config.py has that one.)
+(Test modules are imported by their base name, there being no __init__.py files: every test
+file's name is unique across tests/, as every module's name is across the package.)
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from privileges import as_nobody
 
-from tcpmuxd.addresses import Endpoint
+from tcpmuxd.common.addresses import Endpoint
 from tcpmuxd.sockmux import SockMuxConfig
-from tcpmuxd.sockmux.config import (
+from tcpmuxd.sockmux.tunnel import (
     SEARCH_PATH,
     Entrance,
     Exit,
@@ -1088,7 +1088,7 @@ def test_man_page_examples_load(tmp_path: Path, example: str) -> None:
 
 
 def test_man_page_documents_every_key() -> None:
-    from tcpmuxd.sockmux.config import _KEYS
+    from tcpmuxd.sockmux.tunnel import _KEYS
 
     text = MAN_PAGE.read_text()
     for key in _KEYS:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tcpmuxd import protocol
-from tcpmuxd.protocol import (BadName, HelpRequested, NameReader, NameReceived, NeedData, Reply,
+from tcpmuxd.tcpmux import protocol
+from tcpmuxd.tcpmux.protocol import (BadName, HelpRequested, NameReader, NameReceived, NeedData, Reply,
                               ReplyError, ReplyReader)
 
 

@@ -306,8 +306,8 @@ def test_handler_is_polled_for_when_no_pidfd_can_be_opened(services, monkeypatch
     import asyncio
     import errno
 
-    from tcpmuxd import config, dispatch
-    from tcpmuxd.systemd import EventLog
+    from tcpmuxd.tcpmux import config, dispatch, policy
+    from tcpmuxd.common.systemd import EventLog
 
     write_service(services, "e.conf", "[Service]\nExec=/bin/echo polled\n")
     records: list[str] = []
@@ -322,7 +322,7 @@ def test_handler_is_polled_for_when_no_pidfd_can_be_opened(services, monkeypatch
     monkeypatch.setattr(os, "pidfd_open", no_pidfd)
 
     async def run() -> bytes:
-        d = dispatch.Dispatcher(config.load([services]), dispatch.Limits(), Log({}, "t"), {})
+        d = dispatch.Dispatcher(config.load([services]), policy.Limits(), Log({}, "t"), {})
         listener = socket.create_server(("127.0.0.1", 0))
         d.add_listener(listener, "test")
         port = listener.getsockname()[1]

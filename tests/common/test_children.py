@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tcpmuxd.reaping import ExitWatch
+from tcpmuxd.common.children import ExitWatch
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(0.3)"]
 

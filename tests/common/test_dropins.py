@@ -1,4 +1,4 @@
-"""The generic drop-in machinery (tcpmuxd/dropins.py), for what tests/test_config.py does not
+"""The generic drop-in machinery (tcpmuxd/common/dropins.py), for what tests/tcpmux/test_config.py does not
 already cover through tcpmuxd's conf.d: looking up one named file along a search path, a key
 table of another schema, and the value parsers only sockmuxd uses. Real files in tmp_path."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from privileges import as_nobody
 
-from tcpmuxd.dropins import (
+from tcpmuxd.common.dropins import (
     ConfigError,
     DropInError,
     KeySpec,

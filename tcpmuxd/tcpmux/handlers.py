@@ -28,12 +28,13 @@ import pwd
 import signal
 import socket
 import subprocess
-from dataclasses import dataclass
 from typing import Callable, Mapping, NoReturn
 
-from tcpmuxd.config import Service
-from tcpmuxd.protocol import positive
-from tcpmuxd.systemd import child_environment
+from tcpmuxd.common.addresses import SocketAddress
+from tcpmuxd.common.children import reset_signals
+from tcpmuxd.common.systemd import child_environment
+from tcpmuxd.tcpmux.config import Service
+from tcpmuxd.tcpmux.protocol import positive
 
 #: PF_NPROC_EXCEEDED, a flag of the task in /proc/self/stat (include/linux/sched.h): setuid()
 #: to a user already at RLIMIT_NPROC succeeds but sets it, and the next execve() then fails
@@ -57,48 +58,6 @@ class StartError(Exception):
 def oserror_text(e: OSError) -> str:
     """The errno's own words ("Connection refused"), not a wrapper's text."""
     return os.strerror(e.errno) if e.errno else str(e)
-
-
-@dataclass(frozen=True)
-class SocketAddress:
-    """One end of a connection as handlers and logs name it (IPv4-mapped IPv6 shown as IPv4).
-
-    A stream that came through a SockMux tunnel (sockmuxd's ``tcpmux`` exit) has ``tunnel``
-    set to the tunnel's name: ``host`` and ``port`` are then the far client as the tunnel's
-    peer reported it (``authenticated``: whether that peer proved who it is), an address of
-    the far side's networks, never one of ours (config.Service.refusal).
-    """
-
-    host: str
-    port: int
-    family: str  # "TCP" or "UNIX"
-    tunnel: str | None = None
-    authenticated: bool = True
-
-    def __str__(self) -> str:
-        if self.family == "UNIX":
-            return "unix"
-        text = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-        return text if self.tunnel is None else f"{text} via {self.tunnel}"
-
-    @property
-    def source(self) -> str:
-        """The client as per-source limits count it: the far side's 127.0.0.1 is not ours."""
-        return self.host if self.tunnel is None else f"{self.host} via {self.tunnel}"
-
-
-def _address(family: int, raw: object) -> SocketAddress:
-    if family == socket.AF_UNIX:
-        return SocketAddress("", 0, "UNIX")
-    host, port = raw[0], raw[1]  # type: ignore[index]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return SocketAddress(host.partition("%")[0], port, "TCP")
-
-
-def addresses_of(sock: socket.socket) -> tuple[SocketAddress, SocketAddress]:
-    """(remote, local) of a connected socket; raises OSError when the peer is already gone."""
-    return _address(sock.family, sock.getpeername()), _address(sock.family, sock.getsockname())
 
 
 def handler_environment(
@@ -297,26 +256,6 @@ def _own_session() -> None:
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     os._exit(code if code >= 0 else 128 - code)
-
-
-def reset_signals(keep_ignored: tuple[int, ...] = (signal.SIGPIPE, signal.SIGXFSZ)) -> None:
-    """Default dispositions and an empty mask, whatever the process was started with.
-
-    The daemon calls this at start-up, because vfork'd handlers inherit its ignored signals
-    and its mask (``nohup`` or a shell's ``&`` leave SIGHUP, SIGINT or SIGQUIT ignored).
-    Python's own SIGPIPE/SIGXFSZ ignores are kept there: subprocess restores those for the
-    child. Before an exec in place, nothing is kept.
-    """
-    for signum in signal.valid_signals():
-        if signum in (signal.SIGKILL, signal.SIGSTOP) or signum in keep_ignored:
-            continue
-        try:
-            if keep_ignored and signal.getsignal(signum) is not signal.SIG_IGN:
-                continue
-            signal.signal(signum, signal.SIG_DFL)
-        except (OSError, ValueError):
-            pass
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 def describe_status(status: int) -> str:

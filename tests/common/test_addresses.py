@@ -1,4 +1,4 @@
-"""Endpoint and address-list parsing (tcpmuxd/addresses.py)."""
+"""Endpoint and address-list parsing (tcpmuxd/common/addresses.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from tcpmuxd.addresses import AddressList, Endpoint, ip_address_of, parse_endpoint, parse_listen
+from tcpmuxd.common.addresses import AddressList, Endpoint, ip_address_of, parse_endpoint, parse_listen
 
 # --------------------------------------------------------------------------- parse_endpoint
 

@@ -19,9 +19,13 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from tcpmuxd import __version__, config, handlers, inetd, protocol, systemd
-from tcpmuxd.addresses import parse_listen
-from tcpmuxd.dispatch import Dispatcher, Limits
+from tcpmuxd import __version__
+from tcpmuxd.common import systemd
+from tcpmuxd.common.children import reset_signals
+from tcpmuxd.tcpmux import config, inetd, protocol
+from tcpmuxd.common.addresses import parse_listen
+from tcpmuxd.tcpmux.dispatch import Dispatcher
+from tcpmuxd.tcpmux.policy import Limits
 
 #: How often STATUS= may be refreshed: live counters without a notify per connection.
 STATUS_INTERVAL = 1.0
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print("tcpmuxd: nothing to serve: start it from tcpmuxd.socket (systemctl enable --now "
               "tcpmuxd.socket), or give --listen ADDR:PORT to run standalone", file=sys.stderr)
         return 2
-    handlers.reset_signals()
+    reset_signals()
     return asyncio.run(_serve(listeners, cfg, search_path, limits, log, environ))
 
 

@@ -1,4 +1,4 @@
-"""Service drop-ins (tcpmuxd/config.py), with real files in tmp_path."""
+"""Service drop-ins (tcpmuxd/tcpmux/config.py), with real files in tmp_path."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from privileges import as_nobody
 
-from tcpmuxd.addresses import Endpoint
-from tcpmuxd.config import (
+from tcpmuxd.common.addresses import Endpoint
+from tcpmuxd.tcpmux.config import (
     DEFAULT_SEARCH_PATH,
     MAX_FILE_SIZE,
     ConfigError,
@@ -26,7 +26,7 @@ from tcpmuxd.config import (
     load,
     parse_timespan,
 )
-from tcpmuxd.protocol import DEFAULT_MAX_NAME_LENGTH
+from tcpmuxd.tcpmux.protocol import DEFAULT_MAX_NAME_LENGTH
 
 TRUE = "/bin/true"  # an executable that exists everywhere the tests run
 
@@ -1206,7 +1206,7 @@ def test_form_feed_is_not_a_line_break(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the man page
 
 
-MAN_PAGE = Path(__file__).resolve().parent.parent / "docs" / "tcpmuxd.conf.5.scd"
+MAN_PAGE = Path(__file__).resolve().parents[2] / "docs" / "tcpmuxd.conf.5.scd"
 
 
 def _man_page_examples() -> list[str]:
@@ -1228,7 +1228,7 @@ def test_man_page_examples_load(tmp_path: Path, example: str) -> None:
 
 
 def test_man_page_documents_every_key() -> None:
-    from tcpmuxd.config import _KEYS
+    from tcpmuxd.tcpmux.config import _KEYS
 
     text = MAN_PAGE.read_text()
     for key in _KEYS:

@@ -26,9 +26,10 @@ from typing import Callable
 
 import pytest
 
-from tcpmuxd import __version__, client
+from tcpmuxd import __version__
+from tcpmuxd.tcpmux import client
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAN_PAGE = ROOT / "docs" / "tcpmux.1.scd"
 #: Upper bound for any child process; the tests expect far less.
 PROC_TIMEOUT = 30.0
@@ -47,7 +48,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-CLIENT = [sys.executable, "-m", "tcpmuxd.client"]
+CLIENT = [sys.executable, "-m", "tcpmuxd.tcpmux.client"]
 
 
 def run_client(*args: str, input: bytes = b"", stdin=None, timeout: float = PROC_TIMEOUT):
@@ -702,7 +703,7 @@ def test_ssh_proxycommand(serve, tmp_path):
         got["banner"] = read_line(conn)
 
     server = serve(fake_sshd)
-    proxy = f"{shlex.quote(sys.executable)} -m tcpmuxd.client %h:{server.port} ssh"
+    proxy = f"{shlex.quote(sys.executable)} -m tcpmuxd.tcpmux.client %h:{server.port} ssh"
     proc = subprocess.run(
         ["ssh", "-F", "/dev/null", "-v", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
          "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={tmp_path}/known_hosts",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -351,3 +352,45 @@ class AddressList:
 
     def __hash__(self) -> int:
         return hash(frozenset(self._networks))
+
+
+@dataclass(frozen=True)
+class SocketAddress:
+    """One end of a connection as handlers and logs name it (IPv4-mapped IPv6 shown as IPv4).
+
+    A stream that came through a SockMux tunnel (sockmuxd's ``tcpmux`` exit) has ``tunnel``
+    set to the tunnel's name: ``host`` and ``port`` are then the far client as the tunnel's
+    peer reported it (``authenticated``: whether that peer proved who it is), an address of
+    the far side's networks, never one of ours (config.Service.refusal).
+    """
+
+    host: str
+    port: int
+    family: str  # "TCP" or "UNIX"
+    tunnel: str | None = None
+    authenticated: bool = True
+
+    def __str__(self) -> str:
+        if self.family == "UNIX":
+            return "unix"
+        text = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return text if self.tunnel is None else f"{text} via {self.tunnel}"
+
+    @property
+    def source(self) -> str:
+        """The client as per-source limits count it: the far side's 127.0.0.1 is not ours."""
+        return self.host if self.tunnel is None else f"{self.host} via {self.tunnel}"
+
+
+def _address(family: int, raw: object) -> SocketAddress:
+    if family == socket.AF_UNIX:
+        return SocketAddress("", 0, "UNIX")
+    host, port = raw[0], raw[1]  # type: ignore[index]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return SocketAddress(host.partition("%")[0], port, "TCP")
+
+
+def addresses_of(sock: socket.socket) -> tuple[SocketAddress, SocketAddress]:
+    """(remote, local) of a connected socket; raises OSError when the peer is already gone."""
+    return _address(sock.family, sock.getpeername()), _address(sock.family, sock.getsockname())

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 from typing import Any, Callable
 
-__all__ = ["ExitWatch"]
+__all__ = ["ExitWatch", "reset_signals"]
 
 
 class ExitWatch:
@@ -58,3 +59,23 @@ class ExitWatch:
         if self._poll is not None:
             self._poll.cancel()
             self._poll = None
+
+
+def reset_signals(keep_ignored: tuple[int, ...] = (signal.SIGPIPE, signal.SIGXFSZ)) -> None:
+    """Default dispositions and an empty mask, whatever the process was started with.
+
+    The daemon calls this at start-up, because vfork'd handlers inherit its ignored signals
+    and its mask (``nohup`` or a shell's ``&`` leave SIGHUP, SIGINT or SIGQUIT ignored).
+    Python's own SIGPIPE/SIGXFSZ ignores are kept there: subprocess restores those for the
+    child. Before an exec in place, nothing is kept.
+    """
+    for signum in signal.valid_signals():
+        if signum in (signal.SIGKILL, signal.SIGSTOP) or signum in keep_ignored:
+            continue
+        try:
+            if keep_ignored and signal.getsignal(signum) is not signal.SIG_IGN:
+                continue
+            signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
