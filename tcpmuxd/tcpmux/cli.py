@@ -23,7 +23,7 @@ from tcpmuxd import __version__
 from tcpmuxd.common import systemd
 from tcpmuxd.common.children import reset_signals
 from tcpmuxd.tcpmux import config, inetd, protocol
-from tcpmuxd.common.addresses import parse_listen
+from tcpmuxd.common.addresses import host_port, parse_listen
 from tcpmuxd.tcpmux.dispatch import Dispatcher
 from tcpmuxd.tcpmux.policy import Limits
 
@@ -217,7 +217,7 @@ def _unit_user_switching(unit: str, props: Mapping[str, str]) -> tuple[bool, str
 def _bound_name(sock: socket.socket) -> str:
     """The address as bound (port 0 becomes the port the kernel chose), for logs."""
     host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(host, port)
 
 
 def _bind(spec: str) -> socket.socket:
