@@ -26,13 +26,13 @@ import asyncio
 import errno
 import os
 import socket
-import subprocess
 import time
 from collections import Counter
 from typing import Callable, Mapping
 
 from tcpmuxd import passfd
 from tcpmuxd.common.addresses import Endpoint, SocketAddress, addresses_of, ip_address_of
+from tcpmuxd.common.children import Child, exit_text
 from tcpmuxd.common.systemd import EventLog
 from tcpmuxd.tcpmux import handlers, protocol, relay
 from tcpmuxd.tcpmux.config import Configuration, Service
@@ -171,7 +171,8 @@ class Dispatcher:
         self._paused = False
         self._pause_logged = -PAUSE_LOG_INTERVAL
         self._spare: int | None = self._open_spare()
-        self._children: dict[int, tuple[subprocess.Popen, _Connection, int | None]] = {}
+        #: Exec= handlers running, watched through common.children (reaped by pid as they exit).
+        self._children: dict[int, Child] = {}
         self._tasks: set[asyncio.Task] = set()
         self._relays: set[relay.Relay] = set()
         #: Connections whose client socket is still ours (all but those handed to Exec=).
@@ -243,10 +244,8 @@ class Dispatcher:
         if self._children:
             self.log.record(f"{len(self._children)} Exec= handlers keep running in their own "
                             "sessions (pids " + " ".join(map(str, self._children)) + ")")
-        for _child, _conn, pidfd in self._children.values():
-            if pidfd is not None:
-                self._loop.remove_reader(pidfd)
-                os.close(pidfd)
+        for child in self._children.values():
+            child.cancel()
         self._children.clear()
         self._flood_log.close()
 
@@ -570,41 +569,14 @@ class Dispatcher:
         self._let_go(conn)
         conn.pid = child.pid
         conn.decision = "accepted"
-        self._watch_child(child, conn)
+        self._children[child.pid] = Child(self._loop, child, poll_interval=CHILD_POLL_INTERVAL,
+                                          on_exit=lambda c: self._child_exited(c, conn))
         self.on_change()
 
-    # Handlers are watched one by one through pidfds rather than with a SIGCHLD handler and
-    # waitpid(-1): that reaps only our own handlers (sockmuxd, which embeds the dispatcher,
-    # has children of its own) and works on loops that refuse a SIGCHLD handler (uvloop).
-
-    def _watch_child(self, child: subprocess.Popen, conn: _Connection) -> None:
-        try:
-            pidfd: int | None = os.pidfd_open(child.pid)
-        except OSError:  # out of descriptors: poll for this one instead, nothing is lost
-            pidfd = None
-        self._children[child.pid] = (child, conn, pidfd)
-        if pidfd is None:
-            self._loop.call_later(CHILD_POLL_INTERVAL, self._poll_child, child.pid)
-        else:
-            self._loop.add_reader(pidfd, self._child_exited, child.pid)
-
-    def _poll_child(self, pid: int) -> None:
-        if pid not in self._children:
-            return  # closed: no longer ours to reap
-        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-            self._loop.call_later(CHILD_POLL_INTERVAL, self._poll_child, pid)
-        else:
-            self._child_exited(pid)
-
-    def _child_exited(self, pid: int) -> None:
-        child, conn, pidfd = self._children.pop(pid)
-        if pidfd is not None:
-            self._loop.remove_reader(pidfd)
-            os.close(pidfd)
-        _, status = os.waitpid(pid, 0)  # it has exited: this does not block
-        child.returncode = os.waitstatus_to_exitcode(status)
-        conn.status = handlers.describe_status(status)
-        assert conn.service is not None
+    def _child_exited(self, child: Child, conn: _Connection) -> None:
+        del self._children[child.pid]
+        assert child.returncode is not None and conn.service is not None
+        conn.status = exit_text(child.returncode)
         self._service_end(conn, conn.service)
 
     # Forward= and PassTo= run on callbacks, not tasks: the per-connection cost of a Task,

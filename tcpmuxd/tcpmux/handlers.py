@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import signal
 import socket
 import subprocess
 from typing import Callable, Mapping, NoReturn
@@ -256,14 +255,3 @@ def _own_session() -> None:
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     os._exit(code if code >= 0 else 128 - code)
-
-
-def describe_status(status: int) -> str:
-    """A wait status as logs show it: ``exit 0`` or ``signal SIGKILL``."""
-    code = os.waitstatus_to_exitcode(status)
-    if code >= 0:
-        return f"exit {code}"
-    try:
-        return f"signal {signal.Signals(-code).name}"
-    except ValueError:
-        return f"signal {-code}"
