@@ -367,22 +367,19 @@ def load(
 # --------------------------------------------------------------------------- --check
 
 
+def _cell(**settings: object) -> str:
+    """``name=value`` for each setting that is set (``max=5 per-source=2``), or ``-``."""
+    return " ".join(f"{name.replace('_', '-')}={value}"
+                    for name, value in settings.items() if value) or "-"
+
+
 def _limits(service: Service) -> str:
-    parts = []
-    if service.max_connections:
-        parts.append(f"max={service.max_connections}")
-    if service.max_connections_per_source:
-        parts.append(f"per-source={service.max_connections_per_source}")
-    return " ".join(parts) or "-"
+    return _cell(max=service.max_connections, per_source=service.max_connections_per_source)
 
 
 def _access(service: Service) -> str:
-    parts = []
-    if service.ip_allow:
-        parts.append(f"allow={','.join(str(service.ip_allow).split())}")
-    if service.ip_deny:
-        parts.append(f"deny={','.join(str(service.ip_deny).split())}")
-    return " ".join(parts) or "-"
+    return _cell(allow=",".join(str(service.ip_allow).split()),
+                 deny=",".join(str(service.ip_deny).split()))
 
 
 def format_table(config: Configuration) -> str:

@@ -27,6 +27,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from tcpmuxd.common.addresses import Endpoint, SocketAddress
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DaemonConnection",
     "Handler",
+    "TargetHandler",
     "InPlaceConnection",
     "StartError",
     "connection_variables",
@@ -175,18 +177,23 @@ class InPlaceConnection(Protocol):
 class Handler:
     """One handler kind (a subclass) and, as an instance, one service's handler settings.
 
-    Subclasses are frozen dataclasses whose fields are the validated settings, and set:
-
-    * ``key``: the service-file key that selects the kind (``"Exec"``), which is also the first
-      entry of ``keys``; ``kind``: its name in ``--check`` and logs (``"exec"``);
-    * ``keys``: every key the kind reads, with its parser (:class:`KeySpec`; leave ``kinds``
-      unset: the registry fills in which kinds share a key, and a key set for a service of
-      another kind is an error naming the kinds it applies to).
+    Subclasses are frozen dataclasses whose fields are the validated settings. A kind is
+    declared as ``class Exec(Handler, key="Exec")``: ``key`` is the service-file key that
+    selects it, and its lower-case form is ``kind``, its name in ``--check`` and logs
+    (``"exec"``). It sets ``keys``: every key it reads, its own first, with its parser
+    (:class:`KeySpec`; leave ``kinds`` unset: the registry fills in which kinds share a key,
+    and a key set for a service of another kind is an error naming the kinds it applies to).
     """
 
     key: ClassVar[str]
     kind: ClassVar[str]
     keys: ClassVar[Mapping[str, KeySpec]]
+
+    def __init_subclass__(cls, key: str | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if key is not None:
+            cls.key = key
+            cls.kind = key.lower()
 
     @classmethod
     def check(cls, settings: Settings, *, switch_users: bool) -> None:
@@ -211,4 +218,51 @@ class Handler:
     def run_in_place(self, conn: InPlaceConnection) -> int:
         """Serve the Accept=yes instance's connection; the instance's exit status (or no
         return: the process became the handler)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TargetHandler(Handler):
+    """A kind that connects to a ``target`` before the ``+`` (so that a target that is not
+    there is still a ``-`` reply), within ConnectTimeoutSec=, and then serves the connection
+    over that socket: :meth:`connected` in the daemon, :meth:`connected_in_place` in an
+    Accept=yes instance. Declared as ``class Forward(TargetHandler, key="Forward",
+    parse=parse_endpoint)``: its own key's value, read by ``parse``, is the target; it also
+    reads ConnectTimeoutSec=."""
+
+    target: Endpoint
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+
+    def __init_subclass__(cls, key: str | None = None,
+                          parse: Callable[[str], Endpoint] | None = None,
+                          **kwargs: object) -> None:
+        super().__init_subclass__(key=key, **kwargs)
+        if key is not None:
+            assert parse is not None, f"{cls.__name__}: how is {key}= read?"
+            cls.keys = {key: KeySpec(parse), "ConnectTimeoutSec": CONNECT_TIMEOUT}
+
+    @classmethod
+    def build(cls, settings: Settings) -> TargetHandler:
+        return cls(settings.get(cls.key),
+                   settings.get("ConnectTimeoutSec", DEFAULT_CONNECT_TIMEOUT))
+
+    def describe(self) -> str:
+        return str(self.target)
+
+    def start(self, conn: DaemonConnection) -> None:
+        conn.connect(self.target, self.connect_timeout,
+                     lambda sock: self.connected(conn, sock))
+
+    def run_in_place(self, conn: InPlaceConnection) -> int:
+        sock = conn.connect(self.target, self.connect_timeout)
+        if sock is None:
+            return 0
+        return self.connected_in_place(conn, sock)
+
+    def connected(self, conn: DaemonConnection, sock: socket.socket) -> None:
+        """The target answered (``sock``, non-blocking, ours to close): serve ``conn``."""
+        raise NotImplementedError
+
+    def connected_in_place(self, conn: InPlaceConnection, sock: socket.socket) -> int:
+        """The target answered (``sock``, blocking): serve the instance's connection."""
         raise NotImplementedError

@@ -136,11 +136,9 @@ def _ids(settings: Settings) -> dict[str, Any] | None:
 
 
 @dataclass(frozen=True)
-class Exec(Handler):
+class Exec(Handler, key="Exec"):
     """An ``Exec=`` service's program and how it runs (the keys in tcpmuxd.conf(5))."""
 
-    key: ClassVar[str] = "Exec"
-    kind: ClassVar[str] = "exec"
     keys: ClassVar[Mapping[str, KeySpec]] = {
         "Exec": KeySpec(parse_exec),
         "User": KeySpec(_parse_user),
