@@ -7,8 +7,10 @@ an empty file or a symlink to ``/dev/null`` masks it. Files are INI read with
 that is what the people writing them already know.
 
 The machinery that is not about services (discovery, reading, the INI reader, the key table,
-the systemd value parsers) is in :mod:`tcpmuxd.common.dropins`, shared with sockmuxd's tunnel files;
-this module holds the ``[Service]`` schema and what a set of services means (names, reloads).
+the systemd value parsers) is in :mod:`tcpmuxd.common.dropins`, shared with sockmuxd's tunnel
+files; the keys of each handler kind and their checks are the kind's own
+(:mod:`tcpmuxd.tcpmux.handlers`). This module holds the rest of the ``[Service]`` schema (the
+name, the reply, access rules and limits) and what a set of services means (names, reloads).
 
 A broken file never takes the daemon or the other services down: it yields a
 :class:`ConfigError` with file and line and no service. On reload (``previous``), a file that

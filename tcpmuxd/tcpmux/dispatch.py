@@ -16,8 +16,9 @@ Resource handling (the failure modes named as trio's serve_listeners does):
   so that one connection can be accepted and refused with ``-`` instead of left hanging, then
   accepting pauses for ``Limits.accept_backoff`` seconds; it resumes by itself.
 * ENOBUFS/ENOMEM: accepting pauses likewise.
-* EAGAIN from fork (no processes): the connection is refused (or, after ``+``, closed) and
-  logged; the daemon keeps serving.
+* EAGAIN from fork (no processes): the connection is refused with ``-`` (the ``+`` is sent by
+  the handler's own process, after the fork: handlers/process.py) and logged; the daemon keeps
+  serving.
 * Refused connections are closed gracefully (reply, shutdown, drain briefly) so the client can
   read the ``-`` line even when it pipelined data behind the name.
 """

@@ -9,7 +9,8 @@ per relay is bounded by one chunk per direction. EOF is passed on as a half-clos
 systemd-socket-proxyd does it; the relay ends when both directions have ended, or at the first
 error on either side (then both sockets are closed at once). A relay that is cut
 (:meth:`Relay.abort`, the daemon stopping) resets both sockets, so that neither end mistakes
-the cut for a normal end. The byte counts are what reached each destination.
+the cut for a normal end. The byte counts are what reached each destination. In an Accept=yes
+instance, :func:`until_stopped` runs one relay as the whole of the process's work.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ name must reach the handler's stdin.
 
 tcpmuxd execs handlers in three ways and every check runs in all of them:
 
-* ``standalone``: the long-running daemon (``--listen``) forks the handler (handlers.spawn);
+* ``standalone``: the long-running daemon (``--listen``) forks the handler
+  (handlers/process.py, spawn);
 * ``accept``: ``systemd-socket-activate --accept``, connection as fd 3 with LISTEN_FDS=1, the
-  tcpmuxd instance becomes the handler (handlers.exec_in_place);
+  tcpmuxd instance becomes the handler (handlers/process.py, exec_in_place);
 * ``inetd``: ``systemd-socket-activate --accept --inetd``, connection on stdin/stdout.
 
 tcpmuxd is started from a deliberately dirty state in every mode: SIGQUIT and SIGUSR1 ignored
