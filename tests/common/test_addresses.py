@@ -51,8 +51,9 @@ def test_endpoint_str_round_trips(text: str) -> None:
 
 @pytest.mark.parametrize(
     "host, port, text",
-    [("127.0.0.1", 80, "127.0.0.1:80"), ("::1", 80, "[::1]:80"), ("example.org", "1", "example.org:1"),
-     ("fe80::1%lo", 22, "[fe80::1%lo]:22"), ("::1", None, "[::1]"), ("example.org", None, "example.org")],
+    [("127.0.0.1", 80, "127.0.0.1:80"), ("::1", 80, "[::1]:80"),
+     ("example.org", "1", "example.org:1"), ("fe80::1%lo", 22, "[fe80::1%lo]:22"),
+     ("::1", None, "[::1]"), ("example.org", None, "example.org")],
 )
 def test_host_port_brackets_ipv6_only(host: str, port: int | str | None, text: str) -> None:
     assert host_port(host, port) == text

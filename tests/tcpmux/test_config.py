@@ -889,40 +889,40 @@ def test_bad_earlier_value_is_still_an_error(tmp_path: Path) -> None:
 
 
 def test_user_root(tmp_path: Path) -> None:
-    service = one_service(tmp_path, f"Exec={TRUE}\nUser=root\n")
-    assert (service.handler.user, service.handler.group, service.handler.uid, service.handler.gid) == ("root", None, 0, 0)
-    assert service.handler.gids == tuple(dict.fromkeys(os.getgrouplist("root", 0)))
+    handler = one_service(tmp_path, f"Exec={TRUE}\nUser=root\n").handler
+    assert (handler.user, handler.group, handler.uid, handler.gid) == ("root", None, 0, 0)
+    assert handler.gids == tuple(dict.fromkeys(os.getgrouplist("root", 0)))
 
 
 def test_user_nobody_gets_primary_group(tmp_path: Path) -> None:
     nobody = pwd.getpwnam("nobody")
-    service = one_service(tmp_path, f"Exec={TRUE}\nUser=nobody\n")
-    assert (service.handler.uid, service.handler.gid) == (nobody.pw_uid, nobody.pw_gid)
-    assert nobody.pw_gid in service.handler.gids
-    assert 0 not in service.handler.gids
+    handler = one_service(tmp_path, f"Exec={TRUE}\nUser=nobody\n").handler
+    assert (handler.uid, handler.gid) == (nobody.pw_uid, nobody.pw_gid)
+    assert nobody.pw_gid in handler.gids
+    assert 0 not in handler.gids
 
 
 def test_user_and_group(tmp_path: Path) -> None:
-    service = one_service(
+    handler = one_service(
         tmp_path, f"Exec={TRUE}\nUser=nobody\nGroup=root\nSupplementaryGroups=nogroup\n"
-    )
-    assert (service.handler.user, service.handler.group, service.handler.supplementary_groups) == (
+    ).handler
+    assert (handler.user, handler.group, handler.supplementary_groups) == (
         "nobody",
         "root",
         ("nogroup",),
     )
-    assert service.handler.gid == 0
-    assert 0 in service.handler.gids and grp.getgrnam("nogroup").gr_gid in service.handler.gids
+    assert handler.gid == 0
+    assert 0 in handler.gids and grp.getgrnam("nogroup").gr_gid in handler.gids
 
 
 def test_group_without_user(tmp_path: Path) -> None:
-    service = one_service(tmp_path, f"Exec={TRUE}\nGroup=nogroup\n")
-    assert (service.handler.uid, service.handler.gid, service.handler.gids) == (None, grp.getgrnam("nogroup").gr_gid, ())
+    handler = one_service(tmp_path, f"Exec={TRUE}\nGroup=nogroup\n").handler
+    assert (handler.uid, handler.gid, handler.gids) == (None, grp.getgrnam("nogroup").gr_gid, ())
 
 
 def test_numeric_ids(tmp_path: Path) -> None:
-    service = one_service(tmp_path, f"Exec={TRUE}\nUser=65534\nGroup=0\n")
-    assert (service.handler.user, service.handler.uid, service.handler.group, service.handler.gid) == ("65534", 65534, "0", 0)
+    handler = one_service(tmp_path, f"Exec={TRUE}\nUser=65534\nGroup=0\n").handler
+    assert (handler.user, handler.uid, handler.group, handler.gid) == ("65534", 65534, "0", 0)
 
 
 def _unused_uid() -> int:
@@ -942,8 +942,8 @@ def test_numeric_user_without_passwd_entry_needs_group(tmp_path: Path) -> None:
         3,
         f"User={uid} has no passwd entry, so Group= must be set too",
     )
-    service = one_service(tmp_path, f"Exec={TRUE}\nUser={uid}\nGroup=nogroup\n")
-    assert (service.handler.uid, service.handler.gid, service.handler.gids) == (uid, grp.getgrnam("nogroup").gr_gid, ())
+    handler = one_service(tmp_path, f"Exec={TRUE}\nUser={uid}\nGroup=nogroup\n").handler
+    assert (handler.uid, handler.gid, handler.gids) == (uid, grp.getgrnam("nogroup").gr_gid, ())
 
 
 # --------------------------------------------------------------------------- access and listing
