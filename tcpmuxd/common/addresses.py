@@ -25,9 +25,13 @@ from dataclasses import dataclass
 __all__ = [
     "AddressList",
     "Endpoint",
+    "SocketAddress",
+    "addresses_of",
+    "host_port",
     "ip_address_of",
     "parse_endpoint",
     "parse_listen",
+    "peer_host",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -41,6 +45,22 @@ UNIX_PATH_MAX = 107
 # /etc/hosts), a trailing dot is allowed (fully qualified).
 _LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+
+
+def host_port(host: str, port: int | str | None = None) -> str:
+    """``HOST:PORT`` as the project writes it everywhere: an IPv6 address in brackets
+    (``[V6]:PORT``), so that its colons do not run into the port's. Without ``port``, the host
+    alone as it stands before ``:PORT`` (``[V6]``), for messages that name the port apart."""
+    text = f"[{host}]" if ":" in host else host
+    return text if port is None else f"{text}:{port}"
+
+
+def peer_host(host: str) -> str:
+    """A peer's address as a socket reports it, in the form logs and handlers show: without an
+    IPv6 ``%scope``, and an IPv4-mapped address (a dual-stack ``[::]`` listener's IPv4 client)
+    as the plain IPv4 address."""
+    host = host.partition("%")[0]
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
 @dataclass(frozen=True)
@@ -70,10 +90,7 @@ class Endpoint:
             if self.path.startswith("\0"):
                 return "unix:@" + self.path[1:]
             return "unix:" + self.path
-        host = self.host or ""
-        if ":" in host:
-            host = f"[{host}]"
-        return f"{host}:{self.port}"
+        return host_port(self.host or "", self.port)
 
 
 def _parse_port(text: str, *, allow_zero: bool) -> int:
@@ -373,7 +390,7 @@ class SocketAddress:
     def __str__(self) -> str:
         if self.family == "UNIX":
             return "unix"
-        text = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        text = host_port(self.host, self.port)
         return text if self.tunnel is None else f"{text} via {self.tunnel}"
 
     @property
@@ -385,10 +402,7 @@ class SocketAddress:
 def _address(family: int, raw: object) -> SocketAddress:
     if family == socket.AF_UNIX:
         return SocketAddress("", 0, "UNIX")
-    host, port = raw[0], raw[1]  # type: ignore[index]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return SocketAddress(host.partition("%")[0], port, "TCP")
+    return SocketAddress(peer_host(raw[0]), raw[1], "TCP")  # type: ignore[index]
 
 
 def addresses_of(sock: socket.socket) -> tuple[SocketAddress, SocketAddress]:

@@ -1,10 +1,14 @@
 """The one place that talks to systemd: passed sockets, sd_notify, the watchdog, the journal.
 
-Everything here takes the environment as a parameter where it reads one, so tests can drive it
-with a dict, and degrades to a no-op (or to stderr, for logs) when systemd is not there. The
-binding (python-systemd) reads the C environment; ``os.environ`` is left as it is so that
-notify keeps working, and children get an environment built from scratch instead
-(:func:`child_environment`), which is why nothing of LISTEN_*/NOTIFY_SOCKET/WATCHDOG_* leaks.
+Everything here reads the environment only from the mapping it is given, never from the
+process's own (C) environment, so tests drive it with a dict and a daemon decides once what
+it was started with (as nobodd's adapter does). The passed sockets (LISTEN_FDS, LISTEN_FDNAMES,
+LISTEN_PID) and the notification socket (NOTIFY_SOCKET) are therefore read here rather than
+through libsystemd, whose sd_listen_fds() and sd_notify() read the C environment; python-systemd
+is used for the journal only. ``os.environ`` is left as it is, and children get an environment
+built from scratch instead (:func:`child_environment`), which is why nothing of
+LISTEN_*/NOTIFY_SOCKET/WATCHDOG_* leaks. Without systemd, every piece degrades to a no-op (or to
+stderr, for logs).
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-from systemd import daemon as _daemon
 from systemd import journal as _journal
+
+#: The first descriptor systemd passes (SD_LISTEN_FDS_START).
+LISTEN_FDS_START = 3
 
 #: Variables of tcpmuxd's own relation with systemd, which must not reach handlers: whole
 #: families, since systemd adds members over time (LISTEN_FDNAMES came later than LISTEN_FDS).
@@ -49,9 +55,7 @@ def passed_sockets(environ: Mapping[str, str]) -> PassedSockets:
     deliberately may cross an exec.
     """
     result = PassedSockets()
-    if environ.get("LISTEN_PID") != str(os.getpid()):
-        return result
-    for fd, name in sorted(_daemon.listen_fds_with_names(unset_environment=False).items()):
+    for fd, name in listen_fds(environ).items():
         sock = socket.socket(fileno=fd)
         os.set_inheritable(fd, False)
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
@@ -61,6 +65,21 @@ def passed_sockets(environ: Mapping[str, str]) -> PassedSockets:
         else:
             raise RuntimeError("more than one connected socket passed (Accept=yes passes one)")
     return result
+
+
+def listen_fds(environ: Mapping[str, str]) -> dict[int, str]:
+    """The descriptors systemd passed to this process and their names (FileDescriptorName=,
+    "unknown" where none is given), as sd_listen_fds_with_names() reads them: only when
+    LISTEN_PID names this process, so that a child that inherited the variables takes nothing.
+    Raises RuntimeError for a LISTEN_FDS that is not a count."""
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return {}
+    text = environ.get("LISTEN_FDS", "0")
+    if not (text.isascii() and text.isdigit()):
+        raise RuntimeError(f"LISTEN_FDS={text!r} is not a number of descriptors")
+    names = environ.get("LISTEN_FDNAMES", "").split(":")
+    return {LISTEN_FDS_START + i: (names[i] if i < len(names) and names[i] else "unknown")
+            for i in range(int(text))}
 
 
 def stdin_connection() -> socket.socket | None:
@@ -90,8 +109,19 @@ class Notifier:
     """sd_notify messages; silent when there is no NOTIFY_SOCKET."""
 
     def __init__(self, environ: Mapping[str, str]) -> None:
-        self.enabled = bool(environ.get("NOTIFY_SOCKET"))
+        self.address = self._address(environ.get("NOTIFY_SOCKET", ""))
+        self.enabled = self.address is not None
         self.watchdog_interval = self._watchdog_interval(environ)
+
+    @staticmethod
+    def _address(value: str) -> str | None:
+        """NOTIFY_SOCKET as connect() takes it: a path, or ``@name`` for an abstract socket.
+        Other forms (``vsock:``, for virtual machines) are not for services: None."""
+        if value.startswith("/"):
+            return value
+        if value.startswith("@") and len(value) > 1:
+            return "\0" + value[1:]
+        return None
 
     @staticmethod
     def _watchdog_interval(environ: Mapping[str, str]) -> float | None:
@@ -108,11 +138,14 @@ class Notifier:
     def send(self, *lines: str) -> None:
         """Best effort: a notification that cannot be sent (say, out of descriptors) must not
         break the caller; the next one, or the watchdog's next ping, gets through."""
-        if self.enabled:
-            try:
-                _daemon.notify("\n".join(lines))
-            except OSError:
-                pass
+        if self.address is None:
+            return
+        # A socket per message, as sd_notify() does: nothing held between messages.
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto("\n".join(lines).encode(), self.address)
+        except OSError:
+            pass
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")

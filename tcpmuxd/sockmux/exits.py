@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import subprocess
 from pathlib import Path
 from typing import Any, Final, Mapping, Sequence
 
 from ..common.addresses import SocketAddress
-from ..common.children import ExitWatch
+from ..common.children import Child
 from ..common.systemd import EventLog, child_environment
 from .tunnel import Exit
 
@@ -61,67 +60,6 @@ def _split(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     host = host.strip("[]")
     return host, int(port) if port.isdigit() else 0
-
-
-class _Child:
-    """One exec exit's process: reaped as soon as it exits, ended after its stream."""
-
-    __slots__ = ("opener", "proc", "name", "watch", "timer", "stream_over")
-
-    def __init__(self, opener: ExitOpener, proc: subprocess.Popen[bytes], name: str) -> None:
-        self.opener = opener
-        self.proc = proc
-        self.name = name
-        self.timer: asyncio.TimerHandle | None = None
-        self.stream_over = False
-        self.watch = ExitWatch(opener.loop, proc, self._exited, CHILD_POLL_INTERVAL)
-
-    def _exited(self) -> None:
-        """The process exited and poll() reaped it (every caller checks first)."""
-        self._stop_watching()
-        self.opener._children.discard(self)
-        code = self.proc.returncode
-        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-        self.opener._debug(f"exit program {self.name} (pid {self.proc.pid}): {how}")
-
-    def _stop_watching(self) -> None:
-        self.watch.cancel()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def stream_finished(self) -> None:
-        if self.proc.returncode is None and self.timer is None:
-            self.timer = self.opener.loop.call_later(self.opener.terminate_grace, self._signal,
-                                                     signal.SIGTERM)
-
-    def _signal(self, signum: int) -> None:
-        self.timer = None
-        if self.proc.poll() is not None:
-            self._exited()
-            return
-        try:
-            os.killpg(self.proc.pid, signum)
-        except OSError:
-            try:
-                self.proc.send_signal(signum)
-            except OSError:
-                pass
-        if signum == signal.SIGTERM:
-            self.timer = self.opener.loop.call_later(KILL_GRACE, self._signal, signal.SIGKILL)
-
-    def kill_now(self) -> None:
-        self._stop_watching()
-        if self.proc.returncode is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            try:
-                self.proc.wait(timeout=5)
-            except (subprocess.TimeoutExpired, ChildProcessError):
-                pass
-        self.opener._children.discard(self)
 
 
 class _Connecting:
@@ -205,7 +143,7 @@ class ExitOpener:
         self.tunnel = tunnel
         self.tcpmux_search_path = tcpmux_search_path
         self.terminate_grace = terminate_grace
-        self._children: set[_Child] = set()
+        self._children: set[Child] = set()
         self._dispatcher: Any = None
         self.debug_enabled = False
 
@@ -291,12 +229,14 @@ class ExitOpener:
             ours.close()
             stream.exit_failed(f"No server (cannot start {argv[0]}: {_strerror(exc)})")
             return
-        child = _Child(self, proc, argv[0])
+        name = argv[0]
+        child = Child(self.loop, proc, poll_interval=CHILD_POLL_INTERVAL, process_group=True,
+                      on_exit=lambda c: self._child_exited(c, name))
         self._children.add(child)
         previous = stream.on_finish
 
         def finished(s: Any) -> None:
-            child.stream_finished()
+            child.end(self.terminate_grace, KILL_GRACE)
             if previous is not None:
                 previous(s)
         stream.on_finish = finished
@@ -305,8 +245,15 @@ class ExitOpener:
             await self.loop.connect_accepted_socket(lambda: stream, ours)
         except BaseException:
             ours.close()
-            child.stream_finished()
+            child.end(self.terminate_grace, KILL_GRACE)
             raise
+
+    def _child_exited(self, child: Child, name: str) -> None:
+        """An exec exit's process exited and was reaped."""
+        self._children.discard(child)
+        code = child.proc.returncode
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        self._debug(f"exit program {name} (pid {child.pid}): {how}")
 
     async def _tcpmux(self, stream: Any) -> None:
         try:
@@ -345,18 +292,14 @@ class ExitOpener:
 
     async def close(self, timeout: float = 3.0) -> None:
         """End every exec exit (SIGTERM, SIGKILL after ``timeout``) and the dispatcher."""
-        children = list(self._children)
-        for child in children:
-            if child.proc.returncode is None:
-                child._signal(signal.SIGTERM)
+        for child in list(self._children):
+            child.terminate(KILL_GRACE)  # each leaves the set once it is reaped
         deadline = self.loop.time() + timeout
         while self._children and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
-            for child in list(self._children):
-                if child.proc.poll() is not None:
-                    child._exited()
         for child in list(self._children):
             child.kill_now()
+            self._children.discard(child)
         if self._dispatcher is not None:
             self._dispatcher.close()
             self._dispatcher = None

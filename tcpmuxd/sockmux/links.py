@@ -79,6 +79,7 @@ import logging
 import os
 import random
 import shlex
+import signal
 import socket
 import ssl
 import stat
@@ -86,7 +87,7 @@ import subprocess
 import termios
 from typing import Any, Callable, Iterable, Sequence
 
-from tcpmuxd.common.children import ExitWatch
+from tcpmuxd.common.children import Child
 from tcpmuxd.sockmux.tls import TLSSettings, client_context, server_context
 from tcpmuxd.sockmux.tlslink import TLSConnection, TLSTransport, handshake, takes_buffers
 from tcpmuxd.sockmux.writebuf import BufferedWrites
@@ -1153,67 +1154,19 @@ async def open_stdio(protocol_factory: ProtocolFactory, *, stdin: int = 0, stdou
 
 # --- command --------------------------------------------------------------------------------
 
-class _Child:
-    """Watches a command's process: reaps it the moment it exits (pidfd, else polling), and on
-    :meth:`finish` waits for it, escalating to SIGTERM and SIGKILL."""
+def _command_exited(child: Child, name: str) -> None:
+    code = child.proc.returncode
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    log.log(logging.INFO if code else logging.DEBUG, "command %s (pid %d) %s",
+            name, child.pid, how)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, proc: subprocess.Popen[bytes],
-                 name: str, terminate_timeout: float, kill_timeout: float) -> None:
-        self.loop = loop
-        self.proc = proc
-        self.name = name
-        self.terminate_timeout = terminate_timeout
-        self.kill_timeout = kill_timeout
-        self._waiters: list[Callable[[], None]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._watch = ExitWatch(loop, proc, self._exited, CHILD_POLL_INTERVAL)
 
-    def _exited(self) -> None:
-        self._stop_watching()
-        code = self.proc.returncode
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        log.log(logging.INFO if code else logging.DEBUG, "command %s (pid %d) %s",
-                self.name, self.proc.pid, how)
-        waiters, self._waiters = self._waiters, []
-        for callback in waiters:
-            callback()
-
-    def _stop_watching(self) -> None:
-        self._watch.cancel()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def finish(self, callback: Callable[[], None]) -> None:
-        """Call *callback* once the process is reaped; make it exit if it does not by itself."""
-        if self.proc.returncode is not None:
-            self._stop_watching()
-            callback()
-            return
-        self._waiters.append(callback)
-        if self._timer is None:
-            self._timer = self.loop.call_later(self.terminate_timeout, self._terminate)
-
-    def _terminate(self) -> None:
-        if self.proc.returncode is None:
-            log.info("command %s (pid %d) still running after its link closed: SIGTERM",
-                     self.name, self.proc.pid)
-            self.proc.terminate()
-        self._timer = self.loop.call_later(self.kill_timeout, self._kill)
-
-    def _kill(self) -> None:
-        self._timer = None
-        if self.proc.returncode is None:
-            log.warning("command %s (pid %d) ignored SIGTERM: SIGKILL",
-                        self.name, self.proc.pid)
-            self.proc.kill()
-
-    def kill_now(self) -> None:
-        """Error path: kill and reap synchronously (SIGKILL makes the wait short)."""
-        self._stop_watching()
-        if self.proc.returncode is None:
-            self.proc.kill()
-            self.proc.wait()
+def _command_signalled(proc: subprocess.Popen[bytes], name: str, signum: int) -> None:
+    if signum == signal.SIGTERM:
+        log.info("command %s (pid %d) still running after its link closed: SIGTERM",
+                 name, proc.pid)
+    else:
+        log.warning("command %s (pid %d) ignored SIGTERM: SIGKILL", name, proc.pid)
 
 
 async def open_command(argv: Sequence[str], protocol_factory: ProtocolFactory, *,
@@ -1245,11 +1198,14 @@ async def open_command(argv: Sequence[str], protocol_factory: ProtocolFactory, *
     os.close(to_child_r)
     os.close(from_child_w)
     name = shlex.join(argv)
-    child = _Child(loop, proc, name, terminate_timeout, kill_timeout)
+    child = Child(loop, proc, poll_interval=CHILD_POLL_INTERVAL,
+                  on_exit=lambda c: _command_exited(c, name),
+                  on_signal=lambda signum: _command_signalled(proc, name, signum))
     try:
         return await _open_pair(from_child_r, to_child_w, protocol_factory, can_write_eof=True,
                                 extra={"peername": f"command:{name}", "subprocess": proc},
-                                finalizer=child.finish)
+                                finalizer=lambda then: child.end(terminate_timeout,
+                                                                 kill_timeout, then))
     except BaseException:
         child.kill_now()
         raise

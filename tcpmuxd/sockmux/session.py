@@ -107,7 +107,7 @@ import struct
 import time
 from typing import Any, Callable, Final, Mapping, Protocol
 
-from ..common.addresses import ip_address_of
+from ..common.addresses import host_port, ip_address_of, peer_host
 from ..common.systemd import EventLog
 from .admission import MAX_HELD, WINDOW, Penalties, RecordWindows, Suppressed
 from .tunnel import Exit
@@ -194,10 +194,7 @@ def format_address(addr: Any) -> str:
     These texts go into CONNECT/CONNECTED, where DeleGate expects ``HOST:PORT``.
     """
     if isinstance(addr, tuple) and len(addr) >= 2:
-        host = str(addr[0]).partition("%")[0]
-        if host.startswith("::ffff:") and "." in host:
-            host = host[7:]
-        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+        return host_port(peer_host(str(addr[0])), addr[1])
     return "localhost:0"
 
 

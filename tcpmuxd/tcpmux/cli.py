@@ -17,19 +17,20 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 from tcpmuxd import __version__
 from tcpmuxd.common import systemd
 from tcpmuxd.common.children import reset_signals
 from tcpmuxd.tcpmux import config, inetd, protocol
-from tcpmuxd.common.addresses import parse_listen
+from tcpmuxd.common.addresses import host_port, parse_listen
 from tcpmuxd.tcpmux.dispatch import Dispatcher
 from tcpmuxd.tcpmux.policy import Limits
 
 #: How often STATUS= may be refreshed: live counters without a notify per connection.
 STATUS_INTERVAL = 1.0
 LISTEN_BACKLOG = 4096
+N = TypeVar("N", int, float)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,34 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
-    return value
+def _number(convert: Callable[[str], N], what: str, ok: Callable[[N], bool],
+            must: str) -> Callable[[str], N]:
+    """An argparse ``type`` that converts with ``convert`` and checks with ``ok``: errors
+    "not WHAT: 'TEXT'" and "MUST: 'TEXT'"."""
+    def parse(text: str) -> N:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{must}: {text!r}")
+        return value
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
+_positive_float = _number(float, "a number", lambda v: v > 0, "must be greater than 0")
+_non_negative_float = _number(float, "a number", lambda v: 0 <= v < float("inf"),
+                              "must be 0 or more seconds")
+_positive_int = _number(int, "a whole number", lambda v: v >= 1, "must be at least 1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +209,7 @@ def _unit_user_switching(unit: str, props: Mapping[str, str]) -> tuple[bool, str
 def _bound_name(sock: socket.socket) -> str:
     """The address as bound (port 0 becomes the port the kernel chose), for logs."""
     host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(host, port)
 
 
 def _bind(spec: str) -> socket.socket:

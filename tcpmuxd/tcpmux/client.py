@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from tcpmuxd import __version__
-from tcpmuxd.common.addresses import parse_endpoint
+from tcpmuxd.common.addresses import host_port, parse_endpoint
 from tcpmuxd.tcpmux.protocol import (
     DEFAULT_MAX_NAME_LENGTH,
     HELP,
@@ -155,7 +155,7 @@ class Target:
     @property
     def display(self) -> str:
         """HOST for messages; IPv6 literals in brackets so the colons do not run into ours."""
-        return f"[{self.host}]" if ":" in self.host else self.host
+        return host_port(self.host)
 
 
 def parse_target(text: str) -> Target:
@@ -262,11 +262,6 @@ def _interleave(addrinfos: Sequence[tuple]) -> list[tuple]:
     return ordered
 
 
-def _address_text(sockaddr: tuple) -> str:
-    host = sockaddr[0]
-    return f"[{host}]" if ":" in host else host
-
-
 def connect(
     addrinfos: Sequence[tuple],
     deadline: float,
@@ -293,11 +288,11 @@ def connect(
                     break
                 if queue and (not pending or now >= next_start):
                     family, type_, proto, _, sockaddr = queue.pop(0)
-                    log.info(f"connecting to {_address_text(sockaddr)} port {sockaddr[1]}")
+                    log.info(f"connecting to {host_port(sockaddr[0])} port {sockaddr[1]}")
                     try:
                         sock = socket.socket(family, type_, proto)
                     except OSError as exc:
-                        failures.append(f"{_address_text(sockaddr)}: {_strerror(exc)}")
+                        failures.append(f"{host_port(sockaddr[0])}: {_strerror(exc)}")
                         continue
                     sock.setblocking(False)
                     err = sock.connect_ex(sockaddr)
@@ -309,7 +304,7 @@ def connect(
                         next_start = now + attempt_delay
                     else:
                         sock.close()
-                        failures.append(f"{_address_text(sockaddr)}: {os.strerror(err)}")
+                        failures.append(f"{host_port(sockaddr[0])}: {os.strerror(err)}")
                     continue
                 if not pending:
                     break  # every address failed
@@ -324,7 +319,7 @@ def connect(
                     if err == 0:
                         return _connected(sock, sockaddr, log)
                     sock.close()
-                    failures.append(f"{_address_text(sockaddr)}: {os.strerror(err)}")
+                    failures.append(f"{host_port(sockaddr[0])}: {os.strerror(err)}")
                     next_start = time.monotonic()
         finally:
             for sock in pending:
@@ -345,7 +340,7 @@ def _connected(sock: socket.socket, sockaddr: tuple, log: _Log) -> socket.socket
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass
-    log.info(f"connected to {_address_text(sockaddr)} port {sockaddr[1]}")
+    log.info(f"connected to {host_port(sockaddr[0])} port {sockaddr[1]}")
     return sock
 
 

@@ -7,8 +7,10 @@ an empty file or a symlink to ``/dev/null`` masks it. Files are INI read with
 that is what the people writing them already know.
 
 The machinery that is not about services (discovery, reading, the INI reader, the key table,
-the systemd value parsers) is in :mod:`tcpmuxd.common.dropins`, shared with sockmuxd's tunnel files;
-this module holds the ``[Service]`` schema and what a set of services means (names, reloads).
+the systemd value parsers) is in :mod:`tcpmuxd.common.dropins`, shared with sockmuxd's tunnel
+files; the keys of each handler kind and their checks are the kind's own
+(:mod:`tcpmuxd.tcpmux.handlers`). This module holds the rest of the ``[Service]`` schema (the
+name, the reply, access rules and limits) and what a set of services means (names, reloads).
 
 A broken file never takes the daemon or the other services down: it yields a
 :class:`ConfigError` with file and line and no service. On reload (``previous``), a file that
@@ -22,38 +24,30 @@ no global state. The dispatcher and ``tcpmuxd --check`` decide what to do with t
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
-import shlex
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
-from ..common.addresses import AddressList, Endpoint, ip_address_of, parse_endpoint
+from ..common.addresses import AddressList, ip_address_of
 from ..common.dropins import (
     MAX_FILE_SIZE,
     SUFFIX,
     ConfigError,
     DropInError,
     KeySpec,
-    did_you_mean,
     discover,
-    merge_environment,
-    parse_absolute_path,
     parse_addresses,
     parse_bool,
     parse_count,
-    parse_environment,
-    parse_exec,
-    parse_timeout,
     parse_timespan,
     read_drop_in,
     read_settings,
     show_path,
 )
+from .handlers import KEYS as HANDLER_KEYS
+from .handlers import KINDS, SELECTORS, Handler
 from .protocol import DEFAULT_MAX_NAME_LENGTH, HELP, is_valid_name, name_key
 
 __all__ = [
@@ -77,65 +71,35 @@ DEFAULT_SEARCH_PATH: tuple[Path, ...] = (
     Path("/usr/lib/tcpmuxd/conf.d"),
 )
 SECTION = "Service"
-KINDS = ("exec", "forward", "passto")
-_HANDLER_KEYS = {"Exec": "exec", "Forward": "forward", "PassTo": "passto"}
-_STANDARD_ERROR = ("journal", "socket", "null")
 _show = show_path
 #: CAP_SETGID (6) and CAP_SETUID (7): what setgroups/setgid/setuid to a service's user need.
 _SWITCH_CAPABILITIES = 1 << 6 | 1 << 7
-_USER_KEYS = ("User", "Group", "SupplementaryGroups")
-#: Why a service with User=/Group= is not served, and the one setting that changes that.
-_CANNOT_SWITCH = (
-    "tcpmuxd cannot switch users here (it lacks CAP_SETUID/CAP_SETGID: the shipped units run it "
-    "as a dynamic user); to run handlers as other users, add DynamicUser=no in a drop-in "
-    "(systemctl edit tcpmuxd.service, or tcpmuxd-inetd@.service in Accept=yes mode; see "
-    "README.units.md, \"Handlers as other users\")"
-)
 
 
 @dataclass(frozen=True)
 class Service:
     """One validated service (the keys are documented in tcpmuxd.conf(5)).
 
-    Exactly one of ``exec_argv``, ``forward``, ``pass_to`` is set. Users and groups are
-    resolved at load time, so a handler never looks anything up between fork and exec, and an
-    unknown user is a ``--check`` error rather than a failure on the first connection.
+    What runs the connection is ``handler``, an instance of one of the handler kinds
+    (:mod:`tcpmuxd.tcpmux.handlers`) with that kind's own settings; the rest is what tcpmuxd
+    decides before any handler runs: the name, the reply, access rules and limits.
     """
 
     name: str  # as configured: what HELP lists and logs show
     source: Path  # the file that defined it
-    exec_argv: tuple[str, ...] | None = None  # Exec=: argv, argv[0] absolute, no shell
-    forward: Endpoint | None = None  # Forward=: HOST:PORT or unix:PATH
-    pass_to: Endpoint | None = None  # PassTo=: unix:PATH of a daemon taking the fd
+    handler: Handler  # Exec(...), Forward(...), PassTo(...)
     acknowledge: bool = True  # send "+" before the handler starts (else the handler does)
-    user: str | None = None  # User=, Group=, SupplementaryGroups= as written
-    group: str | None = None
-    supplementary_groups: tuple[str, ...] = ()
-    uid: int | None = None  # None: keep tcpmuxd's
-    gid: int | None = None  # Group=, else User='s primary group; None: keep tcpmuxd's
-    gids: tuple[int, ...] = ()  # User='s groups (getgrouplist) + SupplementaryGroups=
     hidden: bool = False  # not listed by HELP, still reachable by name
     max_connections: int = 0  # concurrent connections of this service, 0 = no own limit
     max_connections_per_source: int = 0  # per client IP address, 0 = no limit
     ip_allow: AddressList = field(default_factory=AddressList)
     ip_deny: AddressList = field(default_factory=AddressList)
-    standard_error: str = "journal"  # journal (tcpmuxd's stderr) | socket | null
-    environment: tuple[tuple[str, str], ...] = ()  # added to the handler's environment
-    working_directory: str | None = None
-    connect_timeout: float = 5.0  # seconds, for Forward=/PassTo=
     description: str = ""
 
     @property
     def kind(self) -> str:
-        """``"exec"``, ``"forward"`` or ``"passto"``: which handler runs the connection."""
-        kinds = [
-            kind
-            for kind, value in zip(KINDS, (self.exec_argv, self.forward, self.pass_to), strict=True)
-            if value is not None
-        ]
-        if len(kinds) != 1:
-            raise ValueError(f"service {self.name!r} must have exactly one handler, has {kinds}")
-        return kinds[0]
+        """Which kind of handler runs the connection: ``"exec"``, ``"forward"``, ..."""
+        return self.handler.kind
 
     @property
     def key(self) -> str:
@@ -144,11 +108,7 @@ class Service:
     @property
     def target(self) -> str:
         """What the connection goes to, for tables and log lines."""
-        kind = self.kind
-        if kind == "exec":
-            assert self.exec_argv is not None
-            return shlex.join(self.exec_argv)
-        return str(self.forward if kind == "forward" else self.pass_to)
+        return self.handler.describe()
 
     def allows(self, addr: str) -> bool:
         """Whether a client connected from ``addr`` may use the service (:meth:`refusal`)."""
@@ -234,95 +194,29 @@ class Configuration:
         return not self.errors
 
 
-# --------------------------------------------------------------------------- value parsers
-#
-# The tcpmuxd-specific ones; the systemd spellings shared with sockmuxd are in dropins.py. Each
-# takes the stripped value of one assignment and returns the parsed value or raises ValueError
-# with a message that is shown after "path:line: Key=: ".
-
-
-def _parse_forward(text: str) -> Endpoint:
-    return parse_endpoint(text)
-
-
-def _parse_pass_to(text: str) -> Endpoint:
-    return parse_endpoint(text, allow_tcp=False)
-
-
-def _parse_standard_error(text: str) -> str:
-    if text not in _STANDARD_ERROR:
-        raise ValueError(
-            f"{text!r} is not one of {', '.join(_STANDARD_ERROR)}"
-            f"{did_you_mean(text, _STANDARD_ERROR)}"
-        )
-    return text
-
-
-@dataclass(frozen=True)
-class _User:
-    configured: str
-    uid: int
-    gid: int | None  # primary group, when the user is in the passwd database
-    login: str | None
-
-
-def _parse_id(text: str, what: str) -> int:
-    value = int(text)
-    if value >= 2**32 - 1 or value == 65535:  # (uid_t)-1 and the 16-bit -1 are never valid
-        raise ValueError(f"{what} {value} is not a valid ID")
-    return value
-
-
-def _parse_user(text: str) -> _User:
-    if text.isascii() and text.isdigit():
-        uid = _parse_id(text, "user ID")
-        try:
-            entry = pwd.getpwuid(uid)
-        except KeyError:
-            return _User(text, uid, None, None)
-        return _User(text, uid, entry.pw_gid, entry.pw_name)
-    try:
-        entry = pwd.getpwnam(text)
-    except KeyError:
-        raise ValueError(f"unknown user {text!r}") from None
-    return _User(text, entry.pw_uid, entry.pw_gid, entry.pw_name)
-
-
-def _parse_group(text: str) -> tuple[str, int]:
-    if text.isascii() and text.isdigit():
-        return text, _parse_id(text, "group ID")
-    try:
-        return text, grp.getgrnam(text).gr_gid
-    except KeyError:
-        raise ValueError(f"unknown group {text!r}") from None
-
-
-def _parse_groups(text: str) -> tuple[tuple[str, int], ...]:
-    return tuple(_parse_group(word) for word in text.split())
-
-
-_EXEC = ("exec",)
-_SOCKET = ("forward", "passto")
+#: The keys of the [Service] section: tcpmuxd's own, then the handler kinds' (handlers/).
 _KEYS: dict[str, KeySpec] = {
     "Name": KeySpec(str),
     "Description": KeySpec(str),
-    "Exec": KeySpec(parse_exec, _EXEC),
-    "Forward": KeySpec(_parse_forward, ("forward",)),
-    "PassTo": KeySpec(_parse_pass_to, ("passto",)),
     "Acknowledge": KeySpec(parse_bool),
     "Hidden": KeySpec(parse_bool),
     "MaxConnections": KeySpec(parse_count),
     "MaxConnectionsPerSource": KeySpec(parse_count),
     "IPAddressAllow": KeySpec(parse_addresses, is_list=True),
     "IPAddressDeny": KeySpec(parse_addresses, is_list=True),
-    "User": KeySpec(_parse_user, _EXEC),
-    "Group": KeySpec(_parse_group, _EXEC),
-    "SupplementaryGroups": KeySpec(_parse_groups, _EXEC, is_list=True),
-    "StandardError": KeySpec(_parse_standard_error, _EXEC),
-    "Environment": KeySpec(parse_environment, _EXEC, is_list=True),
-    "WorkingDirectory": KeySpec(parse_absolute_path, _EXEC),
-    "ConnectTimeoutSec": KeySpec(parse_timeout, _SOCKET),
+    **HANDLER_KEYS,
 }
+
+
+def _one_of(keys: Sequence[str], last: str) -> str:
+    """``"Exec=, Forward=<last>PassTo="``: the selector keys as messages list them."""
+    names = [f"{key}=" for key in keys]
+    return last.join([", ".join(names[:-1]), names[-1]] if names[1:] else names)
+
+
+#: The messages for a file with two handler keys, or none.
+_CONFLICT = f"a service has exactly one of {_one_of(list(SELECTORS), ', ')}"
+_MISSING = f"no handler: set one of {_one_of(list(SELECTORS), ' or ')}"
 
 
 # --------------------------------------------------------------------------- one file
@@ -369,83 +263,35 @@ def can_switch_users(pid: int | None = None) -> bool:
 def _parse_service(path: Path, text: str, max_name_length: int, switch_users: bool) -> _Parsed:
     settings = read_settings(path, text, section=SECTION, keys=_KEYS, what="a service file")
     values, lines, errors = settings.values, settings.lines, settings.errors
-    err = settings.error
-    kind = settings.select_kind(
-        _HANDLER_KEYS,
-        conflict="a service has exactly one of Exec=, Forward=, PassTo=",
-        missing="no handler: set one of Exec=, Forward= or PassTo=",
-        plural="services",
-    )
+    kind = settings.select_kind(SELECTORS, conflict=_CONFLICT, missing=_MISSING,
+                                plural="services")
 
     name = str(values.get("Name", path.name[: -len(SUFFIX)]))
     name_line = lines.get("Name") if "Name" in values else None
     problem = _name_problem(name, max_name_length)
     if problem:
-        err(
+        settings.error(
             name_line,
             problem if "Name" in values else f"{problem} (taken from the file name; set Name=)",
         )
-
-    ids = _resolve_ids(values, lines, err)
-    user_keys = [key for key in _USER_KEYS if key in values]
-    if user_keys and not switch_users:
-        # An error, so the service is not served: running its handler as tcpmuxd's own user
-        # instead would be a surprise, and the switch would fail after the "+" anyway.
-        err(min(lines[key] for key in user_keys), f"{'=, '.join(user_keys)}=: {_CANNOT_SWITCH}")
-    if errors or kind is None or ids is None:
+    for cls in KINDS:
+        cls.check(settings, switch_users=switch_users)
+    if errors or kind is None:
         return _Parsed(None, settings.sorted_errors(), name_line)
 
     service = Service(
         name=name,
         source=path,
-        exec_argv=values.get("Exec"),
-        forward=values.get("Forward"),
-        pass_to=values.get("PassTo"),
+        handler=next(cls for cls in KINDS if cls.kind == kind).build(settings),
         acknowledge=values.get("Acknowledge", True),
         hidden=values.get("Hidden", False),
         max_connections=values.get("MaxConnections", 0),
         max_connections_per_source=values.get("MaxConnectionsPerSource", 0),
         ip_allow=AddressList.parse(values.get("IPAddressAllow", ())),
         ip_deny=AddressList.parse(values.get("IPAddressDeny", ())),
-        standard_error=values.get("StandardError", "journal"),
-        environment=merge_environment(values.get("Environment", ())),
-        working_directory=values.get("WorkingDirectory"),
-        connect_timeout=values.get("ConnectTimeoutSec", 5.0),
         description=values.get("Description", ""),
-        **ids,
     )
     return _Parsed(service, errors, name_line)
-
-
-def _resolve_ids(
-    values: Mapping[str, Any], lines: Mapping[str, int], err: Callable[[int | None, str], None]
-) -> dict[str, Any] | None:
-    """uid/gid/gids from User=, Group=, SupplementaryGroups= (already looked up by the parsers).
-
-    A numeric User= that is not in the passwd database has no primary group, so Group= is then
-    required: otherwise the handler would silently keep tcpmuxd's own group (root).
-    """
-    user: _User | None = values.get("User")
-    group: tuple[str, int] | None = values.get("Group")
-    extra: tuple[tuple[str, int], ...] = values.get("SupplementaryGroups", ())
-    gid = group[1] if group else (user.gid if user else None)
-    if user is not None and gid is None:
-        err(lines["User"], f"User={user.configured} has no passwd entry, so Group= must be set too")
-        return None
-    gids: list[int] = []
-    if user is not None and user.login is not None and gid is not None:
-        gids.extend(os.getgrouplist(user.login, gid))
-    for _, extra_gid in extra:
-        if extra_gid not in gids:
-            gids.append(extra_gid)
-    return {
-        "user": user.configured if user else None,
-        "group": group[0] if group else None,
-        "supplementary_groups": tuple(name for name, _ in extra),
-        "uid": user.uid if user else None,
-        "gid": gid,
-        "gids": tuple(dict.fromkeys(gids)),
-    }
 
 
 def _load_file(path: Path, max_name_length: int, switch_users: bool) -> _Parsed | None:
@@ -523,22 +369,19 @@ def load(
 # --------------------------------------------------------------------------- --check
 
 
+def _cell(**settings: object) -> str:
+    """``name=value`` for each setting that is set (``max=5 per-source=2``), or ``-``."""
+    return " ".join(f"{name.replace('_', '-')}={value}"
+                    for name, value in settings.items() if value) or "-"
+
+
 def _limits(service: Service) -> str:
-    parts = []
-    if service.max_connections:
-        parts.append(f"max={service.max_connections}")
-    if service.max_connections_per_source:
-        parts.append(f"per-source={service.max_connections_per_source}")
-    return " ".join(parts) or "-"
+    return _cell(max=service.max_connections, per_source=service.max_connections_per_source)
 
 
 def _access(service: Service) -> str:
-    parts = []
-    if service.ip_allow:
-        parts.append(f"allow={','.join(str(service.ip_allow).split())}")
-    if service.ip_deny:
-        parts.append(f"deny={','.join(str(service.ip_deny).split())}")
-    return " ".join(parts) or "-"
+    return _cell(allow=",".join(str(service.ip_allow).split()),
+                 deny=",".join(str(service.ip_deny).split()))
 
 
 def format_table(config: Configuration) -> str:

@@ -9,12 +9,14 @@ per relay is bounded by one chunk per direction. EOF is passed on as a half-clos
 systemd-socket-proxyd does it; the relay ends when both directions have ended, or at the first
 error on either side (then both sockets are closed at once). A relay that is cut
 (:meth:`Relay.abort`, the daemon stopping) resets both sockets, so that neither end mistakes
-the cut for a normal end. The byte counts are what reached each destination.
+the cut for a normal end. The byte counts are what reached each destination. In an Accept=yes
+instance, :func:`until_stopped` runs one relay as the whole of the process's work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import struct
 from typing import Callable
@@ -142,3 +144,44 @@ class Relay:
     def abort(self) -> None:
         """Cut both sides now (the daemon stopping): each gets a reset, not an EOF."""
         self._finish(None, cut=True)
+
+
+async def until_stopped(client: socket.socket, upstream: socket.socket,
+                        stop_timeout: float) -> tuple[int, int, OSError | None, str]:
+    """Relay in a process of its own (an Accept=yes instance) until both directions end:
+    (bytes in, bytes out, error, why it was cut or "").
+
+    SIGTERM (the instance being stopped) lets the relay go on for up to ``stop_timeout``
+    seconds, as in the daemon, a second one not; then both ends are reset, so that neither
+    takes the cut for a normal end.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[tuple[int, int, OSError | None]] = loop.create_future()
+    cut = ""
+
+    def on_done(forth: int, back: int, error: OSError | None) -> None:
+        if not done.done():
+            done.set_result((forth, back, error))
+
+    r = Relay(loop, client, upstream, on_done)
+
+    timer: asyncio.TimerHandle | None = None
+
+    def cut_now(why: str) -> None:
+        nonlocal cut
+        if not done.done():
+            cut = why
+            r.abort()
+
+    def stopping() -> None:
+        nonlocal timer
+        if timer is None:
+            timer = loop.call_later(stop_timeout, cut_now,
+                                    f"cut (reset) at stop after {stop_timeout:g}s")
+        else:
+            cut_now("cut (reset) at stop, asked again to stop")
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping)
+    forth, back, error = await done
+    return forth, back, error, cut

@@ -6,7 +6,19 @@ import ipaddress
 
 import pytest
 
-from tcpmuxd.common.addresses import AddressList, Endpoint, ip_address_of, parse_endpoint, parse_listen
+import socket
+
+from tcpmuxd.common.addresses import (
+    AddressList,
+    Endpoint,
+    SocketAddress,
+    addresses_of,
+    host_port,
+    ip_address_of,
+    parse_endpoint,
+    parse_listen,
+    peer_host,
+)
 
 # --------------------------------------------------------------------------- parse_endpoint
 
@@ -35,6 +47,39 @@ def test_parse_endpoint_ok(text: str, expected: Endpoint) -> None:
 def test_endpoint_str_round_trips(text: str) -> None:
     assert str(parse_endpoint(text)) == text
     assert parse_endpoint(str(parse_endpoint(text))) == parse_endpoint(text)
+
+
+@pytest.mark.parametrize(
+    "host, port, text",
+    [("127.0.0.1", 80, "127.0.0.1:80"), ("::1", 80, "[::1]:80"),
+     ("example.org", "1", "example.org:1"), ("fe80::1%lo", 22, "[fe80::1%lo]:22"),
+     ("::1", None, "[::1]"), ("example.org", None, "example.org")],
+)
+def test_host_port_brackets_ipv6_only(host: str, port: int | str | None, text: str) -> None:
+    assert host_port(host, port) == text
+
+
+@pytest.mark.parametrize(
+    "raw, shown",
+    [("::ffff:192.0.2.1", "192.0.2.1"), ("fe80::1%2", "fe80::1"), ("::1", "::1"),
+     ("::ffff:0:1", "::ffff:0:1"), ("192.0.2.1", "192.0.2.1")],
+)
+def test_peer_host_drops_scope_and_unmaps_ipv4(raw: str, shown: str) -> None:
+    assert peer_host(raw) == shown
+
+
+def test_socket_addresses_of_a_dual_stack_connection_show_ipv4_plainly() -> None:
+    """What a [::] listener reports for an IPv4 client is written as IPv4 (logs, REMOTE_ADDR)."""
+    with socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            conn, _ = server.accept()
+            with conn:
+                remote, local = addresses_of(conn)
+            client_port = client.getsockname()[1]
+    assert remote == SocketAddress("127.0.0.1", client_port, "TCP")
+    assert str(local) == f"127.0.0.1:{port}"
+    assert str(SocketAddress("::1", 5, "TCP", tunnel="t")) == "[::1]:5 via t"
 
 
 def test_endpoint_properties() -> None:

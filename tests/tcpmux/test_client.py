@@ -27,6 +27,7 @@ from typing import Callable
 import pytest
 
 from tcpmuxd import __version__
+from tcpmuxd.common.addresses import host_port
 from tcpmuxd.tcpmux import client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +105,7 @@ class MiniServer:
 
     @property
     def target(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     def _serve(self) -> None:
         while not self.stopping.is_set():
@@ -604,8 +605,12 @@ def test_invalid_service_name_rejected_before_connecting(serve, name):
     proc = run_client(server.target, name)
     assert proc.returncode == client.EXIT_USAGE == 2
     assert proc.stderr.startswith(b"tcpmux: invalid service name ")
-    time.sleep(0.2)  # an accept would have happened by now
-    assert server.accepted == 0
+    # The client has exited, so a connection it made would stand in the accept queue before
+    # this probe's: once the probe's line is seen, the probe is all that came.
+    with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT) as probe:
+        probe.sendall(b"probe\r\n")
+        assert server.line_seen.wait(IO_TIMEOUT)
+    assert (server.accepted, server.lines) == (1, [b"probe\r\n"])
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from tcpmuxd.tcpmux.config import (
     load,
     parse_timespan,
 )
+from tcpmuxd.tcpmux.handlers import Exec, Forward, PassTo
 from tcpmuxd.tcpmux.protocol import DEFAULT_MAX_NAME_LENGTH
 
 TRUE = "/bin/true"  # an executable that exists everywhere the tests run
@@ -454,7 +455,7 @@ def test_comments_blank_lines_indentation_crlf(tmp_path: Path) -> None:
     config = load_text(tmp_path, text.encode())
     assert config.ok, config.errors
     service = config.lookup("svc")
-    assert service.exec_argv == ("/bin/echo", "hi")
+    assert service.handler.argv == ("/bin/echo", "hi")
     assert service.description == "a # not a comment ; either"
 
 
@@ -470,7 +471,7 @@ def test_backslash_continuation(tmp_path: Path) -> None:
     config = load_text(tmp_path, text)
     assert problems(config) == [(6, "unknown key Frob=")]  # the line count survives joining
     write(tmp_path / "conf.d", "svc.conf", text.replace("Frob=1\n", ""))
-    assert load([tmp_path / "conf.d"]).lookup("svc").exec_argv == (
+    assert load([tmp_path / "conf.d"]).lookup("svc").handler.argv == (
         "/bin/echo",
         "one",
         "two",
@@ -520,28 +521,27 @@ def test_several_errors_in_one_file_are_all_reported_in_line_order(tmp_path: Pat
 def test_exec_service(tmp_path: Path) -> None:
     service = one_service(tmp_path, "Exec=/bin/echo \"hello world\" 'it''s' a\\ b $HOME\n")
     assert service.kind == "exec"
-    assert service.exec_argv == ("/bin/echo", "hello world", "its", "a b", "$HOME")
+    assert service.handler == Exec(argv=("/bin/echo", "hello world", "its", "a b", "$HOME"))
     assert service.target == "/bin/echo 'hello world' its 'a b' '$HOME'"
-    assert (service.forward, service.pass_to) == (None, None)
 
 
 def test_forward_service(tmp_path: Path) -> None:
     service = one_service(tmp_path, "Forward=[::1]:8080\n")
-    assert (service.kind, service.forward, service.target) == (
+    assert (service.kind, service.handler, service.target) == (
         "forward",
-        Endpoint("::1", 8080),
+        Forward(Endpoint("::1", 8080)),
         "[::1]:8080",
     )
-    assert one_service(tmp_path, "Forward=unix:/run/app.sock\n").forward == Endpoint(
+    assert one_service(tmp_path, "Forward=unix:/run/app.sock\n").handler.target == Endpoint(
         path="/run/app.sock"
     )
 
 
 def test_passto_service(tmp_path: Path) -> None:
     service = one_service(tmp_path, "PassTo=unix:@tcpmux-app\n")
-    assert (service.kind, service.pass_to, service.target) == (
+    assert (service.kind, service.handler, service.target) == (
         "passto",
-        Endpoint(path="\0tcpmux-app"),
+        PassTo(Endpoint(path="\0tcpmux-app")),
         "unix:@tcpmux-app",
     )
 
@@ -599,7 +599,7 @@ def test_exec_checks(tmp_path: Path) -> None:
 
 def test_executable_through_symlink(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(TRUE)
-    assert one_service(tmp_path, f"Exec={tmp_path}/link\n").exec_argv == (f"{tmp_path}/link",)
+    assert one_service(tmp_path, f"Exec={tmp_path}/link\n").handler.argv == (f"{tmp_path}/link",)
 
 
 @pytest.mark.parametrize(
@@ -634,24 +634,26 @@ def test_passto_errors(tmp_path: Path, value: str, message: str) -> None:
 def test_defaults(tmp_path: Path) -> None:
     service = one_service(tmp_path, f"Exec={TRUE}\n")
     assert service == Service(
-        name="svc", source=tmp_path / "conf.d" / "svc.conf", exec_argv=(TRUE,)
+        name="svc", source=tmp_path / "conf.d" / "svc.conf", handler=Exec(argv=(TRUE,))
     )
     assert service.acknowledge is True and service.hidden is False
     assert (service.max_connections, service.max_connections_per_source) == (0, 0)
     assert not service.ip_allow and not service.ip_deny
-    assert (service.standard_error, service.environment, service.working_directory) == (
+    handler = service.handler
+    assert (handler.standard_error, handler.environment, handler.working_directory) == (
         "journal",
         (),
         None,
     )
-    assert (service.user, service.group, service.uid, service.gid, service.gids) == (
+    assert (handler.user, handler.group, handler.uid, handler.gid, handler.gids) == (
         None,
         None,
         None,
         None,
         (),
     )
-    assert service.connect_timeout == 5.0 and service.description == ""
+    assert service.description == ""
+    assert one_service(tmp_path, "Forward=127.0.0.1:1\n").handler.connect_timeout == 5.0
 
 
 @pytest.mark.parametrize("value", ["1", "yes", "y", "true", "t", "on", "YES", "True", "On"])
@@ -687,7 +689,7 @@ def test_time_spans(tmp_path: Path) -> None:
     for text, seconds in cases.items():
         assert parse_timespan(text) == pytest.approx(seconds), text
     service = one_service(tmp_path, "Forward=127.0.0.1:1\nConnectTimeoutSec=1min 30s\n")
-    assert service.connect_timeout == 90.0
+    assert service.handler.connect_timeout == 90.0
 
 
 def test_environment_and_working_directory(tmp_path: Path) -> None:
@@ -696,14 +698,15 @@ def test_environment_and_working_directory(tmp_path: Path) -> None:
         f'Exec={TRUE}\nEnvironment="GREETING=hello world" A=1\n'
         "Environment=B= A=2\nWorkingDirectory=/srv\n",
     )
-    assert service.environment == (("GREETING", "hello world"), ("A", "2"), ("B", ""))
-    assert service.working_directory == "/srv"
+    assert service.handler.environment == (("GREETING", "hello world"), ("A", "2"), ("B", ""))
+    assert service.handler.working_directory == "/srv"
 
 
 def test_standard_error(tmp_path: Path) -> None:
     for value in ("journal", "socket", "null"):
         assert (
-            one_service(tmp_path, f"Exec={TRUE}\nStandardError={value}\n").standard_error == value
+            one_service(tmp_path, f"Exec={TRUE}\nStandardError={value}\n").handler.standard_error
+            == value
         )
 
 
@@ -847,19 +850,19 @@ def test_list_keys_accumulate_and_reset(tmp_path: Path) -> None:
         SupplementaryGroups=root
         """,
     )
-    assert service.environment == (("A", "1"), ("B", "2"), ("C", "3"))
+    assert service.handler.environment == (("A", "1"), ("B", "2"), ("C", "3"))
     assert str(service.ip_allow) == "localhost 192.168.0.0/16 ::1"
     assert "10.1.1.1" not in service.ip_allow
     assert str(service.ip_deny) == "any"
-    assert service.supplementary_groups == ("nogroup", "root")
-    assert service.gids == (grp.getgrnam("nogroup").gr_gid, 0)
+    assert service.handler.supplementary_groups == ("nogroup", "root")
+    assert service.handler.gids == (grp.getgrnam("nogroup").gr_gid, 0)
 
 
 def test_environment_reset(tmp_path: Path) -> None:
     service = one_service(
         tmp_path, f"Exec={TRUE}\nEnvironment=A=1\nEnvironment=\nEnvironment=B=2\n"
     )
-    assert service.environment == (("B", "2"),)
+    assert service.handler.environment == (("B", "2"),)
 
 
 def test_scalar_key_last_wins(tmp_path: Path) -> None:
@@ -868,7 +871,7 @@ def test_scalar_key_last_wins(tmp_path: Path) -> None:
         "Forward=127.0.0.1:1\nForward=127.0.0.1:2\nDescription=one\nDescription=two\n"
         "MaxConnections=5\nMaxConnections=6\n",
     )
-    assert service.forward == Endpoint("127.0.0.1", 2)
+    assert service.handler.target == Endpoint("127.0.0.1", 2)
     assert (service.description, service.max_connections) == ("two", 6)
 
 
@@ -886,40 +889,40 @@ def test_bad_earlier_value_is_still_an_error(tmp_path: Path) -> None:
 
 
 def test_user_root(tmp_path: Path) -> None:
-    service = one_service(tmp_path, f"Exec={TRUE}\nUser=root\n")
-    assert (service.user, service.group, service.uid, service.gid) == ("root", None, 0, 0)
-    assert service.gids == tuple(dict.fromkeys(os.getgrouplist("root", 0)))
+    handler = one_service(tmp_path, f"Exec={TRUE}\nUser=root\n").handler
+    assert (handler.user, handler.group, handler.uid, handler.gid) == ("root", None, 0, 0)
+    assert handler.gids == tuple(dict.fromkeys(os.getgrouplist("root", 0)))
 
 
 def test_user_nobody_gets_primary_group(tmp_path: Path) -> None:
     nobody = pwd.getpwnam("nobody")
-    service = one_service(tmp_path, f"Exec={TRUE}\nUser=nobody\n")
-    assert (service.uid, service.gid) == (nobody.pw_uid, nobody.pw_gid)
-    assert nobody.pw_gid in service.gids
-    assert 0 not in service.gids
+    handler = one_service(tmp_path, f"Exec={TRUE}\nUser=nobody\n").handler
+    assert (handler.uid, handler.gid) == (nobody.pw_uid, nobody.pw_gid)
+    assert nobody.pw_gid in handler.gids
+    assert 0 not in handler.gids
 
 
 def test_user_and_group(tmp_path: Path) -> None:
-    service = one_service(
+    handler = one_service(
         tmp_path, f"Exec={TRUE}\nUser=nobody\nGroup=root\nSupplementaryGroups=nogroup\n"
-    )
-    assert (service.user, service.group, service.supplementary_groups) == (
+    ).handler
+    assert (handler.user, handler.group, handler.supplementary_groups) == (
         "nobody",
         "root",
         ("nogroup",),
     )
-    assert service.gid == 0
-    assert 0 in service.gids and grp.getgrnam("nogroup").gr_gid in service.gids
+    assert handler.gid == 0
+    assert 0 in handler.gids and grp.getgrnam("nogroup").gr_gid in handler.gids
 
 
 def test_group_without_user(tmp_path: Path) -> None:
-    service = one_service(tmp_path, f"Exec={TRUE}\nGroup=nogroup\n")
-    assert (service.uid, service.gid, service.gids) == (None, grp.getgrnam("nogroup").gr_gid, ())
+    handler = one_service(tmp_path, f"Exec={TRUE}\nGroup=nogroup\n").handler
+    assert (handler.uid, handler.gid, handler.gids) == (None, grp.getgrnam("nogroup").gr_gid, ())
 
 
 def test_numeric_ids(tmp_path: Path) -> None:
-    service = one_service(tmp_path, f"Exec={TRUE}\nUser=65534\nGroup=0\n")
-    assert (service.user, service.uid, service.group, service.gid) == ("65534", 65534, "0", 0)
+    handler = one_service(tmp_path, f"Exec={TRUE}\nUser=65534\nGroup=0\n").handler
+    assert (handler.user, handler.uid, handler.group, handler.gid) == ("65534", 65534, "0", 0)
 
 
 def _unused_uid() -> int:
@@ -939,8 +942,8 @@ def test_numeric_user_without_passwd_entry_needs_group(tmp_path: Path) -> None:
         3,
         f"User={uid} has no passwd entry, so Group= must be set too",
     )
-    service = one_service(tmp_path, f"Exec={TRUE}\nUser={uid}\nGroup=nogroup\n")
-    assert (service.uid, service.gid, service.gids) == (uid, grp.getgrnam("nogroup").gr_gid, ())
+    handler = one_service(tmp_path, f"Exec={TRUE}\nUser={uid}\nGroup=nogroup\n").handler
+    assert (handler.uid, handler.gid, handler.gids) == (uid, grp.getgrnam("nogroup").gr_gid, ())
 
 
 # --------------------------------------------------------------------------- access and listing
@@ -988,12 +991,11 @@ def test_listed_hides_hidden_and_sorts_case_insensitively(tmp_path: Path) -> Non
     assert config.lookup("SECRET").hidden
 
 
-def test_kind_of_a_hand_made_invalid_service() -> None:
-    with pytest.raises(ValueError):
-        _ = Service(name="x", source=Path("/x.conf")).kind
-    both = Service(name="x", source=Path("/x.conf"), exec_argv=(TRUE,), forward=Endpoint("h", 1))
-    with pytest.raises(ValueError):
-        _ = both.kind
+def test_a_hand_made_service_has_exactly_one_handler() -> None:
+    with pytest.raises(TypeError):
+        Service(name="x", source=Path("/x.conf"))  # type: ignore[call-arg]
+    service = Service(name="x", source=Path("/x.conf"), handler=Forward(Endpoint("h", 1)))
+    assert (service.kind, service.target) == ("forward", "h:1")
 
 
 def test_services_mapping_is_read_only(tmp_path: Path) -> None:

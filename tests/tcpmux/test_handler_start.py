@@ -2,7 +2,7 @@
 
 With Acknowledge=yes the ``+`` is sent by the process that becomes the handler, after the fork,
 the user switch and the check of the new user's process limit, right before the exec
-(handlers.py). So a client gets ``+`` only when there is a handler, and ``-handler failed to
+(handlers/process.py). So a client gets ``+`` only when there is a handler, and ``-handler failed to
 start: REASON`` when there cannot be one. Only the exec itself can fail after the ``+`` (here: a
 script whose interpreter is missing, which passes the executable check); that connection is
 reset and logged, never ended like a normal one.

@@ -445,8 +445,18 @@ def test_watchdog_keeps_being_fed_after_fd_exhaustion(services: Path, daemon_fac
     daemon.notify.wait_for("WATCHDOG=1", timeout=2)
     for _ in range(48 + 8):  # more clients than descriptors: surely exhausted
         clients.append(daemon.connect())
-    time.sleep(1.0)  # several watchdog intervals (0.15 s) with no descriptor to spare
-    assert daemon.proc.poll() is None
+    # One waiting client is told with the spare descriptor, and the daemon then holds that
+    # connection while it drains, until its linger (2 s) ends and the connection's record is
+    # written: all that time no descriptor is free, so the pings that fall due (every 0.15 s)
+    # cannot be sent.
+    with selectors.DefaultSelector() as sel:
+        for s in clients:
+            sel.register(s, selectors.EVENT_READ)
+        ready = sel.select(IO_TIMEOUT)
+    assert ready, f"no client was told; log:\n{daemon.output()}"
+    assert recv_line(ready[0][0].fileobj) == b"-server out of resources: Too many open files\r\n"
+    daemon.wait_for_log("refused: server out of resources: Too many open files",
+                        timeout=IO_TIMEOUT)
     close_all(clients)
     clients.clear()
     got = eventually(lambda: daemon.talk(b"echo\r\nok"), b"+\r\nok")
