@@ -26,6 +26,7 @@ __all__ = [
     "AddressList",
     "Endpoint",
     "ip_address_of",
+    "is_host_name",
     "parse_endpoint",
     "parse_listen",
 ]
@@ -41,6 +42,11 @@ UNIX_PATH_MAX = 107
 # /etc/hosts), a trailing dot is allowed (fully qualified).
 _LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+
+
+def is_host_name(text: str) -> bool:
+    """Whether ``text`` is a host name as HOST may be written (RFC 1123, see above)."""
+    return len(text) <= 253 and _HOSTNAME.fullmatch(text) is not None
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ def _parse_host(text: str) -> str:
         pass
     if re.fullmatch(r"[0-9.]+", text):
         raise ValueError(f"{text!r} is not a valid IPv4 address")
-    if len(text) > 253 or not _HOSTNAME.fullmatch(text):
+    if not is_host_name(text):
         raise ValueError(f"{text!r} is not a valid host name or address")
     return text
 

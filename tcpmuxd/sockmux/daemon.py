@@ -52,7 +52,7 @@ from .tunnel import Entrance, Exit, Tunnel, TunnelConfigError
 from .connection import SockMuxConfig
 from .exits import ExitOpener
 from .frames import MAX_FRAME_SIZE, MIN_FRAME_SIZE
-from .session import FIRST_DATA_WAIT, REPLY_WAIT, Hub, Session
+from .session import ENTRANCE_BACKLOG, FIRST_DATA_WAIT, REPLY_WAIT, Hub, Session
 
 __all__ = ["main", "build_parser", "translate_delegate", "tunnel_from_args", "run"]
 
@@ -64,7 +64,6 @@ STATUS_REFRESH = 5.0
 TICK_INTERVAL = 5.0
 #: Default for --ready-timeout: READY=1 at the latest after this long (TimeoutStartSec=90s).
 DEFAULT_READY_TIMEOUT = 60.0
-ENTRANCE_BACKLOG = 4096
 #: How long shutdown waits for the links to close (and a command link's process to exit).
 SHUTDOWN_TIMEOUT = 6.0
 

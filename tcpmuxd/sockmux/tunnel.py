@@ -33,7 +33,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ..common.addresses import Endpoint, parse_endpoint
+from ..common.addresses import Endpoint, is_host_name, parse_endpoint
 from ..common.dropins import (
     SUFFIX,
     ConfigError,
@@ -139,8 +139,6 @@ MAX_SECRET_SIZE = 4096
 #: systemd's FileDescriptorName=: printable ASCII without ":" (sd_notify's FDNAME= separator).
 _FD_NAME = re.compile(r"[!-9;-~]{1,255}")
 _TUNNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_.-]*")
-_LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
-_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 
 
 class TunnelConfigError(Exception):
@@ -378,7 +376,7 @@ def _parse_server_name(text: str) -> str:
         return str(ipaddress.ip_address(text))
     except ValueError:
         pass
-    if len(text) > 253 or not _HOSTNAME.fullmatch(text):
+    if not is_host_name(text):
         raise ValueError(f"{text!r} is not a host name or IP address")
     return text
 
