@@ -593,20 +593,10 @@ def protocol_config(t: Tunnel) -> SockMuxConfig:
 
 
 def tls_context(t: Tunnel) -> ssl.SSLContext | None:
-    """The link's TLS context (None without TLS); ValueError/OSError for bad files."""
+    """The link's TLS context (None without TLS); ValueError for files that do not load."""
     if t.tls is None:
         return None
-    s = t.tls
-    settings = tls.TLSSettings(
-        certfile=str(s.certificate) if s.certificate else None,
-        keyfile=str(s.key) if s.key else None, cafile=str(s.ca) if s.ca else None,
-        require_peer_cert=s.require_peer_certificate, server_hostname=s.server_name)
-    try:
-        return tls.server_context(settings) if t.link == "accept" else tls.client_context(settings)
-    except ssl.SSLError as exc:
-        raise ValueError(f"TLS: {exc.reason or exc}") from None
-    except OSError as exc:
-        raise ValueError(f"TLS: {exc.filename or ''}: {exc.strerror}") from None
+    return tls.context(t.tls, server_side=t.link == "accept")
 
 
 def inherited_fd(device: str | None) -> str | int:

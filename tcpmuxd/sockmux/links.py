@@ -87,12 +87,10 @@ import termios
 from typing import Any, Callable, Iterable, Sequence
 
 from tcpmuxd.common.children import ExitWatch
-from tcpmuxd.sockmux.tls import TLSSettings, client_context, server_context
 from tcpmuxd.sockmux.tlslink import TLSConnection, TLSTransport, handshake, takes_buffers
 from tcpmuxd.sockmux.writebuf import BufferedWrites
 
 __all__ = [
-    "TLSSettings", "client_context", "server_context",
     "bind_tcp", "connect_tcp", "listen_tcp", "open_fifos", "open_comm", "open_stdio", "open_command",
     "connect_fds", "PipePairTransport", "Backoff", "set_raw",
 ]

@@ -57,6 +57,7 @@ from ..common.dropins import (
     split_words,
 )
 from .frames import MAX_FRAME_SIZE, MIN_FRAME_SIZE
+from .tls import TLSSettings
 
 __all__ = [
     "SEARCH_PATH",
@@ -342,22 +343,6 @@ def read_secret(path: Path | str) -> bytes:
             f"{shown}: the secret is {len(data)} bytes, at least {MIN_SECRET_LENGTH} are needed"
         )
     return data
-
-
-@dataclass(frozen=True)
-class TLSSettings:
-    """TLS on an Accept= or Connect= link (``Tunnel.tls`` is ``None`` without TLS).
-
-    ``require_peer_certificate``: on Accept=, ask for a client certificate signed by ``ca``;
-    on Connect=, verify the server's certificate (against ``ca``, else the system's CAs) and
-    its name (``server_name``, which defaults to the Connect= host).
-    """
-
-    certificate: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
-    server_name: str | None = None
-    require_peer_certificate: bool = True
 
 
 def _parse_pem_file(text: str) -> Path:

@@ -27,8 +27,8 @@ import pytest
 import uvloop
 
 from tcpmuxd.sockmux import links
-from tcpmuxd.sockmux.links import Backoff, PipePairTransport, TLSSettings
-from tcpmuxd.sockmux.links import client_context, server_context
+from tcpmuxd.sockmux.links import Backoff, PipePairTransport
+from tcpmuxd.sockmux.tls import TLSSettings, client_context, server_context
 
 MiB = 1 << 20
 EXCHANGE = 8 * MiB
@@ -178,10 +178,10 @@ class BufferedPeer(PeerBase, asyncio.BufferedProtocol):
 
 
 def tls_contexts(certs: Any) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    server = server_context(TLSSettings(certfile=certs.server_cert, keyfile=certs.server_key,
-                                        cafile=certs.ca, require_peer_cert=True))
-    client = client_context(TLSSettings(certfile=certs.client_cert, keyfile=certs.client_key,
-                                        cafile=certs.ca, server_hostname="localhost"))
+    server = server_context(TLSSettings(certificate=certs.server_cert, key=certs.server_key,
+                                        ca=certs.ca, require_peer_certificate=True))
+    client = client_context(TLSSettings(certificate=certs.client_cert, key=certs.client_key,
+                                        ca=certs.ca, server_name="localhost"))
     return server, client
 
 
@@ -565,7 +565,7 @@ def _assert_handshake_failure_logged(caplog: pytest.LogCaptureFixture) -> None:
 def test_tls_client_without_certificate_refused(run, certs, caplog):
     caplog.set_level(logging.INFO, LOGGER)
     server_ctx, _ = tls_contexts(certs)
-    anonymous = client_context(TLSSettings(cafile=certs.ca))
+    anonymous = client_context(TLSSettings(ca=certs.ca))
 
     async def main():
         server, port, accepted = await _serve_tls(server_ctx)
@@ -614,7 +614,7 @@ def test_tls_refused_client_is_told_why(run, certs):
     dial (TLS 1.2) or as the error its link is lost with (TLS 1.3: the alert comes after the
     client has finished its side of the handshake)."""
     server_ctx, _ = tls_contexts(certs)
-    anonymous = client_context(TLSSettings(cafile=certs.ca))
+    anonymous = client_context(TLSSettings(ca=certs.ca))
 
     async def main() -> BaseException | None:
         server, port, accepted = await _serve_tls(server_ctx)
@@ -638,8 +638,8 @@ def test_tls_refused_client_is_told_why(run, certs):
 def test_tls_client_certificate_from_another_ca_refused(run, certs, caplog):
     caplog.set_level(logging.INFO, LOGGER)
     server_ctx, _ = tls_contexts(certs)
-    rogue = client_context(TLSSettings(certfile=certs.rogue_client_cert,
-                                       keyfile=certs.rogue_client_key, cafile=certs.ca))
+    rogue = client_context(TLSSettings(certificate=certs.rogue_client_cert,
+                                       key=certs.rogue_client_key, ca=certs.ca))
 
     async def main():
         server, port, accepted = await _serve_tls(server_ctx)
@@ -660,8 +660,8 @@ def test_tls_server_from_wrong_ca_refused(run, certs, caplog):
     failed handshake and goes on serving."""
     caplog.set_level(logging.INFO, LOGGER)
     server_ctx, _ = tls_contexts(certs)
-    wrong_ca = client_context(TLSSettings(certfile=certs.client_cert, keyfile=certs.client_key,
-                                          cafile=certs.rogue_ca))
+    wrong_ca = client_context(TLSSettings(certificate=certs.client_cert, key=certs.client_key,
+                                          ca=certs.rogue_ca))
 
     async def main():
         server, port, accepted = await _serve_tls(server_ctx)
@@ -698,10 +698,10 @@ def test_tls_hostname_checked(run, certs):
 @pytest.mark.parametrize("pin", ["right", "wrong"])
 def test_tls_pinned_certificate(run, certs, pin):
     """cafile holding only the receptor's self-signed certificate pins it."""
-    server_ctx = server_context(TLSSettings(certfile=certs.pinned_cert,
-                                            keyfile=certs.pinned_key, require_peer_cert=False))
+    server_ctx = server_context(TLSSettings(certificate=certs.pinned_cert,
+                                            key=certs.pinned_key, require_peer_certificate=False))
     client_ctx = client_context(TLSSettings(
-        cafile=certs.pinned_cert if pin == "right" else certs.other_pinned_cert))
+        ca=certs.pinned_cert if pin == "right" else certs.other_pinned_cert))
 
     async def main():
         server, port, accepted = await _serve_tls(server_ctx)
@@ -830,35 +830,6 @@ def test_handshake_finishing_after_listener_closed_is_dropped(run, certs, caplog
 
     run(main())
     assert any("listener has been closed" in r.getMessage() for r in caplog.records)
-
-
-def test_tls_contexts():
-    c = client_context(TLSSettings())
-    assert c.minimum_version >= ssl.TLSVersion.TLSv1_2
-    assert c.verify_mode == ssl.CERT_REQUIRED and c.check_hostname
-    insecure = client_context(TLSSettings(require_peer_cert=False))
-    assert insecure.verify_mode == ssl.CERT_NONE and not insecure.check_hostname
-    with pytest.raises(ValueError):
-        client_context(TLSSettings(cafile="/nonexistent", require_peer_cert=False))
-    with pytest.raises(ValueError):
-        client_context(TLSSettings(keyfile="/some.key"))
-    with pytest.raises(ValueError):
-        server_context(TLSSettings(require_peer_cert=False))
-    with pytest.raises(ValueError, match="cafile"):
-        server_context(TLSSettings(certfile="/some.pem"))
-
-
-def test_tls_server_context_modes(certs):
-    required = server_context(TLSSettings(certfile=certs.server_cert, keyfile=certs.server_key,
-                                          cafile=certs.ca))
-    assert required.verify_mode == ssl.CERT_REQUIRED
-    assert required.minimum_version >= ssl.TLSVersion.TLSv1_2
-    optional = server_context(TLSSettings(certfile=certs.server_cert, keyfile=certs.server_key,
-                                          cafile=certs.ca, require_peer_cert=False))
-    assert optional.verify_mode == ssl.CERT_OPTIONAL
-    anyone = server_context(TLSSettings(certfile=certs.server_cert, keyfile=certs.server_key,
-                                        require_peer_cert=False))
-    assert anyone.verify_mode == ssl.CERT_NONE
 
 
 # --- pipe pairs (shown on FIFOs) ------------------------------------------------------------
