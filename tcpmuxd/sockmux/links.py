@@ -756,19 +756,14 @@ class _FdWriteTransport(BufferedWrites, asyncio.WriteTransport):
         self._fd = fd
         self._protocol = protocol
         self._init_writes()
-        self._closing = False
-        self._lost_scheduled = False
         protocol.connection_made(self)
 
     def _raw_write(self, data: bytes | bytearray | memoryview) -> int:
         return os.write(self._fd, data)
 
-    def _write_failed(self, exc: OSError) -> None:
-        self._force_close(exc)
-
-    def _drained(self) -> None:
-        if self._closing:
-            self._schedule_lost(None)
+    def _release(self) -> None:
+        fd, self._fd = self._fd, -1
+        os.close(fd)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or not data:
@@ -800,37 +795,6 @@ class _FdWriteTransport(BufferedWrites, asyncio.WriteTransport):
             self._keep(view[n:])
             n = 0
 
-    def _force_close(self, exc: BaseException | None) -> None:
-        self._closing = True
-        self._buffer.clear()
-        self._stop_writing()
-        self._schedule_lost(exc)
-
-    def _schedule_lost(self, exc: BaseException | None) -> None:
-        if not self._lost_scheduled:
-            self._lost_scheduled = True
-            self._loop.call_soon(self._call_connection_lost, exc)
-
-    def _call_connection_lost(self, exc: BaseException | None) -> None:
-        try:
-            self._protocol.connection_lost(exc)
-        finally:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        if not self._buffer:
-            self._schedule_lost(None)
-
-    def abort(self) -> None:
-        self._force_close(None)
-
-    def is_closing(self) -> bool:
-        return self._closing
-
     def can_write_eof(self) -> bool:
         return False
 
@@ -839,9 +803,6 @@ class _FdWriteTransport(BufferedWrites, asyncio.WriteTransport):
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._protocol  # type: ignore[no-any-return]
 
 
 def _check_streamable(fd: int) -> int:
