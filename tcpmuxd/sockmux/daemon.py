@@ -47,7 +47,7 @@ from ..common import systemd
 from ..common.addresses import Endpoint, parse_endpoint
 from ..common.dropins import parse_size, parse_timespan
 from . import tunnel as tconfig
-from . import links, native, tls
+from . import links, native, pipelink, tls
 from .tunnel import Entrance, Exit, Tunnel, TunnelConfigError
 from .connection import SockMuxConfig
 from .exits import ExitOpener
@@ -793,12 +793,12 @@ class Daemon:
                 f"connecting to {t.address}")
         if t.link == "fifo":
             return self._redial(
-                lambda: links.open_fifos(t.fifo_in, t.fifo_out, hub.new_session,
+                lambda: pipelink.open_fifos(t.fifo_in, t.fifo_out, hub.new_session,
                                          timeout=t.connect_timeout),
                 f"opening FIFOs {t.fifo_in}, {t.fifo_out}")
         if t.link == "device":
             device = inherited_fd(t.device)
-            return self._redial(lambda: links.open_comm(device, hub.new_session),
+            return self._redial(lambda: pipelink.open_comm(device, hub.new_session),
                                 f"opening {t.device}")
         if t.link == "command":
             assert t.command is not None

@@ -26,8 +26,9 @@ from typing import Any, Callable
 import pytest
 import uvloop
 
-from tcpmuxd.sockmux import links
-from tcpmuxd.sockmux.links import Backoff, PipePairTransport
+from tcpmuxd.sockmux import links, pipelink
+from tcpmuxd.sockmux.links import Backoff
+from tcpmuxd.sockmux.pipelink import PipePairTransport
 from tcpmuxd.sockmux.tls import TLSSettings, client_context, server_context
 
 MiB = 1 << 20
@@ -213,8 +214,8 @@ async def fifo_link(tmp: Path, fa: Callable[[], Any], fb: Callable[[], Any]) -> 
     a2b, b2a = tmp / "a2b", tmp / "b2a"
     os.mkfifo(a2b)
     os.mkfifo(b2a)
-    (_, pa), (_, pb) = await asyncio.gather(links.open_fifos(str(b2a), str(a2b), fa),
-                                            links.open_fifos(str(a2b), str(b2a), fb))
+    (_, pa), (_, pb) = await asyncio.gather(pipelink.open_fifos(str(b2a), str(a2b), fa),
+                                            pipelink.open_fifos(str(a2b), str(b2a), fb))
     return pa, pb
 
 
@@ -222,8 +223,8 @@ async def comm_link(fa: Callable[[], Any], fb: Callable[[], Any]) -> tuple[Any, 
     """B opens the pty's slave by path; A wraps the master descriptor."""
     m, s = os.openpty()
     try:
-        _, pb = await links.open_comm(os.ttyname(s), fb)
-        _, pa = await links.open_comm(m, fa)
+        _, pb = await pipelink.open_comm(os.ttyname(s), fb)
+        _, pa = await pipelink.open_comm(m, fa)
     finally:
         os.close(s)
         os.close(m)
@@ -236,7 +237,7 @@ async def stdio_link(fa: Callable[[], Any], fb: Callable[[], Any]) -> tuple[Any,
     out_r, out_w = os.pipe()
     try:
         _, pb = await links.open_stdio(fb, stdin=in_r, stdout=out_w)
-        _, pa = await links.connect_fds(out_r, in_w, fa)
+        _, pa = await pipelink.connect_fds(out_r, in_w, fa)
     finally:
         for fd in (in_r, in_w, out_r, out_w):
             os.close(fd)
@@ -947,9 +948,9 @@ def test_connection_made_raising_aborts_the_link(run, kind, tmp_path):
             a2b, b2a = tmp_path / "a2b", tmp_path / "b2a"
             os.mkfifo(a2b)
             os.mkfifo(b2a)
-            other = asyncio.ensure_future(links.open_fifos(str(a2b), str(b2a), StreamPeer))
+            other = asyncio.ensure_future(pipelink.open_fifos(str(a2b), str(b2a), StreamPeer))
             with pytest.raises(RuntimeError, match="boom"):
-                await links.open_fifos(str(b2a), str(a2b), factory)
+                await pipelink.open_fifos(str(b2a), str(a2b), factory)
             _, peer = await other
         else:
             peers: list[StreamPeer] = []
@@ -976,10 +977,11 @@ def test_fifo_open_waits_for_a_late_peer(run, tmp_path):
     os.mkfifo(b2a)
 
     async def main():
-        a = asyncio.ensure_future(links.open_fifos(str(b2a), str(a2b), lambda: StreamPeer(b"x")))
+        a = asyncio.ensure_future(pipelink.open_fifos(str(b2a), str(a2b),
+                                                      lambda: StreamPeer(b"x")))
         await asyncio.sleep(0.3)
         assert not a.done()
-        _, pb = await links.open_fifos(str(a2b), str(b2a), lambda: StreamPeer(b"", 1))
+        _, pb = await pipelink.open_fifos(str(a2b), str(b2a), lambda: StreamPeer(b"", 1))
         _, pa = await asyncio.wait_for(a, 5)
         await asyncio.wait_for(pb.done_fut, 5)
         pa.transport.close()
@@ -996,7 +998,7 @@ def test_fifo_open_times_out_without_a_reader(run, tmp_path):
     async def main():
         t0 = time.monotonic()
         with pytest.raises(TimeoutError):
-            await links.open_fifos(str(b2a), str(a2b), StreamPeer, timeout=0.3)
+            await pipelink.open_fifos(str(b2a), str(a2b), StreamPeer, timeout=0.3)
         return time.monotonic() - t0
 
     assert 0.25 < run(main()) < 2
@@ -1010,11 +1012,11 @@ def test_regular_files_are_refused(run, tmp_path):
         fd = os.open(f, os.O_RDWR)
         try:
             with pytest.raises(ValueError, match="regular file"):
-                await links.connect_fds(fd, fd, StreamPeer)
+                await pipelink.connect_fds(fd, fd, StreamPeer)
         finally:
             os.close(fd)
         with pytest.raises(ValueError):
-            await links.open_fifos(str(f), str(f), StreamPeer)
+            await pipelink.open_fifos(str(f), str(f), StreamPeer)
 
     run(main())
 
@@ -1043,7 +1045,7 @@ def test_comm_sets_raw_mode(run):
     m, s = os.openpty()
     try:
         async def main():
-            t, p = await links.open_comm(os.ttyname(s), StreamPeer, speed=115200)
+            t, p = await pipelink.open_comm(os.ttyname(s), StreamPeer, speed=115200)
             attrs = termios.tcgetattr(s)
             assert not t.can_write_eof()
             with pytest.raises(NotImplementedError):
@@ -1086,7 +1088,7 @@ def test_comm_keeps_the_callers_descriptor(run):
     m, s = os.openpty()
     try:
         async def main():
-            t, p = await links.open_comm(m, StreamPeer)
+            t, p = await pipelink.open_comm(m, StreamPeer)
             t.close()
             await p.lost_fut
 
@@ -1101,7 +1103,7 @@ def test_comm_keeps_the_callers_descriptor(run):
 def test_comm_speed_needs_a_tty(run):
     async def main():
         with pytest.raises(ValueError, match="not a tty"):
-            await links.open_comm(os.devnull, StreamPeer, speed=9600)
+            await pipelink.open_comm(os.devnull, StreamPeer, speed=9600)
 
     run(main())
 
@@ -1175,7 +1177,7 @@ def test_stdio_on_a_tty_is_raw_while_up(run, closer, caplog):
             _, sb = await links.open_stdio(lambda: StreamPeer(b"\n\r", 4), stdin=s, stdout=s)
             during = termios.tcgetattr(keep)
             # the terminal's side; raw=False: the settings seen are open_stdio's alone
-            _, pb = await links.open_comm(m, lambda: StreamPeer(b"\r\n\x03\x04", 2),
+            _, pb = await pipelink.open_comm(m, lambda: StreamPeer(b"\r\n\x03\x04", 2),
                                           raw=False)
             os.close(m)  # the link holds the master now
             await asyncio.gather(sb.done_fut, pb.done_fut)
