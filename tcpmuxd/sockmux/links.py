@@ -74,6 +74,7 @@ from tcpmuxd.common.children import ExitWatch
 from tcpmuxd.sockmux.pipelink import (
     PipePairTransport,
     ProtocolFactory,
+    dup_pair,
     feed,
     open_pair,
     same_file,
@@ -490,12 +491,7 @@ async def open_stdio(protocol_factory: ProtocolFactory, *, stdin: int = 0, stdou
         return transport, protocol
 
     cleanups: list[Callable[[], None]] = []
-    rfd = os.dup(stdin)
-    try:
-        wfd = os.dup(stdout)
-    except BaseException:
-        os.close(rfd)
-        raise
+    rfd, wfd = dup_pair(stdin, stdout)
     try:
         if os.isatty(rfd):
             cleanups.append(_raw_until_cleanup(rfd))

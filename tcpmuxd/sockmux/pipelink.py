@@ -44,7 +44,7 @@ from tcpmuxd.sockmux.writebuf import BufferedWrites
 
 __all__ = [
     "PipePairTransport", "FdWriteTransport", "ProtocolFactory", "open_pair", "connect_fds",
-    "open_fifos", "open_comm", "set_raw", "feed", "same_file",
+    "open_fifos", "open_comm", "set_raw", "feed", "same_file", "dup_pair",
 ]
 
 log = logging.getLogger("tcpmuxd.sockmux.links")
@@ -461,24 +461,13 @@ async def open_pair(read_fd: int, write_fd: int, protocol_factory: ProtocolFacto
         write_mode = _check_streamable(write_fd)
         protocol = protocol_factory()
         pair = PipePairTransport(loop, protocol, extra=extra, can_write_eof=can_write_eof)
+        fd, write_fd = write_fd, -1
         if stat.S_ISFIFO(write_mode):
-            wfile = open(write_fd, "wb", buffering=0)
-            write_fd = -1
-            try:
-                wt, _ = await loop.connect_write_pipe(lambda: pair._writer, wfile)
-            except BaseException:
-                _close_quietly(wfile)
-                raise
+            wt = await _pipe_transport(loop.connect_write_pipe, pair._writer, fd, "wb")
         else:
-            fd, write_fd = write_fd, -1
             wt = FdWriteTransport(loop, fd, pair._writer)
-        rfile = open(read_fd, "rb", buffering=0)
-        read_fd = -1
-        try:
-            rt, _ = await loop.connect_read_pipe(lambda: pair._reader, rfile)
-        except BaseException:
-            _close_quietly(rfile)
-            raise
+        fd, read_fd = read_fd, -1
+        rt = await _pipe_transport(loop.connect_read_pipe, pair._reader, fd, "rb")
     except BaseException:
         for fd in (read_fd, write_fd):
             if fd >= 0:
@@ -497,11 +486,30 @@ async def open_pair(read_fd: int, write_fd: int, protocol_factory: ProtocolFacto
     return pair, protocol
 
 
-def _close_quietly(f: Any) -> None:
+async def _pipe_transport(connect: Any, protocol: asyncio.BaseProtocol, fd: int,
+                          mode: str) -> Any:
+    """The loop's read or write pipe transport (``connect``) over ``fd``, which it owns from
+    the call on (closed if that fails)."""
+    pipe = open(fd, mode, buffering=0)
     try:
-        f.close()
-    except OSError:  # uvloop may already have closed the descriptor
-        pass
+        transport, _ = await connect(lambda: protocol, pipe)
+    except BaseException:
+        try:
+            pipe.close()
+        except OSError:  # uvloop may already have closed the descriptor
+            pass
+        raise
+    return transport
+
+
+def dup_pair(read_fd: int, write_fd: int) -> tuple[int, int]:
+    """Duplicates of two descriptors (neither is left open if the second dup fails)."""
+    r = os.dup(read_fd)
+    try:
+        return r, os.dup(write_fd)
+    except BaseException:
+        os.close(r)
+        raise
 
 
 async def connect_fds(read_fd: int, write_fd: int, protocol_factory: ProtocolFactory, *,
@@ -510,12 +518,7 @@ async def connect_fds(read_fd: int, write_fd: int, protocol_factory: ProtocolFac
     """A link over two open descriptors (pipes, FIFOs, sockets or character devices; the same
     one twice for a bidirectional file). Both are duplicated: the caller keeps its own.
     ``write_eof`` is available when they are different files."""
-    r = os.dup(read_fd)
-    try:
-        w = os.dup(write_fd)
-    except BaseException:
-        os.close(r)
-        raise
+    r, w = dup_pair(read_fd, write_fd)
     try:
         same = same_file(r, w)
     except BaseException:
