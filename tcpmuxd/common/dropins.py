@@ -258,12 +258,7 @@ def parse_exec(text: str) -> tuple[str, ...]:
                 f"write the program as {program.lstrip('-@:+!')!r}"
             )
         raise ValueError(f"the program must be an absolute path, got {program!r}")
-    try:
-        st = os.stat(program)
-    except OSError as exc:
-        raise ValueError(f"{program}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{program}: not a regular file")
+    existing_file(program)
     if not os.access(program, os.X_OK):
         raise ValueError(f"{program}: not executable")
     return tuple(argv)
@@ -305,6 +300,17 @@ def parse_absolute_path(text: str) -> str:
     if not text.startswith("/"):
         raise ValueError(f"must be an absolute path, got {text!r}")
     return text
+
+
+def existing_file(path: str) -> str:
+    """``path``, when it names a regular file that exists now (ValueError saying why not)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: not a regular file")
+    return path
 
 
 # --------------------------------------------------------------------------- INI reading

@@ -18,6 +18,7 @@ from privileges import as_nobody
 
 from tcpmuxd.common.addresses import Endpoint
 from tcpmuxd.sockmux import SockMuxConfig
+from tcpmuxd.sockmux.check import format_tunnel
 from tcpmuxd.sockmux.tunnel import (
     SEARCH_PATH,
     Entrance,
@@ -25,7 +26,6 @@ from tcpmuxd.sockmux.tunnel import (
     TLSSettings,
     Tunnel,
     TunnelConfigError,
-    format_tunnel,
     load_tunnel,
     parse_entrance,
     parse_exit,
@@ -551,7 +551,7 @@ def test_reconnect_only_for_dialing_links(tmp_path: Path, secret: Path) -> None:
     text = "[Tunnel]\nAccept=[::]:1\nAuthentication=none\nExit=tcpmux\nReconnectMaxSec=5\n"
     assert only_problem(tmp_path, text) == (
         5,
-        "ReconnectMaxSec= only applies to Connect=, Command=, FIFO= or Device= tunnels, "
+        "ReconnectMaxSec= only applies to Connect=, FIFO=, Device= or Command= tunnels, "
         "not to Accept= ones",
     )
     text = text.replace("Accept=[::]:1", "Stdio=yes")
@@ -1006,6 +1006,9 @@ def test_format_tunnel(levels: list[Path], pem: Path, tmp_path: Path) -> None:
         "HandshakeTimeoutSec  10s",
         "MaxPendingLinks      8",
         "FailureDelaySec      1min",
+        "HoldSec              3s",
+        "FirstDataWaitSec     1ms",
+        "ReplyWaitSec         50ms",
     ]
 
 
@@ -1088,8 +1091,8 @@ def test_man_page_examples_load(tmp_path: Path, example: str) -> None:
 
 
 def test_man_page_documents_every_key() -> None:
-    from tcpmuxd.sockmux.tunnel import _KEYS
+    from tcpmuxd.sockmux.tunnel import KEYS
 
     text = MAN_PAGE.read_text()
-    for key in _KEYS:
+    for key in KEYS:
         assert f"*{key}=" in text, key
