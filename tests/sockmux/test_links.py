@@ -8,6 +8,7 @@ timeout; every test checks that no file descriptor is left open.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import hashlib
 import logging
@@ -268,6 +269,27 @@ def certs(request: pytest.FixtureRequest) -> Any:
     return request.getfixturevalue("sockmux_certs")
 
 
+def _unread(transport: Any) -> int:
+    """Bytes waiting, unread, in the descriptor a link transport reads (FIONREAD)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        fd = sock.fileno()
+    else:
+        fd = transport.get_extra_info("read_transport").get_extra_info("pipe").fileno()
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+
+
+async def withheld(transport: Any, at_least: int = 1, timeout: float = 10.0) -> None:
+    """Wait (bounded) until ``at_least`` bytes sit readable in the transport's descriptor,
+    then let the loop poll it a few times: a transport that reads would have read them by
+    the time this returns."""
+    async with asyncio.timeout(timeout):
+        while _unread(transport) < at_least:
+            await asyncio.sleep(0.005)
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
 async def settle() -> None:
     """Let late (duplicate) callbacks show up before counting them."""
     await asyncio.sleep(0.05)
@@ -331,7 +353,7 @@ def test_flow_control(run, kind, tmp_path, certs):
         await asyncio.wait_for(pa.pause_fut, 10)
         assert pa.paused and pa.sent < len(big)
         seen = pb.received
-        await asyncio.sleep(0.2)
+        await withheld(pb.transport)
         assert pb.received == seen, "bytes delivered while reading was paused"
         assert pb.received < len(big)
         pb.transport.resume_reading()
@@ -864,7 +886,7 @@ def test_pause_reading_in_connection_made_is_honoured(run, tmp_path):
         pa, pb = await fifo_link(tmp_path, StreamPeer,
                                  lambda: StreamPeer(b"", 5, pause_on_start=True))
         pa.transport.write(b"hello")
-        await asyncio.sleep(0.2)
+        await withheld(pb.transport, 5)
         assert pb.received == 0
         assert not pb.transport.is_reading()
         pb.transport.resume_reading()
