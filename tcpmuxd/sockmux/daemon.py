@@ -38,7 +38,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from .. import __version__
 from ..common import systemd
