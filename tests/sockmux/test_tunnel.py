@@ -374,6 +374,9 @@ _BAD_VALUES = [
     ("SendTimeoutSec", "0", "SendTimeoutSec=: '0': the timeout must be greater than zero"),
     ("HandshakeTimeoutSec", "0",
      "HandshakeTimeoutSec=: '0': the timeout must be greater than zero"),
+    ("HoldSec", "-1", "HoldSec=: '-1' is not a time span"),
+    ("FirstDataWaitSec", "soon", "FirstDataWaitSec=: 'soon' is not a time span"),
+    ("ReplyWaitSec", "infinity", "ReplyWaitSec=: 'infinity' is not allowed here"),
     ("Acept", "[::]:1", "unknown key Acept= (did you mean 'Accept'?)"),
     ("tls", "yes", "unknown key tls= (did you mean 'TLS'?)"),
     ("PORT", "80", "unknown key PORT="),
@@ -889,6 +892,15 @@ def test_defaults(tmp_path: Path) -> None:
     assert tunnel.description == "" and tunnel.entrances == () and tunnel.overrides == ()
 
 
+def test_wait_defaults_are_the_hubs() -> None:
+    """FirstDataWaitSec= and ReplyWaitSec= default to what the Hub defaults to (measured
+    there, session.py), so a tunnel without them runs as a Hub made without them."""
+    from tcpmuxd.sockmux import session, tunnel
+
+    assert tunnel.DEFAULT_FIRST_DATA_WAIT == session.FIRST_DATA_WAIT
+    assert tunnel.DEFAULT_REPLY_WAIT == session.REPLY_WAIT
+
+
 def test_limits(tmp_path: Path) -> None:
     tunnel = load_body(
         tmp_path,
@@ -904,6 +916,9 @@ def test_limits(tmp_path: Path) -> None:
     assert (tunnel.connect_timeout, tunnel.reconnect_max) == (2.0, 300.0)
     assert (tunnel.stream_window, tunnel.max_frame_size) == (1 << 20, 16384)
     assert tunnel.description == "the office"
+    assert (tunnel.hold, tunnel.first_data_wait, tunnel.reply_wait) == (3.0, 0.001, 0.05)
+    waits = load_body(tmp_path, f"{PLAIN}HoldSec=0\nFirstDataWaitSec=0\nReplyWaitSec=2min\n")
+    assert (waits.hold, waits.first_data_wait, waits.reply_wait) == (0.0, 0.0, 120.0)
     # the stream log rate at both edges
     for rate in (0, 1000000):
         assert load_body(tmp_path, f"{PLAIN}StreamLogRate={rate}\n").stream_log_rate == rate
