@@ -29,6 +29,7 @@ __all__ = [
     "addresses_of",
     "host_port",
     "ip_address_of",
+    "is_host_name",
     "parse_endpoint",
     "parse_listen",
     "peer_host",
@@ -61,6 +62,11 @@ def peer_host(host: str) -> str:
     as the plain IPv4 address."""
     host = host.partition("%")[0]
     return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+def is_host_name(text: str) -> bool:
+    """Whether ``text`` is a host name as HOST may be written (RFC 1123, see above)."""
+    return len(text) <= 253 and _HOSTNAME.fullmatch(text) is not None
 
 
 @dataclass(frozen=True)
@@ -126,7 +132,7 @@ def _parse_host(text: str) -> str:
         pass
     if re.fullmatch(r"[0-9.]+", text):
         raise ValueError(f"{text!r} is not a valid IPv4 address")
-    if len(text) > 253 or not _HOSTNAME.fullmatch(text):
+    if not is_host_name(text):
         raise ValueError(f"{text!r} is not a valid host name or address")
     return text
 

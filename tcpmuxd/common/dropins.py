@@ -258,12 +258,7 @@ def parse_exec(text: str) -> tuple[str, ...]:
                 f"write the program as {program.lstrip('-@:+!')!r}"
             )
         raise ValueError(f"the program must be an absolute path, got {program!r}")
-    try:
-        st = os.stat(program)
-    except OSError as exc:
-        raise ValueError(f"{program}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{program}: not a regular file")
+    existing_file(program)
     if not os.access(program, os.X_OK):
         raise ValueError(f"{program}: not executable")
     return tuple(argv)
@@ -305,6 +300,17 @@ def parse_absolute_path(text: str) -> str:
     if not text.startswith("/"):
         raise ValueError(f"must be an absolute path, got {text!r}")
     return text
+
+
+def existing_file(path: str) -> str:
+    """``path``, when it names a regular file that exists now (ValueError saying why not)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: not a regular file")
+    return path
 
 
 # --------------------------------------------------------------------------- INI reading
@@ -481,6 +487,55 @@ class Settings:
     def __contains__(self, key: str) -> bool:
         return key in self.values
 
+    # How messages name keys and point at assignments: as they are written in a file. Settings
+    # that come from elsewhere (sockmuxd's command-line flags) override these three, and every
+    # message follows, so that one validation serves both.
+
+    def spell(self, key: str, value: str | None = None) -> str:
+        """``key`` as a message names it (``Key=``), or its assignment of ``value``
+        (``Key=value``)."""
+        return f"{key}=" if value is None else f"{key}={value}"
+
+    def at(self, line: int) -> str:
+        """Where the assignment on ``line`` is, appended to a message that points back at
+        it: ``" on line N"``."""
+        return f" on line {line}"
+
+    def label(self, key: str, line: int) -> str:
+        """What the message about a bad value of ``key`` (assigned on ``line``) starts with."""
+        return self.spell(key)
+
+    def apply(self, assignments: Iterable[Assignment]) -> None:
+        """Apply ``Key=Value`` assignments in order: each value parsed by its key's parser,
+        lists accumulated, the last single assignment winning, an empty one resetting the key
+        (systemd's rules). Unknown keys and bad values become errors; assignments to another
+        section are skipped (its header is reported on its own)."""
+        values, lines, items = self.values, self.lines, self.items
+        for a in assignments:
+            if a.section != self.section:
+                continue
+            spec = self.keys.get(a.key)
+            if spec is None:
+                self.error(a.line, f"unknown key {a.key}={did_you_mean(a.key, list(self.keys))}")
+                continue
+            if a.value == "":  # systemd: an empty assignment resets to the default
+                values.pop(a.key, None)
+                items.pop(a.key, None)
+                lines[a.key] = a.line
+                continue
+            try:
+                parsed = spec.parse(a.value)
+            except ValueError as exc:
+                self.error(a.line, f"{self.label(a.key, a.line)}: {exc}")
+                self.failed.add(a.key)
+                continue
+            if spec.is_list:
+                values[a.key] = values.get(a.key, ()) + parsed
+                items.setdefault(a.key, []).append((a.line, parsed))
+            else:
+                values[a.key] = parsed
+            lines[a.key] = a.line
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.values.get(key, default)
 
@@ -507,7 +562,8 @@ class Settings:
             first, second = present[0], present[1]
             self.error(
                 self.lines[second],
-                f"{second}= conflicts with {first}= on line {self.lines[first]}: {conflict}",
+                f"{self.spell(second)} conflicts with {self.spell(first)}"
+                f"{self.at(self.lines[first])}: {conflict}",
             )
             return None
         if not present:
@@ -519,11 +575,12 @@ class Settings:
         for key in self.values:
             kinds = self.keys[key].kinds
             if kinds is not None and kind not in kinds:
-                names = [f"{key_of[k]}=" for k in kinds]
+                names = [self.spell(key_of[k]) for k in kinds]
                 wanted = " or ".join([", ".join(names[:-1]), names[-1]] if names[1:] else names)
                 self.error(
                     self.lines[key],
-                    f"{key}= only applies to {wanted} {plural}, not to {key_of[kind]}= ones",
+                    f"{self.spell(key)} only applies to {wanted} {plural}, "
+                    f"not to {self.spell(key_of[kind])} ones",
                 )
         return kind
 
@@ -551,31 +608,7 @@ def read_settings(
     if section not in ini.sections and not ini.errors:
         settings.error(None, f"no [{section}] section")
 
-    values, lines, items = settings.values, settings.lines, settings.items
-    for a in ini.assignments:
-        if a.section != section:
-            continue  # reported as an unknown section already
-        spec = keys.get(a.key)
-        if spec is None:
-            settings.error(a.line, f"unknown key {a.key}={did_you_mean(a.key, list(keys))}")
-            continue
-        if a.value == "":  # systemd: an empty assignment resets to the default
-            values.pop(a.key, None)
-            items.pop(a.key, None)
-            lines[a.key] = a.line
-            continue
-        try:
-            parsed = spec.parse(a.value)
-        except ValueError as exc:
-            settings.error(a.line, f"{a.key}=: {exc}")
-            settings.failed.add(a.key)
-            continue
-        if spec.is_list:
-            values[a.key] = values.get(a.key, ()) + parsed
-            items.setdefault(a.key, []).append((a.line, parsed))
-        else:
-            values[a.key] = parsed
-        lines[a.key] = a.line
+    settings.apply(ini.assignments)
     return settings
 
 

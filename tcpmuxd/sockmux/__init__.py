@@ -11,10 +11,15 @@ The protocol layer is sans-I/O and standard-library only:
 * :mod:`tcpmuxd.sockmux.windows`: per-stream flow-control windows.
 * :mod:`tcpmuxd.sockmux.auth`: the HMAC-SHA256 challenge-response.
 
-The asyncio driver, transports and daemon live in ``session.py``, ``links.py`` (with
-``tlslink.py``, TLS links, and ``writebuf.py``, the write side of the module's own transports)
-and ``daemon.py``. The protocol, including tcpmuxd's extensions and how a plain DeleGate peer falls
-back, is written down in ``docs/sockmux-protocol.md``.
+The asyncio driver is ``session.py`` (with ``exits.py``, where streams from the peer go). A
+tunnel's settings are ``tunnel.py`` (files; the command line, ``flags.py``, gives the same
+settings; ``--check`` is ``check.py``). Each kind of link is one object in ``linkkinds.py``:
+its key and flag, how it is opened and kept up; the openers and transports are ``links.py``
+(TCP, stdio, a command), ``pipelink.py`` (descriptor pairs: FIFOs, a device), ``tlslink.py``
+(TLS), ``tls.py`` (TLS settings and contexts) and ``writebuf.py`` (the write side and the close
+of sockmuxd's own transports); ``admission.py`` what a receptor remembers about failed links.
+``daemon.py`` runs a tunnel. The protocol, including tcpmuxd's extensions and how a plain
+DeleGate peer falls back, is written down in ``docs/sockmux-protocol.md``.
 
 Everything a driver needs is re-exported here::
 

@@ -151,9 +151,7 @@ class TLSTransport(BufferedWrites, asyncio.Transport):
         self._init_writes()       # the buffer holds encrypted bytes
         self._read_paused = False
         self._reading = False     # registered with the loop for readability
-        self._closing = False
         self._at_eof = False      # eof_received given (close_notify, or TCP EOF)
-        self._lost = False        # connection_lost scheduled
 
     def start(self) -> None:
         """``connection_made`` (it may pause reading, or write), then reading; what came with
@@ -275,13 +273,6 @@ class TLSTransport(BufferedWrites, asyncio.Transport):
     def _raw_write(self, data: bytes | bytearray | memoryview) -> int:
         return self._sock.send(data)
 
-    def _write_failed(self, exc: OSError) -> None:
-        self._force_close(exc)
-
-    def _drained(self) -> None:
-        if self._closing:
-            self._shutdown()
-
     def can_write_eof(self) -> bool:
         return False
 
@@ -290,21 +281,7 @@ class TLSTransport(BufferedWrites, asyncio.Transport):
 
     # -- closing ---------------------------------------------------------------------------
 
-    def is_closing(self) -> bool:
-        return self._closing
-
-    def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        self._stop_reading()
-        if not self._buffer:
-            self._shutdown()
-
-    def abort(self) -> None:
-        self._force_close(None)
-
-    def _shutdown(self) -> None:
+    def _finish_close(self) -> None:
         """close_notify if the socket takes it now (the peer's is not waited for), then
         connection_lost."""
         try:
@@ -317,32 +294,14 @@ class TLSTransport(BufferedWrites, asyncio.Transport):
             pass
         self._schedule_lost(None)
 
-    def _force_close(self, exc: BaseException | None) -> None:
-        self._closing = True
-        self._buffer.clear()
-        self._stop_reading()
-        self._stop_writing()
-        self._schedule_lost(exc)
-
-    def _schedule_lost(self, exc: BaseException | None) -> None:
-        if not self._lost:
-            self._lost = True
-            self._loop.call_soon(self._call_connection_lost, exc)
-
-    def _call_connection_lost(self, exc: BaseException | None) -> None:
-        try:
-            self._protocol.connection_lost(exc)
-        finally:
-            self._sock.close()
+    def _release(self) -> None:
+        self._sock.close()
 
     # -- protocol --------------------------------------------------------------------------
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
         self._buffered = takes_buffers(protocol)
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._protocol  # type: ignore[no-any-return]
 
 
 def takes_buffers(protocol: object) -> bool:

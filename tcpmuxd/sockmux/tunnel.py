@@ -1,9 +1,14 @@
-"""Tunnel files: ``sockmux.d/NAME.conf``, one SockMux tunnel per file (sockmuxd.conf(5)).
+"""Tunnel settings: what a tunnel is, read from ``sockmux.d/NAME.conf`` (sockmuxd.conf(5)) or
+from the command line, and validated once, here.
 
 ``sockmuxd NAME`` (the unit ``sockmuxd@NAME.service``) runs the tunnel of ``NAME.conf``, found
 along :data:`SEARCH_PATH` with the rules tcpmuxd's ``conf.d`` follows (they share
 :mod:`tcpmuxd.common.dropins`): the highest file of that name wins whole, an empty file or a symlink
 to ``/dev/null`` masks it. The file has one ``[Tunnel]`` section with systemd-style keys.
+Command-line flags (:mod:`tcpmuxd.sockmux.flags`) are assignments to the same keys: they are
+read into the same :class:`~tcpmuxd.common.dropins.Settings` and checked by the same
+:func:`build_tunnel`, so ``sockmuxd --check`` and the flags agree by construction; only the
+messages spell the keys as flags.
 
 Unlike tcpmuxd, which serves every good file and reports the bad ones, a tunnel is all or
 nothing: :func:`load_tunnel` returns a complete :class:`Tunnel` or raises
@@ -14,13 +19,14 @@ wrote down. For the same reason a directory above the file that cannot be search
 the file is loaded, not when the first peer shows up.
 
 What the protocol layer enforces (:class:`tcpmuxd.sockmux.SockMuxConfig`) is checked here too,
-with the key and line, so that ``sockmuxd --check`` finds what the daemon would refuse.
-:func:`parse_entrance`, :func:`parse_exit` and :func:`read_secret` are public because the
-command-line flags ``--entrance``, ``--exit`` and ``--secret`` mean the same as the keys.
+with the key and line, so that ``sockmuxd --check`` finds what the daemon would refuse. The
+link's key and which keys apply to which link come from the link kinds
+(:mod:`tcpmuxd.sockmux.linkkinds`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -33,7 +39,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ..common.addresses import Endpoint, parse_endpoint
+from ..common.addresses import Endpoint, is_host_name, parse_endpoint
 from ..common.dropins import (
     SUFFIX,
     ConfigError,
@@ -42,6 +48,7 @@ from ..common.dropins import (
     Settings,
     bounded,
     did_you_mean,
+    existing_file,
     find_drop_in,
     format_timespan,
     parse_absolute_path,
@@ -54,18 +61,20 @@ from ..common.dropins import (
     read_drop_in,
     read_settings,
     show_path,
-    split_words,
 )
 from .frames import MAX_FRAME_SIZE, MIN_FRAME_SIZE
+from .linkkinds import BY_NAME, KINDS, RECEPTOR, REDIAL, LinkKind, kinds_where
+from .tls import TLSSettings
 
 __all__ = [
     "SEARCH_PATH",
+    "KEYS",
     "Entrance",
     "Exit",
     "TLSSettings",
     "Tunnel",
     "TunnelConfigError",
-    "format_tunnel",
+    "build_tunnel",
     "load_tunnel",
     "parse_entrance",
     "parse_exit",
@@ -81,23 +90,6 @@ SEARCH_PATH: tuple[Path, ...] = (
 )
 SECTION = "Tunnel"
 
-#: The link kinds and their keys, in the order the messages list them.
-LINK_KEYS: Mapping[str, str] = MappingProxyType(
-    {
-        "Accept": "accept",
-        "Connect": "connect",
-        "FIFO": "fifo",
-        "Device": "device",
-        "Stdio": "stdio",
-        "Command": "command",
-    }
-)
-LINKS = tuple(LINK_KEYS.values())
-TCP_LINKS = ("accept", "connect")
-#: Links sockmuxd establishes again when they are lost, with a backoff up to ReconnectMaxSec=
-#: (a receptor just waits for the peer; stdio is there once).
-REDIALED_LINKS = ("connect", "command", "fifo", "device")
-EXIT_KINDS = ("tcp", "unix", "exec", "tcpmux")
 AUTHENTICATION = ("secret", "none")
 #: A bare ``Entrance=PORT`` listens here only: forwarding a port to another host must not
 #: quietly open it to the network.
@@ -128,6 +120,13 @@ MAX_PENDING_LINKS_LIMIT = 1024
 #: Receptor: the longest a failed link from an address is held before its reset (the delay
 #: doubles from 1 s with each failure in a row; see admission.py).
 DEFAULT_FAILURE_DELAY = 60.0
+#: HoldSec=: how long an entrance connection waits, unread, for a link that is down: covers a
+#: reconnect after a peer restart and the first connection of a socket-activated tunnel.
+DEFAULT_HOLD = 3.0
+#: FirstDataWaitSec= and ReplyWaitSec=: the measurements behind them are at
+#: session.FIRST_DATA_WAIT and session.REPLY_WAIT (the Hub's defaults, the same values).
+DEFAULT_FIRST_DATA_WAIT = 0.001
+DEFAULT_REPLY_WAIT = 0.05
 STREAM_LOG_RATE_LIMIT = 1_000_000
 # The protocol layer's limits (SockMuxConfig): stream ids are 16 bit with two reserved.
 MAX_STREAMS_LIMIT = 0xFFFF - 2
@@ -139,8 +138,6 @@ MAX_SECRET_SIZE = 4096
 #: systemd's FileDescriptorName=: printable ASCII without ":" (sd_notify's FDNAME= separator).
 _FD_NAME = re.compile(r"[!-9;-~]{1,255}")
 _TUNNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_.-]*")
-_LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
-_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 
 
 class TunnelConfigError(Exception):
@@ -227,11 +224,6 @@ def parse_entrance(text: str) -> Entrance:
         raise ValueError(f"write {text[1:]!r} for the loopback addresses, or give a HOST")
     endpoint = parse_endpoint(text, allow_unix=False)
     return Entrance(port=endpoint.port, host=endpoint.host)
-
-
-def _overlap(a: Entrance, b: Entrance) -> bool:
-    """:meth:`Entrance.overlaps` (kept for callers written against the first version)."""
-    return a.overlaps(b)
 
 
 @dataclass(frozen=True)
@@ -346,31 +338,9 @@ def read_secret(path: Path | str) -> bytes:
     return data
 
 
-@dataclass(frozen=True)
-class TLSSettings:
-    """TLS on an Accept= or Connect= link (``Tunnel.tls`` is ``None`` without TLS).
-
-    ``require_peer_certificate``: on Accept=, ask for a client certificate signed by ``ca``;
-    on Connect=, verify the server's certificate (against ``ca``, else the system's CAs) and
-    its name (``server_name``, which defaults to the Connect= host).
-    """
-
-    certificate: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
-    server_name: str | None = None
-    require_peer_certificate: bool = True
-
 
 def _parse_pem_file(text: str) -> Path:
-    path = parse_absolute_path(text)
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise ValueError(f"{path}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{path}: not a regular file")
-    return Path(path)
+    return Path(existing_file(parse_absolute_path(text)))
 
 
 def _parse_server_name(text: str) -> str:
@@ -378,7 +348,7 @@ def _parse_server_name(text: str) -> str:
         return str(ipaddress.ip_address(text))
     except ValueError:
         pass
-    if len(text) > 253 or not _HOSTNAME.fullmatch(text):
+    if not is_host_name(text):
         raise ValueError(f"{text!r} is not a host name or IP address")
     return text
 
@@ -390,8 +360,9 @@ def _parse_server_name(text: str) -> str:
 class Tunnel:
     """One validated tunnel (the keys are documented in sockmuxd.conf(5)).
 
-    ``link`` is one of :data:`LINKS`; its fields: ``address`` (accept, connect), ``fifo_in``
-    and ``fifo_out`` (fifo), ``device`` (device), ``command`` (command), none for stdio.
+    ``link`` names its kind (:attr:`kind`, one of :data:`~tcpmuxd.sockmux.linkkinds.KINDS`),
+    whose value is in the link fields: ``address`` (accept, connect), ``fifo_in`` and
+    ``fifo_out`` (fifo), ``device`` (device), ``command`` (command), none for stdio.
     The secret is never shown by ``repr()``: tunnels end up in logs and tracebacks.
     """
 
@@ -425,27 +396,25 @@ class Tunnel:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_pending_links: int = DEFAULT_MAX_PENDING_LINKS
     failure_delay: float = DEFAULT_FAILURE_DELAY
+    hold: float = DEFAULT_HOLD
+    first_data_wait: float = DEFAULT_FIRST_DATA_WAIT
+    reply_wait: float = DEFAULT_REPLY_WAIT
     description: str = ""
+
+    @property
+    def kind(self) -> LinkKind:
+        return BY_NAME[self.link]
 
     @property
     def role(self) -> str:
         """``"receptor"`` (waits for the peer), ``"connector"`` (dials, re-dials) or
         ``"pipe"`` (neither listens nor dials: FIFOs, a device, stdio, a command)."""
-        return {"accept": "receptor", "connect": "connector"}.get(self.link, "pipe")
+        return self.kind.role
 
     @property
     def link_target(self) -> str:
         """The link as written after its key."""
-        if self.link in TCP_LINKS:
-            return str(self.address)
-        if self.link == "fifo":
-            return f"{self.fifo_in} {self.fifo_out}"
-        if self.link == "device":
-            return str(self.device)
-        if self.link == "command":
-            assert self.command is not None
-            return shlex.join(self.command)
-        return "yes"
+        return self.kind.target(self)
 
     def exit_for(self, entrance_port: int | None) -> Exit | None:
         """The exit for a stream that entered the peer at ``entrance_port`` (``None``: the
@@ -455,28 +424,10 @@ class Tunnel:
         return self.exits.get(None)
 
 
-def _parse_accept(text: str) -> Endpoint:
-    if text.isascii() and text.isdigit():
-        raise ValueError(
-            f"give the address to listen on too: [::]:{text} or 0.0.0.0:{text} for every "
-            f"address, or one address such as 192.0.2.1:{text}"
-        )
-    return parse_endpoint(text, allow_unix=False)
+# --------------------------------------------------------------------------- the keys
 
 
-def _parse_fifo(text: str) -> tuple[str, str]:
-    words = split_words(text)
-    if len(words) != 2:
-        raise ValueError(
-            f"expected two paths, the FIFO to read and the FIFO to write, got {len(words)}"
-        )
-    inbound, outbound = (parse_absolute_path(word) for word in words)
-    if inbound == outbound:
-        raise ValueError(f"both FIFOs are {inbound}: for one bidirectional device use Device=")
-    return inbound, outbound
-
-
-def _parse_choice(choices: Sequence[str]) -> KeySpec:
+def _parse_choice(choices: Sequence[str]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
             raise ValueError(
@@ -484,7 +435,7 @@ def _parse_choice(choices: Sequence[str]) -> KeySpec:
             )
         return text
 
-    return KeySpec(parse)
+    return parse
 
 
 def _one(parse: Callable[[str], Any]) -> Callable[[str], tuple[Any]]:
@@ -492,23 +443,28 @@ def _one(parse: Callable[[str], Any]) -> Callable[[str], tuple[Any]]:
     return lambda text: (parse(text),)
 
 
-_TCP = TCP_LINKS
-_KEYS: dict[str, KeySpec] = {
+def _parse_secret(text: str) -> tuple[Path, bytes]:
+    return Path(parse_absolute_path(text)), read_secret(text)
+
+
+# Which keys apply to which links, from what the kinds are.
+_TLS_LINKS = kinds_where(lambda kind: kind.tls is not None)
+_TLS_CLIENTS = kinds_where(lambda kind: kind.tls == "client")
+_REDIALED = kinds_where(lambda kind: kind.upkeep is REDIAL)
+_RECEPTORS = kinds_where(lambda kind: kind.upkeep is RECEPTOR)
+
+#: Every key of a tunnel file: its parser, and the links it applies to (None: all).
+KEYS: Mapping[str, KeySpec] = MappingProxyType({
     "Description": KeySpec(str),
-    "Accept": KeySpec(_parse_accept),
-    "Connect": KeySpec(lambda text: parse_endpoint(text, allow_unix=False)),
-    "FIFO": KeySpec(_parse_fifo),
-    "Device": KeySpec(parse_absolute_path),
-    "Stdio": KeySpec(parse_bool),
-    "Command": KeySpec(parse_exec),
-    "TLS": KeySpec(parse_bool, _TCP),
-    "TLSCertificate": KeySpec(_parse_pem_file, _TCP),
-    "TLSKey": KeySpec(_parse_pem_file, _TCP),
-    "TLSCA": KeySpec(_parse_pem_file, _TCP),
-    "TLSServerName": KeySpec(_parse_server_name, ("connect",)),
-    "TLSRequirePeerCertificate": KeySpec(parse_bool, _TCP),
-    "Secret": KeySpec(lambda text: (Path(parse_absolute_path(text)), read_secret(text))),
-    "Authentication": _parse_choice(AUTHENTICATION),
+    **{kind.key: KeySpec(kind.parse) for kind in KINDS},
+    "TLS": KeySpec(parse_bool, _TLS_LINKS),
+    "TLSCertificate": KeySpec(_parse_pem_file, _TLS_LINKS),
+    "TLSKey": KeySpec(_parse_pem_file, _TLS_LINKS),
+    "TLSCA": KeySpec(_parse_pem_file, _TLS_LINKS),
+    "TLSServerName": KeySpec(_parse_server_name, _TLS_CLIENTS),
+    "TLSRequirePeerCertificate": KeySpec(parse_bool, _TLS_LINKS),
+    "Secret": KeySpec(_parse_secret),
+    "Authentication": KeySpec(_parse_choice(AUTHENTICATION)),
     "Extensions": KeySpec(parse_bool),
     "Entrance": KeySpec(_one(parse_entrance), is_list=True),
     "Exit": KeySpec(_one(parse_exit), is_list=True),
@@ -516,15 +472,18 @@ _KEYS: dict[str, KeySpec] = {
     "KeepAliveSec": KeySpec(parse_timeout),
     "DeadPeerSec": KeySpec(parse_timeout),
     "ConnectTimeoutSec": KeySpec(parse_timeout),
-    "ReconnectMaxSec": KeySpec(parse_timeout, REDIALED_LINKS),
+    "ReconnectMaxSec": KeySpec(parse_timeout, _REDIALED),
     "WindowSize": KeySpec(bounded(parse_size, *WINDOW_SIZE_RANGE)),
     "FrameSize": KeySpec(bounded(parse_size, MIN_FRAME_SIZE, MAX_FRAME_SIZE)),
     "StreamLogRate": KeySpec(bounded(parse_count, 0, STREAM_LOG_RATE_LIMIT)),
     "SendTimeoutSec": KeySpec(parse_timeout),
     "HandshakeTimeoutSec": KeySpec(parse_timeout),
-    "MaxPendingLinks": KeySpec(bounded(parse_count, 1, MAX_PENDING_LINKS_LIMIT), ("accept",)),
-    "FailureDelaySec": KeySpec(parse_timespan, ("accept",)),
-}
+    "MaxPendingLinks": KeySpec(bounded(parse_count, 1, MAX_PENDING_LINKS_LIMIT), _RECEPTORS),
+    "FailureDelaySec": KeySpec(parse_timespan, _RECEPTORS),
+    "HoldSec": KeySpec(parse_timespan),
+    "FirstDataWaitSec": KeySpec(parse_timespan),
+    "ReplyWaitSec": KeySpec(parse_timespan),
+})
 _TLS_DETAIL_KEYS = (
     "TLSCertificate",
     "TLSKey",
@@ -532,6 +491,24 @@ _TLS_DETAIL_KEYS = (
     "TLSServerName",
     "TLSRequirePeerCertificate",
 )
+#: Tunnel fields set straight from a key (or its default): the rest are checked together.
+_PLAIN_FIELDS: Mapping[str, tuple[str, Any]] = MappingProxyType({
+    "max_streams": ("MaxStreams", DEFAULT_MAX_STREAMS),
+    "connect_timeout": ("ConnectTimeoutSec", DEFAULT_CONNECT_TIMEOUT),
+    "reconnect_max": ("ReconnectMaxSec", DEFAULT_RECONNECT_MAX),
+    "stream_window": ("WindowSize", DEFAULT_WINDOW_SIZE),
+    "max_frame_size": ("FrameSize", DEFAULT_FRAME_SIZE),
+    "stream_log_rate": ("StreamLogRate", DEFAULT_STREAM_LOG_RATE),
+    "send_timeout": ("SendTimeoutSec", DEFAULT_SEND_TIMEOUT),
+    "handshake_timeout": ("HandshakeTimeoutSec", DEFAULT_HANDSHAKE_TIMEOUT),
+    "max_pending_links": ("MaxPendingLinks", DEFAULT_MAX_PENDING_LINKS),
+    "failure_delay": ("FailureDelaySec", DEFAULT_FAILURE_DELAY),
+    "hold": ("HoldSec", DEFAULT_HOLD),
+    "first_data_wait": ("FirstDataWaitSec", DEFAULT_FIRST_DATA_WAIT),
+    "reply_wait": ("ReplyWaitSec", DEFAULT_REPLY_WAIT),
+    "extensions": ("Extensions", True),
+    "description": ("Description", ""),
+})
 
 
 def _tunnel_name_problem(name: str) -> str | None:
@@ -547,79 +524,105 @@ def _tunnel_name_problem(name: str) -> str | None:
     return None
 
 
-def _check_tls(s: Settings, link: str) -> TLSSettings | None:
+# --------------------------------------------------------------------------- checks across keys
+#
+# Each takes the Settings of a file or of the command line and reports through s.error(),
+# naming keys with s.spell() and earlier assignments with s.at(), so that the messages read
+# right in both.
+
+
+def _select_link(s: Settings) -> LinkKind | None:
+    values = s.values
+    for kind in KINDS:
+        if kind.key in values and not kind.present(values[kind.key]):
+            del values[kind.key]  # Stdio=no: this key gives no link
+    keys = [s.spell(kind.key) for kind in KINDS]
+    one_of = ", ".join(keys[:-1]) + " or " + keys[-1]
+    switched = [s.spell(kind.key, kind.switch) if kind.switch else s.spell(kind.key)
+                for kind in KINDS]
+    name = s.select_kind(
+        {kind.key: kind.name for kind in KINDS},
+        conflict=f"a tunnel has exactly one link: {one_of}",
+        missing="no link: set one of " + ", ".join(switched[:-1]) + " or " + switched[-1],
+        plural="tunnels",
+    )
+    return None if name is None else BY_NAME[name]
+
+
+def _check_tls(s: Settings, kind: LinkKind) -> TLSSettings | None:
     values = s.values
     if not values.get("TLS", False):
         for key in _TLS_DETAIL_KEYS:
-            kinds = _KEYS[key].kinds
-            if key in values and (kinds is None or link in kinds):
-                s.error(s.lines[key], f"{key}= has no effect without TLS=yes")
+            kinds = KEYS[key].kinds
+            if key in values and (kinds is None or kind.name in kinds):
+                s.error(s.lines[key], f"{s.spell(key)} has no effect without "
+                                      f"{s.spell('TLS', 'yes')}")
         return None
-    cert, key = values.get("TLSCertificate"), values.get("TLSKey")
+    cert, private_key = values.get("TLSCertificate"), values.get("TLSKey")
     ca = values.get("TLSCA")
-    if link == "accept" and (cert is None or key is None):
+    if kind.tls == "server" and (cert is None or private_key is None):
         if not s.failed & {"TLSCertificate", "TLSKey"}:
             s.error(
                 s.lines["TLS"],
-                "TLS=yes on an Accept= tunnel needs TLSCertificate= and TLSKey= "
+                f"{s.spell('TLS', 'yes')} on an {s.spell(kind.key)} tunnel needs "
+                f"{s.spell('TLSCertificate')} and {s.spell('TLSKey')} "
                 "(this side's certificate and its private key)",
             )
-    elif (cert is None) != (key is None):
-        have, need = ("TLSCertificate", "TLSKey")
-        if cert is None:
-            have, need = need, have
+    elif (cert is None) != (private_key is None):
+        have, need = (("TLSCertificate", "TLSKey") if private_key is None
+                      else ("TLSKey", "TLSCertificate"))
         if need not in s.failed:
-            s.error(s.lines[have], f"{have}= needs {need}= too (a certificate and its key)")
+            s.error(s.lines[have], f"{s.spell(have)} needs {s.spell(need)} too "
+                                   "(a certificate and its key)")
     require = values.get("TLSRequirePeerCertificate")
     if require is None:
-        require = ca is not None if link == "accept" else True
-    elif require and link == "accept" and ca is None and "TLSCA" not in s.failed:
+        require = ca is not None if kind.tls == "server" else True
+    elif require and kind.tls == "server" and ca is None and "TLSCA" not in s.failed:
         s.error(
             s.lines["TLSRequirePeerCertificate"],
-            "TLSRequirePeerCertificate=yes needs TLSCA= (the CA that signs the peers' "
-            "certificates) to check them against",
+            f"{s.spell('TLSRequirePeerCertificate', 'yes')} needs {s.spell('TLSCA')} (the CA "
+            "that signs the peers' certificates) to check them against",
         )
-    elif not require and link == "connect" and ca is not None:
+    elif not require and kind.tls == "client" and ca is not None:
         s.error(
             s.lines["TLSRequirePeerCertificate"],
-            "TLSRequirePeerCertificate=no with TLSCA= on a Connect= tunnel: the server's "
-            "certificate would not be checked against the CA; remove one of the two",
+            f"{s.spell('TLSRequirePeerCertificate', 'no')} with {s.spell('TLSCA')} on a "
+            f"{s.spell(kind.key)} tunnel: the server's certificate would not be checked "
+            "against the CA; remove one of the two",
         )
-    server_name = values.get("TLSServerName")
-    if server_name is None and link == "connect":
-        server_name = values["Connect"].host
-    return TLSSettings(cert, key, ca, server_name, require)
+    server_name = values.get("TLSServerName") or kind.server_name(values.get(kind.key))
+    return TLSSettings(cert, private_key, ca, server_name, require)
 
 
-def _check_auth(s: Settings, name: str) -> tuple[bool, Path | None, bytes | None]:
+def _check_auth(s: Settings, secret_file: str) -> dict[str, Any]:
+    """``require_auth``, ``secret`` and ``secret_path``; ``secret_file`` is the file the
+    message about a missing secret suggests."""
     values = s.values
-    auth = values.get("Authentication", "secret")
-    extensions = values.get("Extensions", True)
     secret = values.get("Secret")
-    if auth == "none":
+    if values.get("Authentication", "secret") == "none":
         if secret is not None:
-            s.error(
-                s.lines["Secret"],
-                "Secret= is not used with Authentication=none: remove one of the two",
-            )
-        return False, None, None
-    if not extensions:
+            s.error(s.lines["Secret"], f"{s.spell('Secret')} is not used with "
+                                       f"{s.spell('Authentication', 'none')}: remove one of the two")
+        return {"require_auth": False}
+    if not values.get("Extensions", True):
         s.error(
             s.lines["Extensions"],
-            "Extensions=no speaks plain DeleGate SockMux, which cannot authenticate: "
-            "set Authentication=none too, knowingly (anyone who reaches the link can use it)",
+            f"{s.spell('Extensions', 'no')} speaks plain DeleGate SockMux, which cannot "
+            f"authenticate: set {s.spell('Authentication', 'none')} too, knowingly (anyone who "
+            "reaches the link can use it)",
         )
     elif secret is None and "Secret" not in s.failed and s.section_line is not None:
         s.error(
             s.line("Authentication") or s.section_line,
-            "Authentication=secret (the default) needs Secret=FILE, the same secret on both "
-            "peers: create it with 'umask 077; head -c 32 /dev/urandom | base64 > "
-            f"/etc/tcpmuxd/sockmux.d/{name}.secret' and copy it to the peer; "
-            "for a DeleGate peer in plain mode set Authentication=none instead",
+            f"{s.spell('Authentication', 'secret')} (the default) needs "
+            f"{s.spell('Secret', 'FILE')}, the same secret on both peers: create it with "
+            f"'umask 077; head -c 32 /dev/urandom | base64 > {secret_file}' and copy it to "
+            f"the peer; for a DeleGate peer in plain mode set {s.spell('Authentication', 'none')} "
+            "instead",
         )
     if secret is None:
-        return True, None, None
-    return True, secret[0], secret[1]
+        return {"require_auth": True}
+    return {"require_auth": True, "secret_path": secret[0], "secret": secret[1]}
 
 
 def _check_entrances(s: Settings) -> tuple[Entrance, ...]:
@@ -628,11 +631,11 @@ def _check_entrances(s: Settings) -> tuple[Entrance, ...]:
         for other_line, other in seen:
             if entrance.overlaps(other):
                 what = (
-                    f"is given twice (first on line {other_line})"
+                    f"is given twice (first{s.at(other_line)})"
                     if entrance == other
-                    else f"overlaps Entrance={other} on line {other_line}"
+                    else f"overlaps {s.spell('Entrance', str(other))}{s.at(other_line)}"
                 )
-                s.error(line, f"Entrance={entrance} {what}")
+                s.error(line, f"{s.spell('Entrance', str(entrance))} {what}")
                 break
         else:
             seen.append((line, entrance))
@@ -648,90 +651,71 @@ def _check_exits(s: Settings) -> dict[int | None, Exit]:
             if port is None:
                 s.error(
                     line,
-                    f"a second default Exit= (the first is on line {where[port]}): "
+                    f"a second default {s.spell('Exit')} (the first is{s.at(where[port])}): "
                     "give the others an ENTRANCEPORT= prefix",
                 )
             else:
-                s.error(line, f"entrance port {port} already has an Exit= on line {where[port]}")
+                s.error(line, f"entrance port {port} already has an "
+                              f"{s.spell('Exit')}{s.at(where[port])}")
             continue
         exits[port], where[port] = exit_, line
     return exits
 
 
-def _parse_tunnel(name: str, path: Path, text: str, overrides: tuple[Path, ...]) -> Tunnel:
-    s = read_settings(path, text, section=SECTION, keys=_KEYS, what="a tunnel file")
-    values = s.values
-    if values.get("Stdio") is False:  # Stdio=no: this key gives no link
-        del values["Stdio"]
-    link = s.select_kind(
-        LINK_KEYS,
-        conflict="a tunnel has exactly one link: Accept=, Connect=, FIFO=, Device=, Stdio= "
-        "or Command=",
-        missing="no link: set one of Accept=, Connect=, FIFO=, Device=, Stdio=yes or Command=",
-        plural="tunnels",
-    )
-    tls = _check_tls(s, link) if link in TCP_LINKS else None
-    require_auth, secret_path, secret = _check_auth(s, name)
-    entrances = _check_entrances(s)
-    exits = _check_exits(s)
+def _check_carries_something(s: Settings) -> None:
     if s.section_line is not None and not (
-        "Entrance" in values or "Exit" in values or s.failed & {"Entrance", "Exit"}
+        "Entrance" in s.values or "Exit" in s.values or s.failed & {"Entrance", "Exit"}
     ):
+        entrance, exit_ = s.spell("Entrance"), s.spell("Exit")
         s.error(
             s.section_line,
-            "the tunnel has neither Entrance= nor Exit=, so it would carry nothing: add an "
-            "Entrance= (a local port forwarded to the peer) or an Exit= (where the peer's "
-            "streams go)",
+            f"the tunnel has neither {entrance} nor {exit_}, so it would carry nothing: add "
+            f"an {entrance} (a local port forwarded to the peer) or an {exit_} (where the "
+            "peer's streams go)",
         )
-    keepalive = values.get("KeepAliveSec", DEFAULT_KEEPALIVE)
-    dead_peer = values.get("DeadPeerSec", DEFAULT_DEAD_PEER)
+
+
+def _check_keepalive(s: Settings) -> dict[str, float]:
+    keepalive = s.values.get("KeepAliveSec", DEFAULT_KEEPALIVE)
+    dead_peer = s.values.get("DeadPeerSec", DEFAULT_DEAD_PEER)
     if dead_peer <= keepalive:
         s.error(
             s.line("DeadPeerSec") or s.line("KeepAliveSec"),
-            f"DeadPeerSec= ({format_timespan(dead_peer)}) must be longer than KeepAliveSec= "
-            f"({format_timespan(keepalive)}), or a quiet but healthy link is declared dead "
-            "before a keep-alive could show it is alive",
+            f"{s.spell('DeadPeerSec')} ({format_timespan(dead_peer)}) must be longer than "
+            f"{s.spell('KeepAliveSec')} ({format_timespan(keepalive)}), or a quiet but "
+            "healthy link is declared dead before a keep-alive could show it is alive",
         )
-    if s.errors or link is None:
+    return {"keepalive_interval": keepalive, "dead_peer_timeout": dead_peer}
+
+
+def build_tunnel(s: Settings, name: str | None, *, secret_file: str,
+                 source: Path | None = None, overrides: tuple[Path, ...] = ()) -> Tunnel:
+    """The tunnel the settings of a file or of the command line describe, every rule across
+    keys checked here; ``name`` None: the link's label (flags without ``--name``).
+
+    Raises :class:`TunnelConfigError` with every problem (the settings' own, from reading each
+    value, and these), in line order.
+    """
+    kind = _select_link(s)
+    fields: dict[str, Any] = {}
+    if kind is not None and kind.tls is not None:
+        fields["tls"] = _check_tls(s, kind)
+    fields.update(_check_auth(s, secret_file))
+    fields["entrances"] = _check_entrances(s)
+    fields["exits"] = MappingProxyType(_check_exits(s))
+    _check_carries_something(s)
+    fields.update(_check_keepalive(s))
+    if s.errors or kind is None:
+        n = len(s.errors)
         raise TunnelConfigError(
-            f"tunnel {name}: {_count(len(s.errors))} in {show_path(path)}", s.sorted_errors()
-        )
-    fifo = values.get("FIFO", (None, None))
-    return Tunnel(
-        name=name,
-        link=link,
-        source=path,
-        overrides=overrides,
-        address=values.get("Accept") or values.get("Connect"),
-        fifo_in=fifo[0],
-        fifo_out=fifo[1],
-        device=values.get("Device"),
-        command=values.get("Command"),
-        tls=tls,
-        secret=secret,
-        secret_path=secret_path,
-        require_auth=require_auth,
-        extensions=values.get("Extensions", True),
-        entrances=entrances,
-        exits=MappingProxyType(exits),
-        max_streams=values.get("MaxStreams", DEFAULT_MAX_STREAMS),
-        keepalive_interval=keepalive,
-        dead_peer_timeout=dead_peer,
-        connect_timeout=values.get("ConnectTimeoutSec", DEFAULT_CONNECT_TIMEOUT),
-        reconnect_max=values.get("ReconnectMaxSec", DEFAULT_RECONNECT_MAX),
-        stream_window=values.get("WindowSize", DEFAULT_WINDOW_SIZE),
-        max_frame_size=values.get("FrameSize", DEFAULT_FRAME_SIZE),
-        stream_log_rate=values.get("StreamLogRate", DEFAULT_STREAM_LOG_RATE),
-        send_timeout=values.get("SendTimeoutSec", DEFAULT_SEND_TIMEOUT),
-        handshake_timeout=values.get("HandshakeTimeoutSec", DEFAULT_HANDSHAKE_TIMEOUT),
-        max_pending_links=values.get("MaxPendingLinks", DEFAULT_MAX_PENDING_LINKS),
-        failure_delay=values.get("FailureDelaySec", DEFAULT_FAILURE_DELAY),
-        description=values.get("Description", ""),
-    )
-
-
-def _count(n: int) -> str:
-    return "1 error" if n == 1 else f"{n} errors"
+            f"tunnel {name or 'on the command line'}: {'1 error' if n == 1 else f'{n} errors'}"
+            f" in {show_path(s.path)}", s.sorted_errors())
+    fields.update(kind.fields(s.values[kind.key]))
+    for attribute, (key, default) in _PLAIN_FIELDS.items():
+        fields[attribute] = s.values.get(key, default)
+    tunnel = Tunnel(name=name or "", link=kind.name, source=source, overrides=overrides,
+                    **fields)
+    return tunnel if name else dataclasses.replace(tunnel, name=kind.label(tunnel))
 
 
 def load_tunnel(name: str, search_path: Iterable[Path | str] = SEARCH_PATH) -> Tunnel:
@@ -762,101 +746,6 @@ def load_tunnel(name: str, search_path: Iterable[Path | str] = SEARCH_PATH) -> T
         raise TunnelConfigError(f"tunnel {name}: cannot use {show_path(found.path)}", [exc.error])
     if text is None:
         raise TunnelConfigError(f"tunnel {name} is masked by {show_path(found.path)}")
-    return _parse_tunnel(name, found.path, text, found.shadowed)
-
-
-# --------------------------------------------------------------------------- --check
-
-
-def _size(n: int) -> str:
-    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
-        if n >= size and n % size == 0:
-            return f"{n} ({n // size}{unit})"
-    return str(n)
-
-
-def _describe_exit(exit_: Exit) -> str:
-    if exit_.kind == "tcpmux":
-        return "tcpmux (tcpmuxd's dispatcher: the stream names a TCPMUX service)"
-    return f"{exit_.kind} {exit_.target.removeprefix('exec:')}"
-
-
-def format_tunnel(t: Tunnel) -> str:
-    """What ``sockmuxd --check`` prints: every setting as it will be used, defaults resolved.
-
-    The secret itself is never printed, only where it comes from and its length.
-    """
-    rows: list[tuple[str, str]] = [("Tunnel", t.name)]
-    if t.source is not None:
-        rows.append(("File", show_path(t.source)))
-    rows += [("Overrides", show_path(p)) for p in t.overrides]
-    if t.description:
-        rows.append(("Description", t.description))
-    role = {
-        "receptor": "receptor, the peer connects here",
-        "connector": "connector, re-dials with backoff",
-    }.get(t.role, "")
-    key = next((k for k, v in LINK_KEYS.items() if v == t.link), t.link)
-    rows.append(("Link", f"{key}={t.link_target}" + (f" ({role})" if role else "")))
-    if t.link in TCP_LINKS:
-        if t.tls is None:
-            rows.append(("TLS", "no"))
-        else:
-            parts = []
-            if t.tls.certificate is not None:
-                parts.append(f"certificate {show_path(t.tls.certificate)}")
-            if t.tls.key is not None:
-                parts.append(f"key {show_path(t.tls.key)}")
-            parts.append(f"CA {show_path(t.tls.ca)}" if t.tls.ca else "system CAs")
-            if t.link == "connect":
-                parts.append(f"server name {t.tls.server_name}")
-            if t.tls.require_peer_certificate:
-                parts.append("peer certificate verified")
-            else:
-                parts.append("peer certificate NOT verified")
-            rows.append(("TLS", "yes: " + ", ".join(parts)))
-    if t.require_auth:
-        if t.secret_path is not None and t.secret is not None:
-            auth = f"secret from {show_path(t.secret_path)} ({len(t.secret)} bytes)"
-        else:
-            auth = "secret (given elsewhere)" if t.secret else "secret, MISSING"
-    else:
-        auth = "none: the peer is not authenticated"
-    rows.append(("Authentication", auth))
-    rows.append(("Extensions", "yes" if t.extensions else "no: plain DeleGate SockMux only"))
-    for entrance in t.entrances:
-        if entrance.fd_name is not None:
-            shown = f"{entrance} (socket from systemd, FileDescriptorName={entrance.fd_name})"
-        elif entrance.host is None:
-            shown = f"{entrance} (" + " and ".join(str(e) for e in entrance.endpoints) + ")"
-        else:
-            shown = str(entrance)
-        rows.append(("Entrance", shown))
-    if not t.entrances:
-        rows.append(("Entrance", "none: nothing is forwarded to the peer"))
-    ordered = sorted(t.exits.items(), key=lambda item: (item[0] is None, item[0] or 0))
-    for port, exit_ in ordered:
-        rows.append(("Exit", f"{'default' if port is None else port} -> {_describe_exit(exit_)}"))
-    if not t.exits:
-        rows.append(("Exit", "none: streams from the peer are refused"))
-    elif None not in t.exits:
-        rows.append(("Exit", "default -> none: streams from other entrance ports are refused"))
-    rows += [
-        ("MaxStreams", f"{t.max_streams}" + ("" if t.extensions else " (a plain peer: fewer)")),
-        ("KeepAliveSec", format_timespan(t.keepalive_interval)),
-        ("DeadPeerSec", format_timespan(t.dead_peer_timeout)),
-        ("ConnectTimeoutSec", format_timespan(t.connect_timeout)),
-    ]
-    if t.link in REDIALED_LINKS:
-        rows.append(("ReconnectMaxSec", format_timespan(t.reconnect_max)))
-    rows += [("WindowSize", _size(t.stream_window)), ("FrameSize", _size(t.max_frame_size)),
-             ("StreamLogRate", f"{t.stream_log_rate}/s" + (
-                 " (no per-stream records, summaries only)" if not t.stream_log_rate else "")),
-             ("SendTimeoutSec", format_timespan(t.send_timeout)),
-             ("HandshakeTimeoutSec", format_timespan(t.handshake_timeout))]
-    if t.link == "accept":
-        rows += [("MaxPendingLinks", str(t.max_pending_links)),
-                 ("FailureDelaySec", format_timespan(t.failure_delay) if t.failure_delay
-                  else "0 (failed links are reset at once)")]
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)
+    s = read_settings(found.path, text, section=SECTION, keys=KEYS, what="a tunnel file")
+    return build_tunnel(s, name, secret_file=f"/etc/tcpmuxd/sockmux.d/{name}.secret",
+                        source=found.path, overrides=found.shadowed)

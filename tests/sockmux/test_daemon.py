@@ -425,6 +425,38 @@ def test_tunnel_files_and_check(procs, tmp_path, echo, secret):
     assert out.returncode == 78 and "Traceback" not in out.stderr
 
 
+def _held_for(port: int, timeout: float = 15.0) -> float:
+    """Seconds from connecting to the entrance until the tunnel resets (or ends) it."""
+    started = time.monotonic()
+    try:  # a reset at once may come before connect() has returned
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            assert s.recv(1) == b""
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - started
+
+
+def test_hold_from_the_tunnel_file_and_the_flag(procs, tmp_path, secret):
+    """HoldSec= holds an entrance connection while the link is down, then resets it;
+    --hold replaces it for a tunnel file too."""
+    confdir = tmp_path / "sockmux.d"
+    confdir.mkdir()
+    entrances = free_port(), free_port()
+    for name, entrance in zip(("a", "b"), entrances):
+        (confdir / f"{name}.conf").write_text(
+            f"[Tunnel]\nConnect=127.0.0.1:{free_port()}\nSecret={secret}\n"
+            f"Entrance=127.0.0.1:{entrance}\nHoldSec=2s\nReconnectMaxSec=1s\n")
+    start(procs, tmp_path, "a", ["--config-dir", str(confdir), "a"])
+    start(procs, tmp_path, "b", ["--config-dir", str(confdir), "b", "--hold", "0"])
+    for proc in procs:
+        deadline = time.monotonic() + 20
+        while "entrances" not in proc.text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    held, at_once = _held_for(entrances[0]), _held_for(entrances[1])
+    assert 1.8 <= held < 10, held
+    assert at_once < 1.5, at_once
+
+
 def test_check_with_flags(tmp_path, secret):
     out = subprocess.run(DAEMON + ["--check", "--connect", "gw.example.net:7000", "--secret",
                                    secret, "--entrance", "5432", "--exit", "8080=tcpmux",
@@ -449,32 +481,33 @@ def test_check_with_flags(tmp_path, secret):
     ([], "no tunnel"),
     (["--connect", "h:1", "--accept", "0.0.0.0:1", "--no-auth", "--exit", "h:2"],
      "exactly one link"),
-    (["--connect", "h:1", "--exit", "h:2"], "give --secret FILE"),
+    (["--connect", "h:1", "--exit", "h:2"], "needs --secret FILE"),
     (["--connect", "h:1", "--no-auth"], "would carry nothing"),
     (["--connect", "h:x", "--no-auth", "--exit", "h:2"], "--connect: port"),
-    (["--accept", "7000", "--no-auth", "--exit", "h:2"], "give the address too"),
+    (["--accept", "7000", "--no-auth", "--exit", "h:2"], "give the address to listen on too"),
     (["--connect", "h:1", "--no-auth", "--exit", "nosuchthing"], "--exit nosuchthing"),
     (["--connect", "h:1", "--no-auth", "--exit", "exec:relative"], "absolute path"),
     (["--connect", "h:1", "--no-auth", "--exit", "h:2", "--exit", "h:3"], "second default"),
     (["--connect", "h:1", "--no-auth", "--entrance", "70000"], "out of range"),
-    (["--fifo", "/a,/b", "--no-auth", "--exit", "h:2", "--tls"], "TLS is for"),
+    (["--fifo", "/a,/b", "--no-auth", "--exit", "h:2", "--tls"],
+     "--tls only applies to --accept or --connect tunnels"),
     (["--connect", "h:1", "--no-auth", "--exit", "h:2", "--keepalive", "1min",
       "--dead-peer", "30s"], "must be longer"),
     (["--connect", "h:1", "--no-auth", "--exit", "h:2", "--keepalive", "soon"],
      "not a time span"),
     (["--connect", "h:1", "--no-auth", "--exit", "h:2", "--stream-log-rate", "1000001"],
-     "records per second from 0 to 1000000"),
+     "--stream-log-rate: '1000001' is out of range 0-1000000"),
     (["--connect", "h:1", "--no-auth", "--exit", "h:2", "--stream-log-rate", "-1"],
-     "records per second from 0 to 1000000"),
+     "--stream-log-rate: '-1' is not a non-negative integer"),
     (["name", "--stream-log-rate", "0"], "exclude each other"),
     (["--accept", "127.0.0.1:1", "--no-auth", "--exit", "h:2", "--max-pending-links", "0"],
-     "a number of links from 1 to 1024"),
+     "--max-pending-links: '0' is out of range 1-1024"),
     (["--accept", "127.0.0.1:1", "--no-auth", "--exit", "h:2", "--max-pending-links", "1025"],
-     "a number of links from 1 to 1024"),
+     "--max-pending-links: '1025' is out of range 1-1024"),
     (["--connect", "h:1", "--no-auth", "--exit", "h:2", "--max-pending-links", "4"],
-     "--max-pending-links is for a receptor"),
+     "--max-pending-links only applies to --accept tunnels, not to --connect ones"),
     (["--connect", "h:1", "--no-auth", "--exit", "h:2", "--failure-delay", "5s"],
-     "--failure-delay is for a receptor"),
+     "--failure-delay only applies to --accept tunnels, not to --connect ones"),
     (["--connect", "h:1", "--no-auth", "--exit", "h:2", "--handshake-timeout", "0"],
      "must be greater than zero"),
     (["--connect", "h:1", "--no-auth", "--exit", "h:2", "--send-timeout", "0"],

@@ -8,6 +8,7 @@ timeout; every test checks that no file descriptor is left open.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import hashlib
 import logging
@@ -26,9 +27,10 @@ from typing import Any, Callable
 import pytest
 import uvloop
 
-from tcpmuxd.sockmux import links
-from tcpmuxd.sockmux.links import Backoff, PipePairTransport, TLSSettings
-from tcpmuxd.sockmux.links import client_context, server_context
+from tcpmuxd.sockmux import links, pipelink
+from tcpmuxd.sockmux.links import Backoff
+from tcpmuxd.sockmux.pipelink import PipePairTransport
+from tcpmuxd.sockmux.tls import TLSSettings, client_context, server_context
 
 MiB = 1 << 20
 EXCHANGE = 8 * MiB
@@ -178,10 +180,10 @@ class BufferedPeer(PeerBase, asyncio.BufferedProtocol):
 
 
 def tls_contexts(certs: Any) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    server = server_context(TLSSettings(certfile=certs.server_cert, keyfile=certs.server_key,
-                                        cafile=certs.ca, require_peer_cert=True))
-    client = client_context(TLSSettings(certfile=certs.client_cert, keyfile=certs.client_key,
-                                        cafile=certs.ca, server_hostname="localhost"))
+    server = server_context(TLSSettings(certificate=certs.server_cert, key=certs.server_key,
+                                        ca=certs.ca, require_peer_certificate=True))
+    client = client_context(TLSSettings(certificate=certs.client_cert, key=certs.client_key,
+                                        ca=certs.ca, server_name="localhost"))
     return server, client
 
 
@@ -213,8 +215,8 @@ async def fifo_link(tmp: Path, fa: Callable[[], Any], fb: Callable[[], Any]) -> 
     a2b, b2a = tmp / "a2b", tmp / "b2a"
     os.mkfifo(a2b)
     os.mkfifo(b2a)
-    (_, pa), (_, pb) = await asyncio.gather(links.open_fifos(str(b2a), str(a2b), fa),
-                                            links.open_fifos(str(a2b), str(b2a), fb))
+    (_, pa), (_, pb) = await asyncio.gather(pipelink.open_fifos(str(b2a), str(a2b), fa),
+                                            pipelink.open_fifos(str(a2b), str(b2a), fb))
     return pa, pb
 
 
@@ -222,8 +224,8 @@ async def comm_link(fa: Callable[[], Any], fb: Callable[[], Any]) -> tuple[Any, 
     """B opens the pty's slave by path; A wraps the master descriptor."""
     m, s = os.openpty()
     try:
-        _, pb = await links.open_comm(os.ttyname(s), fb)
-        _, pa = await links.open_comm(m, fa)
+        _, pb = await pipelink.open_comm(os.ttyname(s), fb)
+        _, pa = await pipelink.open_comm(m, fa)
     finally:
         os.close(s)
         os.close(m)
@@ -236,7 +238,7 @@ async def stdio_link(fa: Callable[[], Any], fb: Callable[[], Any]) -> tuple[Any,
     out_r, out_w = os.pipe()
     try:
         _, pb = await links.open_stdio(fb, stdin=in_r, stdout=out_w)
-        _, pa = await links.connect_fds(out_r, in_w, fa)
+        _, pa = await pipelink.connect_fds(out_r, in_w, fa)
     finally:
         for fd in (in_r, in_w, out_r, out_w):
             os.close(fd)
@@ -265,6 +267,27 @@ async def make_link(kind: str, tmp: Path, certs: Any, fa: Callable[[], Any],
 @pytest.fixture
 def certs(request: pytest.FixtureRequest) -> Any:
     return request.getfixturevalue("sockmux_certs")
+
+
+def _unread(transport: Any) -> int:
+    """Bytes waiting, unread, in the descriptor a link transport reads (FIONREAD)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        fd = sock.fileno()
+    else:
+        fd = transport.get_extra_info("read_transport").get_extra_info("pipe").fileno()
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+
+
+async def withheld(transport: Any, at_least: int = 1, timeout: float = 10.0) -> None:
+    """Wait (bounded) until ``at_least`` bytes sit readable in the transport's descriptor,
+    then let the loop poll it a few times: a transport that reads would have read them by
+    the time this returns."""
+    async with asyncio.timeout(timeout):
+        while _unread(transport) < at_least:
+            await asyncio.sleep(0.005)
+    for _ in range(5):
+        await asyncio.sleep(0)
 
 
 async def settle() -> None:
@@ -330,7 +353,7 @@ def test_flow_control(run, kind, tmp_path, certs):
         await asyncio.wait_for(pa.pause_fut, 10)
         assert pa.paused and pa.sent < len(big)
         seen = pb.received
-        await asyncio.sleep(0.2)
+        await withheld(pb.transport)
         assert pb.received == seen, "bytes delivered while reading was paused"
         assert pb.received < len(big)
         pb.transport.resume_reading()
@@ -565,7 +588,7 @@ def _assert_handshake_failure_logged(caplog: pytest.LogCaptureFixture) -> None:
 def test_tls_client_without_certificate_refused(run, certs, caplog):
     caplog.set_level(logging.INFO, LOGGER)
     server_ctx, _ = tls_contexts(certs)
-    anonymous = client_context(TLSSettings(cafile=certs.ca))
+    anonymous = client_context(TLSSettings(ca=certs.ca))
 
     async def main():
         server, port, accepted = await _serve_tls(server_ctx)
@@ -614,7 +637,7 @@ def test_tls_refused_client_is_told_why(run, certs):
     dial (TLS 1.2) or as the error its link is lost with (TLS 1.3: the alert comes after the
     client has finished its side of the handshake)."""
     server_ctx, _ = tls_contexts(certs)
-    anonymous = client_context(TLSSettings(cafile=certs.ca))
+    anonymous = client_context(TLSSettings(ca=certs.ca))
 
     async def main() -> BaseException | None:
         server, port, accepted = await _serve_tls(server_ctx)
@@ -638,8 +661,8 @@ def test_tls_refused_client_is_told_why(run, certs):
 def test_tls_client_certificate_from_another_ca_refused(run, certs, caplog):
     caplog.set_level(logging.INFO, LOGGER)
     server_ctx, _ = tls_contexts(certs)
-    rogue = client_context(TLSSettings(certfile=certs.rogue_client_cert,
-                                       keyfile=certs.rogue_client_key, cafile=certs.ca))
+    rogue = client_context(TLSSettings(certificate=certs.rogue_client_cert,
+                                       key=certs.rogue_client_key, ca=certs.ca))
 
     async def main():
         server, port, accepted = await _serve_tls(server_ctx)
@@ -660,8 +683,8 @@ def test_tls_server_from_wrong_ca_refused(run, certs, caplog):
     failed handshake and goes on serving."""
     caplog.set_level(logging.INFO, LOGGER)
     server_ctx, _ = tls_contexts(certs)
-    wrong_ca = client_context(TLSSettings(certfile=certs.client_cert, keyfile=certs.client_key,
-                                          cafile=certs.rogue_ca))
+    wrong_ca = client_context(TLSSettings(certificate=certs.client_cert, key=certs.client_key,
+                                          ca=certs.rogue_ca))
 
     async def main():
         server, port, accepted = await _serve_tls(server_ctx)
@@ -698,10 +721,10 @@ def test_tls_hostname_checked(run, certs):
 @pytest.mark.parametrize("pin", ["right", "wrong"])
 def test_tls_pinned_certificate(run, certs, pin):
     """cafile holding only the receptor's self-signed certificate pins it."""
-    server_ctx = server_context(TLSSettings(certfile=certs.pinned_cert,
-                                            keyfile=certs.pinned_key, require_peer_cert=False))
+    server_ctx = server_context(TLSSettings(certificate=certs.pinned_cert,
+                                            key=certs.pinned_key, require_peer_certificate=False))
     client_ctx = client_context(TLSSettings(
-        cafile=certs.pinned_cert if pin == "right" else certs.other_pinned_cert))
+        ca=certs.pinned_cert if pin == "right" else certs.other_pinned_cert))
 
     async def main():
         server, port, accepted = await _serve_tls(server_ctx)
@@ -832,35 +855,6 @@ def test_handshake_finishing_after_listener_closed_is_dropped(run, certs, caplog
     assert any("listener has been closed" in r.getMessage() for r in caplog.records)
 
 
-def test_tls_contexts():
-    c = client_context(TLSSettings())
-    assert c.minimum_version >= ssl.TLSVersion.TLSv1_2
-    assert c.verify_mode == ssl.CERT_REQUIRED and c.check_hostname
-    insecure = client_context(TLSSettings(require_peer_cert=False))
-    assert insecure.verify_mode == ssl.CERT_NONE and not insecure.check_hostname
-    with pytest.raises(ValueError):
-        client_context(TLSSettings(cafile="/nonexistent", require_peer_cert=False))
-    with pytest.raises(ValueError):
-        client_context(TLSSettings(keyfile="/some.key"))
-    with pytest.raises(ValueError):
-        server_context(TLSSettings(require_peer_cert=False))
-    with pytest.raises(ValueError, match="cafile"):
-        server_context(TLSSettings(certfile="/some.pem"))
-
-
-def test_tls_server_context_modes(certs):
-    required = server_context(TLSSettings(certfile=certs.server_cert, keyfile=certs.server_key,
-                                          cafile=certs.ca))
-    assert required.verify_mode == ssl.CERT_REQUIRED
-    assert required.minimum_version >= ssl.TLSVersion.TLSv1_2
-    optional = server_context(TLSSettings(certfile=certs.server_cert, keyfile=certs.server_key,
-                                          cafile=certs.ca, require_peer_cert=False))
-    assert optional.verify_mode == ssl.CERT_OPTIONAL
-    anyone = server_context(TLSSettings(certfile=certs.server_cert, keyfile=certs.server_key,
-                                        require_peer_cert=False))
-    assert anyone.verify_mode == ssl.CERT_NONE
-
-
 # --- pipe pairs (shown on FIFOs) ------------------------------------------------------------
 
 def test_half_close(run, tmp_path):
@@ -892,7 +886,7 @@ def test_pause_reading_in_connection_made_is_honoured(run, tmp_path):
         pa, pb = await fifo_link(tmp_path, StreamPeer,
                                  lambda: StreamPeer(b"", 5, pause_on_start=True))
         pa.transport.write(b"hello")
-        await asyncio.sleep(0.2)
+        await withheld(pb.transport, 5)
         assert pb.received == 0
         assert not pb.transport.is_reading()
         pb.transport.resume_reading()
@@ -976,9 +970,9 @@ def test_connection_made_raising_aborts_the_link(run, kind, tmp_path):
             a2b, b2a = tmp_path / "a2b", tmp_path / "b2a"
             os.mkfifo(a2b)
             os.mkfifo(b2a)
-            other = asyncio.ensure_future(links.open_fifos(str(a2b), str(b2a), StreamPeer))
+            other = asyncio.ensure_future(pipelink.open_fifos(str(a2b), str(b2a), StreamPeer))
             with pytest.raises(RuntimeError, match="boom"):
-                await links.open_fifos(str(b2a), str(a2b), factory)
+                await pipelink.open_fifos(str(b2a), str(a2b), factory)
             _, peer = await other
         else:
             peers: list[StreamPeer] = []
@@ -1005,10 +999,11 @@ def test_fifo_open_waits_for_a_late_peer(run, tmp_path):
     os.mkfifo(b2a)
 
     async def main():
-        a = asyncio.ensure_future(links.open_fifos(str(b2a), str(a2b), lambda: StreamPeer(b"x")))
+        a = asyncio.ensure_future(pipelink.open_fifos(str(b2a), str(a2b),
+                                                      lambda: StreamPeer(b"x")))
         await asyncio.sleep(0.3)
         assert not a.done()
-        _, pb = await links.open_fifos(str(a2b), str(b2a), lambda: StreamPeer(b"", 1))
+        _, pb = await pipelink.open_fifos(str(a2b), str(b2a), lambda: StreamPeer(b"", 1))
         _, pa = await asyncio.wait_for(a, 5)
         await asyncio.wait_for(pb.done_fut, 5)
         pa.transport.close()
@@ -1025,7 +1020,7 @@ def test_fifo_open_times_out_without_a_reader(run, tmp_path):
     async def main():
         t0 = time.monotonic()
         with pytest.raises(TimeoutError):
-            await links.open_fifos(str(b2a), str(a2b), StreamPeer, timeout=0.3)
+            await pipelink.open_fifos(str(b2a), str(a2b), StreamPeer, timeout=0.3)
         return time.monotonic() - t0
 
     assert 0.25 < run(main()) < 2
@@ -1039,11 +1034,11 @@ def test_regular_files_are_refused(run, tmp_path):
         fd = os.open(f, os.O_RDWR)
         try:
             with pytest.raises(ValueError, match="regular file"):
-                await links.connect_fds(fd, fd, StreamPeer)
+                await pipelink.connect_fds(fd, fd, StreamPeer)
         finally:
             os.close(fd)
         with pytest.raises(ValueError):
-            await links.open_fifos(str(f), str(f), StreamPeer)
+            await pipelink.open_fifos(str(f), str(f), StreamPeer)
 
     run(main())
 
@@ -1072,7 +1067,7 @@ def test_comm_sets_raw_mode(run):
     m, s = os.openpty()
     try:
         async def main():
-            t, p = await links.open_comm(os.ttyname(s), StreamPeer, speed=115200)
+            t, p = await pipelink.open_comm(os.ttyname(s), StreamPeer, speed=115200)
             attrs = termios.tcgetattr(s)
             assert not t.can_write_eof()
             with pytest.raises(NotImplementedError):
@@ -1115,7 +1110,7 @@ def test_comm_keeps_the_callers_descriptor(run):
     m, s = os.openpty()
     try:
         async def main():
-            t, p = await links.open_comm(m, StreamPeer)
+            t, p = await pipelink.open_comm(m, StreamPeer)
             t.close()
             await p.lost_fut
 
@@ -1130,7 +1125,7 @@ def test_comm_keeps_the_callers_descriptor(run):
 def test_comm_speed_needs_a_tty(run):
     async def main():
         with pytest.raises(ValueError, match="not a tty"):
-            await links.open_comm(os.devnull, StreamPeer, speed=9600)
+            await pipelink.open_comm(os.devnull, StreamPeer, speed=9600)
 
     run(main())
 
@@ -1204,7 +1199,7 @@ def test_stdio_on_a_tty_is_raw_while_up(run, closer, caplog):
             _, sb = await links.open_stdio(lambda: StreamPeer(b"\n\r", 4), stdin=s, stdout=s)
             during = termios.tcgetattr(keep)
             # the terminal's side; raw=False: the settings seen are open_stdio's alone
-            _, pb = await links.open_comm(m, lambda: StreamPeer(b"\r\n\x03\x04", 2),
+            _, pb = await pipelink.open_comm(m, lambda: StreamPeer(b"\r\n\x03\x04", 2),
                                           raw=False)
             os.close(m)  # the link holds the master now
             await asyncio.gather(sb.done_fut, pb.done_fut)

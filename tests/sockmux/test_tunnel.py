@@ -18,6 +18,7 @@ from privileges import as_nobody
 
 from tcpmuxd.common.addresses import Endpoint
 from tcpmuxd.sockmux import SockMuxConfig
+from tcpmuxd.sockmux.check import format_tunnel
 from tcpmuxd.sockmux.tunnel import (
     SEARCH_PATH,
     Entrance,
@@ -25,7 +26,6 @@ from tcpmuxd.sockmux.tunnel import (
     TLSSettings,
     Tunnel,
     TunnelConfigError,
-    format_tunnel,
     load_tunnel,
     parse_entrance,
     parse_exit,
@@ -374,6 +374,9 @@ _BAD_VALUES = [
     ("SendTimeoutSec", "0", "SendTimeoutSec=: '0': the timeout must be greater than zero"),
     ("HandshakeTimeoutSec", "0",
      "HandshakeTimeoutSec=: '0': the timeout must be greater than zero"),
+    ("HoldSec", "-1", "HoldSec=: '-1' is not a time span"),
+    ("FirstDataWaitSec", "soon", "FirstDataWaitSec=: 'soon' is not a time span"),
+    ("ReplyWaitSec", "infinity", "ReplyWaitSec=: 'infinity' is not allowed here"),
     ("Acept", "[::]:1", "unknown key Acept= (did you mean 'Accept'?)"),
     ("tls", "yes", "unknown key tls= (did you mean 'TLS'?)"),
     ("PORT", "80", "unknown key PORT="),
@@ -551,7 +554,7 @@ def test_reconnect_only_for_dialing_links(tmp_path: Path, secret: Path) -> None:
     text = "[Tunnel]\nAccept=[::]:1\nAuthentication=none\nExit=tcpmux\nReconnectMaxSec=5\n"
     assert only_problem(tmp_path, text) == (
         5,
-        "ReconnectMaxSec= only applies to Connect=, Command=, FIFO= or Device= tunnels, "
+        "ReconnectMaxSec= only applies to Connect=, FIFO=, Device= or Command= tunnels, "
         "not to Accept= ones",
     )
     text = text.replace("Accept=[::]:1", "Stdio=yes")
@@ -889,6 +892,15 @@ def test_defaults(tmp_path: Path) -> None:
     assert tunnel.description == "" and tunnel.entrances == () and tunnel.overrides == ()
 
 
+def test_wait_defaults_are_the_hubs() -> None:
+    """FirstDataWaitSec= and ReplyWaitSec= default to what the Hub defaults to (measured
+    there, session.py), so a tunnel without them runs as a Hub made without them."""
+    from tcpmuxd.sockmux import session, tunnel
+
+    assert tunnel.DEFAULT_FIRST_DATA_WAIT == session.FIRST_DATA_WAIT
+    assert tunnel.DEFAULT_REPLY_WAIT == session.REPLY_WAIT
+
+
 def test_limits(tmp_path: Path) -> None:
     tunnel = load_body(
         tmp_path,
@@ -904,6 +916,9 @@ def test_limits(tmp_path: Path) -> None:
     assert (tunnel.connect_timeout, tunnel.reconnect_max) == (2.0, 300.0)
     assert (tunnel.stream_window, tunnel.max_frame_size) == (1 << 20, 16384)
     assert tunnel.description == "the office"
+    assert (tunnel.hold, tunnel.first_data_wait, tunnel.reply_wait) == (3.0, 0.001, 0.05)
+    waits = load_body(tmp_path, f"{PLAIN}HoldSec=0\nFirstDataWaitSec=0\nReplyWaitSec=2min\n")
+    assert (waits.hold, waits.first_data_wait, waits.reply_wait) == (0.0, 0.0, 120.0)
     # the stream log rate at both edges
     for rate in (0, 1000000):
         assert load_body(tmp_path, f"{PLAIN}StreamLogRate={rate}\n").stream_log_rate == rate
@@ -1006,6 +1021,9 @@ def test_format_tunnel(levels: list[Path], pem: Path, tmp_path: Path) -> None:
         "HandshakeTimeoutSec  10s",
         "MaxPendingLinks      8",
         "FailureDelaySec      1min",
+        "HoldSec              3s",
+        "FirstDataWaitSec     1ms",
+        "ReplyWaitSec         50ms",
     ]
 
 
@@ -1088,8 +1106,8 @@ def test_man_page_examples_load(tmp_path: Path, example: str) -> None:
 
 
 def test_man_page_documents_every_key() -> None:
-    from tcpmuxd.sockmux.tunnel import _KEYS
+    from tcpmuxd.sockmux.tunnel import KEYS
 
     text = MAN_PAGE.read_text()
-    for key in _KEYS:
+    for key in KEYS:
         assert f"*{key}=" in text, key
