@@ -45,9 +45,9 @@ class Holds:
         #: (0: refused at once). At most max_streams wait; reading them is paused.
         self.hold_timeout = hold_timeout
         self.waiting: dict[Stream, asyncio.TimerHandle] = {}
-        self.first_wait = Waits(loop, first_data_wait, self.release)
-        self.reply_waits = Waits(loop, reply_wait, self.release)
-        self.eof_waits = Waits(loop, reply_wait, self._pass_eof_on)
+        self.first_wait: Waits = Waits(loop, first_data_wait, self.release)
+        self.reply_waits: Waits = Waits(loop, reply_wait, self.release)
+        self.eof_waits: Waits = Waits(loop, reply_wait, self._pass_eof_on)
 
     @property
     def first_data_wait(self) -> float:
