@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (REPO, run_benchmark, BenchError, Processes, command_line,  # noqa: E402
+                     machine_cpu,
                      fd_count, free_port, help_text, machine_summary, nofile_limit, percentile,
                      raise_nofile, read_all, read_line, rss_kib, wait_connectable, wait_until,
                      which)
@@ -236,15 +237,6 @@ def proc_cpu(pid: int) -> float:
         return 0.0
     # fields[0] is the state (field 3): utime..cstime are fields 14..17
     return sum(int(x) for x in fields[11:15]) / _TICK
-
-
-def machine_cpu() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    total = sum(fields[:8])
-    return total - idle, total
 
 
 def _self_cpu() -> float:

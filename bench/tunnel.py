@@ -68,8 +68,16 @@ RTT_WARMUP = 50
 #: new streams per round and row: --connections in this many bursts, in turn with the other rows
 RATE_BURSTS = 4
 
-ROW_KEYS = ("direct", "ssh", "ssh-aes", "sockmuxd", "sockmuxd-tls")
+ROW_KEYS = ("direct", "ssh", "ssh-aes", "sockmuxd", "sockmuxd-pure", "sockmuxd-tls")
 TUNNEL_KEYS = ROW_KEYS[1:]
+#: the sockmuxd rows and their labels; ``sockmuxd pure`` is the same tunnel on its sources
+#: (SOCKMUXD_PURE_PYTHON=1), measured against the compiled build in the same run
+SOCKMUXD_KEYS = {"sockmuxd": "sockmuxd", "sockmuxd-pure": "sockmuxd pure",
+                 "sockmuxd-tls": "sockmuxd+TLS"}
+#: the rows checked against the targets of issue 3
+TARGET_KEYS = ("sockmuxd", "sockmuxd-tls")
+#: selects the sources of sockmuxd's compiled modules (tcpmuxd/sockmux/native.py)
+PURE_ENV = "SOCKMUXD_PURE_PYTHON"
 
 _TIMEVAL_10S = struct.pack("ll", 10, 0)
 
@@ -266,6 +274,7 @@ class Row:
     cipher: str = ""
     started: float = field(default_factory=time.monotonic)
     up_after: float = 0.0
+    build: str = "?"               # sockmuxd: compiled or pure Python, from its log
 
     def cpu(self) -> tuple[float, float]:
         """utime + stime (/proc/PID/stat, 10 ms ticks) of each side: for CPU per GB."""
@@ -331,6 +340,10 @@ class Bench:
         self.tls_flags = False
         self.versions: dict[str, str] = {}
         self.failed_rows: dict[str, str] = {}
+        # the report's lines, the MISSes it counted and its rows (see report())
+        self.w: Callable[[str], None] = print
+        self.misses = 0
+        self.order: list[Row] = []
 
     def say(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
@@ -620,6 +633,12 @@ class Bench:
 
     def start_sockmuxd(self, key: str, label: str, echo_port: int,
                        certs: dict[str, str] | None) -> Row:
+        """Start a receptor and a connector of ``key``'s row: on the sources for
+        ``sockmuxd-pure``, else on the tree's build (compiled where it was built)."""
+        env = dict(self.env)
+        env.pop(PURE_ENV, None)
+        if key == "sockmuxd-pure":
+            env[PURE_ENV] = "1"
         secret = os.path.join(self.tmp, "sockmux.secret")
         if not os.path.exists(secret):
             fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -638,14 +657,15 @@ class Bench:
                     "--tls-ca", certs["ca.pem"]]
             con += ["--tls-cert", certs["cli.pem"], "--tls-key", certs["cli.key"],
                     "--tls-ca", certs["ca.pem"]]
-        env = "PYTHONPATH=" + shlex.quote(self.tree)
+        shown = (f"{PURE_ENV}=1 " if key == "sockmuxd-pure" else "") + "PYTHONPATH=" \
+            + shlex.quote(self.tree)
         rlog = os.path.join(self.tmp, f"{key}-receptor.log")
         clog = os.path.join(self.tmp, f"{key}-connector.log")
         with open(rlog, "wb") as f:
             receptor = self.procs.start(f"{key} receptor", rec, stdout=f,
-                                        stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp)
+                                        stderr=subprocess.STDOUT, env=env, cwd=self.tmp)
         self.helpers.append(receptor)
-        self.command(f"{label} receptor", rec, env)
+        self.command(f"{label} receptor", rec, shown)
         row = Row(key, label, bulk, echo, exit_pids=[receptor.pid], procs=[receptor],
                   logs=[rlog, clog])
         # readiness of the receptor from its log: a probe connection would be a failed link
@@ -655,15 +675,16 @@ class Bench:
                              f"30 s{self.log_tail(row)}")
         with open(clog, "wb") as f:
             connector = self.procs.start(f"{key} connector", con, stdout=f,
-                                         stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp)
+                                         stderr=subprocess.STDOUT, env=env, cwd=self.tmp)
         self.helpers.append(connector)
-        self.command(f"{label} connector", con, env)
+        self.command(f"{label} connector", con, shown)
         row.entrance_pids = [connector.pid]
         row.procs.append(connector)
         self.wait_path(row, 60)
-        m = re.search(rb"starting \((\w+) event loop[,)]", _read(clog) + _read(rlog))
+        m = re.search(rb"starting \((\w+) event loop(?:, ([^)]*))?\)", _read(clog) + _read(rlog))
         if m:
             self.sockmuxd_loop = m.group(1).decode()
+            row.build = (m.group(2) or b"pure Python").decode()
         if certs:
             row.cipher = "TLS (standard library ssl)"
         return row
@@ -996,7 +1017,37 @@ class Bench:
         self.tool_versions()
         nofile = raise_nofile(max(8192, 4 * a.streams + 1024))
         self.say(f"open-files limit raised to {nofile} (inherited by every process started)")
-        rows = a.rows
+        self.start_rows()
+        order = [self.rows[k] for k in ROW_KEYS if k in self.rows]
+        # warm-up: a few new streams and round trips through every row, not measured
+        for row in order:
+            for _ in range(20):
+                self.echo_once(row.echo_port)
+        for rnd in range(a.rounds):
+            self.say(f"round {rnd + 1} of {a.rounds}")
+            self.measure_round(order, rnd)
+        if a.streams:
+            for row in order:
+                if not row.tunnel:
+                    continue
+                self.say(f"memory: {row.label}, {a.streams} idle streams")
+                self.idle_streams(row)
+                r = self.mem[row.key]
+                self.say(f"  {row.label:<13} {r['ok']}/{a.streams} open in {r['seconds']:.2f} s;"
+                         f" KiB per stream: entrance side {r['kib_ent']:.1f}, exit side "
+                         f"{r['kib_exit']:.1f}")
+        for row in order:
+            if row.tunnel:
+                alive = row.alive()
+                problem = self.echo_once(row.echo_port) if alive else "a process exited"
+                self.final.append((f"{row.label} alive and serving after the run",
+                                   problem is None, problem or ""))
+        return self.report()
+
+    def start_rows(self) -> None:
+        """The targets, then every row's tunnel (a sockmuxd row that does not start is a
+        MISS; the other rows are still measured)."""
+        rows = self.args.rows
         echo_ports = dict(zip(rows, self.start_echo(len(rows))))
         self.start_iperf_server()
         self.say(f"echo target ({self.echo_loop}) on {HOST}:"
@@ -1014,11 +1065,10 @@ class Bench:
             if "ssh-aes" in rows:
                 self.rows["ssh-aes"] = self.start_ssh("ssh-aes", "ssh -L aes", ssh_port,
                                                       echo_ports["ssh-aes"], AES)
-        for key in ("sockmuxd", "sockmuxd-tls"):
+        for key, label in SOCKMUXD_KEYS.items():
             if key not in rows:
                 continue
             certs = self.make_certs() if key == "sockmuxd-tls" else None
-            label = "sockmuxd+TLS" if certs else "sockmuxd"
             try:
                 self.rows[key] = self.start_sockmuxd(key, label, echo_ports[key], certs)
             except BenchError as e:
@@ -1035,58 +1085,33 @@ class Bench:
                 self.say(f"{row.label}: up after {row.up_after:.1f} s (entrance side pids "
                          f"{row.entrance_pids}, exit side pids {row.exit_pids})")
 
-        order = [self.rows[k] for k in ROW_KEYS if k in self.rows]
-        # warm-up: a few new streams and round trips through every row, not measured
+    def measure_round(self, order: list[Row], rnd: int) -> None:
+        """Bulk for every row, then round trips, busy streams and new streams, interleaved."""
         for row in order:
-            for _ in range(20):
-                self.echo_once(row.echo_port)
-
-        for rnd in range(a.rounds):
-            self.say(f"round {rnd + 1} of {a.rounds}")
-            for row in order:
-                m = self.measured(row, "bulk", rnd, lambda: self.bulk(row))
-                self.say(f"  bulk  {row.label:<13} " + (
-                    f"{m.value:6.2f} Gbit/s  CPU/GB entrance {m.data['ent_per_gb']:.2f} s, exit "
-                    f"{m.data['exit_per_gb']:.2f} s" if m.error is None else f"FAILED: {m.error}")
-                    + self._other(m))
-            for row, m in zip(order, self.rtt_round(order, rnd)):
-                self.say(f"  rtt   {row.label:<13} " + (
-                    f"p50 {m.data['p50']:6.1f} us  p99 {m.data['p99']:7.1f} us"
-                    if m.data else "") + (f"  ERROR: {m.error}" if m.error else "")
-                    + self._other(m))
-            for row in order:
-                if not a.busy:
-                    break
-                m = self.measured(row, "busy", rnd, lambda: self.busy(row))
-                self.say(f"  busy  {row.label:<13} " + (
-                    f"{m.value:7.0f} msg/s" + (
-                        f"  CPU us/msg entrance {m.data['cpu_ent_us']:.1f}, exit "
-                        f"{m.data['cpu_exit_us']:.1f}" if row.tunnel else "") if m.data else "")
-                    + (f"  ERROR: {m.error}" if m.error else "") + self._other(m))
-            for row, m in zip(order, self.rate_round(order, rnd)):
-                self.say(f"  rate  {row.label:<13} " + (
-                    f"{m.value:7.0f} conn/s  p50 {m.data['p50']:.3f} ms  p99 "
-                    f"{m.data['p99']:.3f} ms" if m.data else "")
-                    + (f"  ERROR: {m.error}" if m.error else "") + self._other(m))
-
-        if a.streams:
-            for row in order:
-                if not row.tunnel:
-                    continue
-                self.say(f"memory: {row.label}, {a.streams} idle streams")
-                self.idle_streams(row)
-                r = self.mem[row.key]
-                self.say(f"  {row.label:<13} {r['ok']}/{a.streams} open in {r['seconds']:.2f} s;"
-                         f" KiB per stream: entrance side {r['kib_ent']:.1f}, exit side "
-                         f"{r['kib_exit']:.1f}")
-
+            m = self.measured(row, "bulk", rnd, lambda: self.bulk(row))
+            self.say(f"  bulk  {row.label:<13} " + (
+                f"{m.value:6.2f} Gbit/s  CPU/GB entrance {m.data['ent_per_gb']:.2f} s, exit "
+                f"{m.data['exit_per_gb']:.2f} s" if m.error is None else f"FAILED: {m.error}")
+                + self._other(m))
+        for row, m in zip(order, self.rtt_round(order, rnd)):
+            self.say(f"  rtt   {row.label:<13} " + (
+                f"p50 {m.data['p50']:6.1f} us  p99 {m.data['p99']:7.1f} us"
+                if m.data else "") + (f"  ERROR: {m.error}" if m.error else "")
+                + self._other(m))
         for row in order:
-            if row.tunnel:
-                alive = row.alive()
-                problem = self.echo_once(row.echo_port) if alive else "a process exited"
-                self.final.append((f"{row.label} alive and serving after the run",
-                                   problem is None, problem or ""))
-        return self.report()
+            if not self.args.busy:
+                break
+            m = self.measured(row, "busy", rnd, lambda: self.busy(row))
+            self.say(f"  busy  {row.label:<13} " + (
+                f"{m.value:7.0f} msg/s" + (
+                    f"  CPU us/msg entrance {m.data['cpu_ent_us']:.1f}, exit "
+                    f"{m.data['cpu_exit_us']:.1f}" if row.tunnel else "") if m.data else "")
+                + (f"  ERROR: {m.error}" if m.error else "") + self._other(m))
+        for row, m in zip(order, self.rate_round(order, rnd)):
+            self.say(f"  rate  {row.label:<13} " + (
+                f"{m.value:7.0f} conn/s  p50 {m.data['p50']:.3f} ms  p99 "
+                f"{m.data['p99']:.3f} ms" if m.data else "")
+                + (f"  ERROR: {m.error}" if m.error else "") + self._other(m))
 
     def _other(self, m: Measure) -> str:
         return (f"  (other processes {m.other:.0%})" if m.other_valid and m.other > QUIET
@@ -1103,10 +1128,31 @@ class Bench:
         return good[(len(good) - 1) // 2], ms
 
     def report(self) -> int:
-        a = self.args
         out: list[str] = []
-        w = out.append
-        order = [self.rows[k] for k in ROW_KEYS if k in self.rows]
+        self.w = out.append
+        self.misses = 0
+        self.order = [self.rows[k] for k in ROW_KEYS if k in self.rows]
+        self._report_header()
+        self._report_figures()
+        self._report_memory()
+        ssh = self.rows.get("ssh")
+        self._report_targets(ssh)
+        self._report_reference()
+        self._report_compiled()
+        self._report_after()
+        self._report_notes()
+        w = self.w
+        w("=" * 96)
+        checked = ssh is not None and any(k in self.rows or k in self.failed_rows
+                                          for k in TARGET_KEYS)
+        w("result: " + (f"{self.misses} MISS(es)" if self.misses else "all targets met"
+                        if checked else "no MISS; the targets were not checked (they need the "
+                        "ssh and a sockmuxd row)"))
+        print("\n".join(out), flush=True)
+        return 1 if self.misses else 0
+
+    def _report_header(self) -> None:
+        a, w = self.args, self.w
         w("")
         w("=" * 96)
         w("sockmuxd tunnel benchmark (bench/tunnel.py)")
@@ -1117,129 +1163,134 @@ class Bench:
           f"loop)'); echo target {self.echo_loop}")
         for k, v in self.versions.items():
             w(f"{k + ':':<11} {v}")
+        for key in SOCKMUXD_KEYS:
+            if key in self.rows:
+                w(f"build:     {self.rows[key].label}: {self.rows[key].build} (from its log)")
         w(f"load:    {a.rounds} round(s), rows interleaved; the median round is shown, "
           f"(range) over rounds; all on {HOST}")
-        rounds = a.rounds > 1
 
-        def rng(key, figure, fmt):
-            ms = [m.value for m in self.measures if m.row == key and m.figure == figure
-                  and m.data]
-            if not rounds or not ms:
-                return ""
-            return f"{fmt.format(min(ms))}-{fmt.format(max(ms))}"
+    def _rng(self, key: str, figure: str, fmt: str) -> str:
+        """The range of a row's figure over the rounds ("" for one round)."""
+        ms = [m.value for m in self.measures if m.row == key and m.figure == figure and m.data]
+        if self.args.rounds <= 1 or not ms:
+            return ""
+        return f"{fmt.format(min(ms))}-{fmt.format(max(ms))}"
 
-        def oth(m):
-            return f"{m.other:.0%}" if m and m.other_valid else "-"
+    @staticmethod
+    def _oth(m: Measure | None) -> str:
+        return f"{m.other:.0%}" if m and m.other_valid else "-"
 
-        def table(figure: str, header: str, cells, ref: str | None = "direct") -> None:
-            """A line per row: its median round of ``figure`` through ``cells(row, m, xd)``
-            (``xd``: its value over ``ref``'s), or FAILED with the first error."""
-            w(header)
-            base = self.pick(ref, figure)[0] if ref else None
-            for row in order:
-                m, _ = self.pick(row.key, figure)
-                if m is None:
-                    w(f"  {row.label:<14}{'FAILED':>8}  {self._errors(row.key, figure)}")
-                    continue
-                xd = f"{m.value / base.value:.2f}" if base and base.value else "-"
-                w(f"  {row.label:<14}" + cells(row, m, xd))
+    def _table(self, figure: str, header: str, cells: Callable[[Row, Measure, str], str],
+               ref: str | None = "direct") -> None:
+        """A line per row: its median round of ``figure`` through ``cells(row, m, xd)``
+        (``xd``: its value over ``ref``'s), or FAILED with the first error."""
+        self.w(header)
+        base = self.pick(ref, figure)[0] if ref else None
+        for row in self.order:
+            m, _ = self.pick(row.key, figure)
+            if m is None:
+                self.w(f"  {row.label:<14}{'FAILED':>8}  {self._errors(row.key, figure)}")
+                continue
+            xd = f"{m.value / base.value:.2f}" if base and base.value else "-"
+            self.w(f"  {row.label:<14}" + cells(row, m, xd))
 
-        def tunnel_cpu(row: Row, values: tuple[float, ...], widths: tuple[int, ...],
-                       fmt: str) -> str:
-            """The tunnel processes' CPU columns; dashes for the direct row."""
-            return "".join(f"{v:>{n}{fmt}}" if row.tunnel else f"{'-':>{n}}"
-                           for v, n in zip(values, widths))
+    @staticmethod
+    def _tunnel_cpu(row: Row, values: tuple[float, ...], widths: tuple[int, ...],
+                    fmt: str) -> str:
+        """The tunnel processes' CPU columns; dashes for the direct row."""
+        return "".join(f"{v:>{n}{fmt}}" if row.tunnel else f"{'-':>{n}}"
+                       for v, n in zip(values, widths))
 
+    def _report_figures(self) -> None:
+        a, w, rng, oth, cpu = self.args, self.w, self._rng, self._oth, self._tunnel_cpu
         w("")
         w(f"one-stream bulk throughput: iperf3 -t {a.time}, client -> server through the row "
           "(entrance -> exit)")
-        table("bulk", f"  {'row':<14}{'Gbit/s':>8}{'(range)':>13}{'x direct':>10}{'retr':>6}"
-                      f"{'CPU s/GB: entrance':>20}{'exit':>7}{'both':>7}{'other':>7}",
-              lambda row, m, xd: (
-                  f"{m.value:>8.2f}{rng(row.key, 'bulk', '{:.2f}'):>13}{xd:>10}"
-                  f"{m.data['retransmits']:>6}" + tunnel_cpu(
-                      row, (m.data["ent_per_gb"], m.data["exit_per_gb"],
-                            m.data["ent_per_gb"] + m.data["exit_per_gb"]), (20, 7, 7), ".2f")
-                  + f"{oth(m):>7}"))
+        self._table("bulk", f"  {'row':<14}{'Gbit/s':>8}{'(range)':>13}{'x direct':>10}"
+                            f"{'retr':>6}{'CPU s/GB: entrance':>20}{'exit':>7}{'both':>7}"
+                            f"{'other':>7}",
+                    lambda row, m, xd: (
+                        f"{m.value:>8.2f}{rng(row.key, 'bulk', '{:.2f}'):>13}{xd:>10}"
+                        f"{m.data['retransmits']:>6}" + cpu(
+                            row, (m.data["ent_per_gb"], m.data["exit_per_gb"],
+                                  m.data["ent_per_gb"] + m.data["exit_per_gb"]), (20, 7, 7),
+                            ".2f") + f"{oth(m):>7}"))
         w("  CPU s/GB: utime+stime (/proc/PID/stat, 10 ms ticks) of the tunnel processes per GB "
           "received; entrance side = ssh / sockmuxd connector, exit side = sshd session / "
           "sockmuxd receptor")
-
         w("")
         w(f"1-byte round trip: {RTT_BURSTS} connections per round, taken in turn with the "
           f"other rows, each {a.round_trips // RTT_BURSTS} round trips after {RTT_WARMUP} "
           "warm-up ones (echo target); CPU from schedstat, per round trip, warm-up ones and "
           "connecting included")
-        table("rtt", f"  {'row':<14}{'p50 us':>8}{'(range)':>15}{'p99 us':>9}{'mean us':>9}"
-                     f"{'CPU us/rt: entrance':>21}{'exit':>7}{'other':>7}",
-              lambda row, m, xd: (
-                  f"{m.data['p50']:>8.1f}{rng(row.key, 'rtt', '{:.1f}'):>15}"
-                  f"{m.data['p99']:>9.1f}{m.data['mean']:>9.1f}"
-                  + tunnel_cpu(row, (m.data["cpu_ent_us"], m.data["cpu_exit_us"]), (21, 7), ".1f")
-                  + f"{oth(m):>7}"), ref=None)
-
+        self._table("rtt", f"  {'row':<14}{'p50 us':>8}{'(range)':>15}{'p99 us':>9}"
+                           f"{'mean us':>9}{'CPU us/rt: entrance':>21}{'exit':>7}{'other':>7}",
+                    lambda row, m, xd: (
+                        f"{m.data['p50']:>8.1f}{rng(row.key, 'rtt', '{:.1f}'):>15}"
+                        f"{m.data['p99']:>9.1f}{m.data['mean']:>9.1f}"
+                        + cpu(row, (m.data["cpu_ent_us"], m.data["cpu_exit_us"]), (21, 7),
+                              ".1f") + f"{oth(m):>7}"), ref=None)
         w("")
         w(f"new streams: {a.connections} connections per round in {RATE_BURSTS} bursts taken in "
           f"turn with the other rows, each burst over {a.clients} parallel clients (each: "
           "connect, send 1 byte, read it back, close; one at a time per client)")
-        table("rate", f"  {'row':<14}{'conn/s':>8}{'(range)':>13}{'x direct':>10}{'p50 ms':>8}"
-                      f"{'p99 ms':>8}{'err':>5}{'CPU us/conn: entrance':>23}{'exit':>6}"
-                      f"{'cli':>6}{'other':>7}",
-              lambda row, m, xd: (
-                  f"{m.value:>8.0f}{rng(row.key, 'rate', '{:.0f}'):>13}{xd:>10}"
-                  f"{m.data['p50']:>8.3f}{m.data['p99']:>8.3f}{sum(m.data['errors'].values()):>5}"
-                  + tunnel_cpu(row, (m.data["cpu_ent_us"], m.data["cpu_exit_us"]), (23, 6), ".0f")
-                  + f"{m.data['cli_us']:>6.0f}{oth(m):>7}"))
+        self._table("rate", f"  {'row':<14}{'conn/s':>8}{'(range)':>13}{'x direct':>10}"
+                            f"{'p50 ms':>8}{'p99 ms':>8}{'err':>5}{'CPU us/conn: entrance':>23}"
+                            f"{'exit':>6}{'cli':>6}{'other':>7}",
+                    lambda row, m, xd: (
+                        f"{m.value:>8.0f}{rng(row.key, 'rate', '{:.0f}'):>13}{xd:>10}"
+                        f"{m.data['p50']:>8.3f}{m.data['p99']:>8.3f}"
+                        f"{sum(m.data['errors'].values()):>5}"
+                        + cpu(row, (m.data["cpu_ent_us"], m.data["cpu_exit_us"]), (23, 6),
+                              ".0f") + f"{m.data['cli_us']:>6.0f}{oth(m):>7}"))
         w("  p50/p99: connect + first byte back; CPU per connection from schedstat (all threads); "
           "cli: the load generator's")
+        if not a.busy:
+            return
+        w("")
+        w(f"busy streams: {a.busy} streams at once over {min(a.busy_clients, a.busy)} client "
+          f"processes, each a {a.busy_size}-byte request and its echo in turn, {a.time} s")
+        self._table("busy", f"  {'row':<14}{'msg/s':>8}{'(range)':>15}{'x direct':>10}"
+                            f"{'CPU us/msg: entrance':>22}{'exit':>6}{'cli':>6}{'other':>7}",
+                    lambda row, m, xd: (
+                        f"{m.value:>8.0f}{rng(row.key, 'busy', '{:.0f}'):>15}{xd:>10}"
+                        + cpu(row, (m.data["cpu_ent_us"], m.data["cpu_exit_us"]), (22, 6),
+                              ".1f") + f"{m.data['cli_us']:>6.1f}{oth(m):>7}"))
+        w("  msg/s: requests echoed per second over all streams; CPU per message from "
+          "schedstat; many streams active at once is where a tunnel's link writes can carry "
+          "the frames of several streams")
 
-        if a.busy:
-            w("")
-            w(f"busy streams: {a.busy} streams at once over {min(a.busy_clients, a.busy)} client "
-              f"processes, each a {a.busy_size}-byte request and its echo in turn, {a.time} s")
-            table("busy", f"  {'row':<14}{'msg/s':>8}{'(range)':>15}{'x direct':>10}"
-                          f"{'CPU us/msg: entrance':>22}{'exit':>6}{'cli':>6}{'other':>7}",
-                  lambda row, m, xd: (
-                      f"{m.value:>8.0f}{rng(row.key, 'busy', '{:.0f}'):>15}{xd:>10}"
-                      + tunnel_cpu(row, (m.data["cpu_ent_us"], m.data["cpu_exit_us"]), (22, 6),
-                                   ".1f")
-                      + f"{m.data['cli_us']:>6.1f}{oth(m):>7}"))
-            w("  msg/s: requests echoed per second over all streams; CPU per message from "
-              "schedstat; many streams active at once is where a tunnel's link writes can carry "
-              "the frames of several streams")
+    def _report_memory(self) -> None:
+        if not self.mem:
+            return
+        a, w = self.args, self.w
+        w("")
+        w(f"{a.streams} concurrent idle streams (each confirmed by one echoed byte, opened "
+          f"{a.batch} at a time): VmRSS")
+        w(f"  {'row':<14}{'open':>6}{'entrance: idle':>16}{'with':>8}{'KiB/stream':>11}"
+          f"{'exit: idle':>12}{'with':>8}{'KiB/stream':>11}{'open s':>8}")
+        for row in self.order:
+            r = self.mem.get(row.key)
+            if not r:
+                continue
+            mib = lambda k: f"{k / 1024:.1f}M"  # noqa: E731
+            w(f"  {row.label:<14}{r['ok']:>6}{mib(r['idle'][0]):>16}{mib(r['held'][0]):>8}"
+              f"{r['kib_ent']:>11.1f}{mib(r['idle'][1]):>12}{mib(r['held'][1]):>8}"
+              f"{r['kib_exit']:>11.1f}{r['seconds']:>8.2f}")
+        w("  (VmRSS in KiB as /proc reports it; idle = just before opening them, after the "
+          "throughput, round-trip and stream-rate runs)")
 
-        # memory
-        if self.mem:
-            w("")
-            w(f"{a.streams} concurrent idle streams (each confirmed by one echoed byte, opened "
-              f"{a.batch} at a time): VmRSS")
-            w(f"  {'row':<14}{'open':>6}{'entrance: idle':>16}{'with':>8}{'KiB/stream':>11}"
-              f"{'exit: idle':>12}{'with':>8}{'KiB/stream':>11}{'open s':>8}")
-            for row in order:
-                r = self.mem.get(row.key)
-                if not r:
-                    continue
-                mib = lambda k: f"{k / 1024:.1f}M"  # noqa: E731
-                w(f"  {row.label:<14}{r['ok']:>6}{mib(r['idle'][0]):>16}{mib(r['held'][0]):>8}"
-                  f"{r['kib_ent']:>11.1f}{mib(r['idle'][1]):>12}{mib(r['held'][1]):>8}"
-                  f"{r['kib_exit']:>11.1f}{r['seconds']:>8.2f}")
-            w("  (VmRSS in KiB as /proc reports it; idle = just before opening them, after the "
-              "throughput, round-trip and stream-rate runs)")
+    def _verdict(self, ok: bool, bad: str = "") -> str:
+        self.misses += not ok
+        return ("PASS" if ok else "MISS") + (f"  ({bad})" if bad else "")
 
-        # targets
-        misses = 0
-        ssh = self.rows.get("ssh")
+    def _report_targets(self, ssh: Row | None) -> None:
+        a, w, verdict = self.args, self.w, self._verdict
         w("")
         w("targets (issue 3): sockmuxd against ssh -L with its default cipher "
           f"({self.versions.get('ssh cipher', '?')}); the median of the per-round ratios "
           "(range over rounds)")
-
-        def verdict(ok: bool, bad: str = "") -> str:
-            nonlocal misses
-            misses += not ok
-            return ("PASS" if ok else "MISS") + (f"  ({bad})" if bad else "")
-
-        for key in ("sockmuxd", "sockmuxd-tls"):
+        for key in TARGET_KEYS:
             row = self.rows.get(key)
             if key in self.failed_rows:
                 w(f"  {key:<56}{'-':>8}{'':>12}   {verdict(False, 'did not start: see notes')}")
@@ -1276,9 +1327,10 @@ class Bench:
                 w(f"  {title:<56}{r[k]:>8.1f}{'':>12}   target <= {TARGET_KIB_PER_STREAM:.0f}  "
                   + verdict(ok, "" if complete else f"only {r['ok']} of {a.streams} opened"))
 
-        # information: against direct and against ssh with AES
+    def _report_reference(self) -> None:
+        """Information: against direct and against ssh with AES."""
         info = []
-        for key in ("sockmuxd", "sockmuxd-tls"):
+        for key in TARGET_KEYS:
             if key not in self.rows:
                 continue
             label = self.rows[key].label
@@ -1295,14 +1347,41 @@ class Bench:
                 if parts:
                     info.append(f"  {label} / {self.rows[ref].label}: " + ", ".join(parts))
         if info:
-            w("")
-            w("for reference (no target):")
-            out.extend(info)
+            self.w("")
+            self.w("for reference (no target):")
+            for line in info:
+                self.w(line)
 
+    def _report_compiled(self) -> None:
+        """The compiled build against the sources, as ratios of the same run's rounds: what
+        README.md and sockmuxd(8) may claim for compiling."""
+        if "sockmuxd" not in self.rows or "sockmuxd-pure" not in self.rows:
+            return
+        w = self.w
+        w("")
+        w(f"compiled against pure Python (sockmuxd / sockmuxd pure, {self.rows['sockmuxd'].build}"
+          "; median of the per-round ratios, range over rounds):")
+        for fig, name, cpu_key, cpu_name in (
+                ("bulk", "throughput", "per_gb", "CPU per GB"),
+                ("rate", "new streams/s", "cpu_us", "CPU per connection"),
+                ("rtt", "round trip p50", "cpu_us", "CPU per round trip"),
+                ("busy", "busy msg/s", "cpu_us", "CPU per message")):
+            ratios, errs = self.round_ratios("sockmuxd", "sockmuxd-pure", fig)
+            cpus = self.round_ratios("sockmuxd", "sockmuxd-pure", fig, cpu_key)[0]
+            if not ratios:
+                continue
+            spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+            cspread = f" ({min(cpus):.2f}-{max(cpus):.2f})" if len(cpus) > 1 else ""
+            w(f"  {name + ':':<17}{median(ratios):5.2f}x{spread:<14}"
+              + (f"  {cpu_name} (both sides): {median(cpus):.2f}x{cspread}" if cpus else "")
+              + (f"  ({errs})" if errs else ""))
+
+    def _report_after(self) -> None:
+        w = self.w
         if self.mem:
             w("")
             w("memory details:")
-            for row in order:
+            for row in self.order:
                 r = self.mem.get(row.key)
                 if not r:
                     continue
@@ -1313,20 +1392,19 @@ class Bench:
                      else f"DOES NOT SERVE: {r['serves_after']}")
                   + (f"; failed: {r['failed']}" if r["failed"] else ""))
                 if r["serves_after"] is not None:
-                    misses += 1
-
+                    self.misses += 1
         if self.final:
             w("")
             w("after the run:")
             for what, ok, detail in self.final:
-                misses += not ok
+                self.misses += not ok
                 w(f"  {what:<48} {'yes' if ok else 'NO'}  {detail}")
-
         w("")
         w("commands:")
         for what, cmd in self.commands:
             w(f"  {what + ':':<24} {cmd}")
 
+    def _report_notes(self) -> None:
         notes = list(self.notes)
         disturbed = [m for m in self.measures if m.other_valid and m.other > DISTURBED]
         if disturbed:
@@ -1338,44 +1416,22 @@ class Bench:
         for m in self.measures:
             if m.error:
                 notes.append(f"{m.row} {m.figure} round {m.round + 1}: {m.error}")
-        for row in order:
+        for row in self.order:
             for path in row.logs:
-                if "sockmuxd" not in os.path.basename(path):
-                    continue
-                lines = _read(path).decode("utf-8", "replace").splitlines()
-                streams = sum(1 for ln in lines if re.match(r"sockmuxd: stream \d+: ", ln))
-                summaries = [m for ln in lines if (m := re.match(
-                    r"sockmuxd: (\d+) streams ended without a record of their own", ln))]
-                bad = [ln for ln in lines if re.search(
-                    r"(?i)traceback|error|exception|warning|refused|failed|timed out", ln)
-                    and "without a record of their own" not in ln]
-                counted = (f", {sum(int(m.group(1)) for m in summaries)} more counted in "
-                           f"{len(summaries)} summary records (--stream-log-rate)"
-                           if summaries else "")
-                notes.append(f"{os.path.basename(path)}: {len(lines)} log lines ({streams} of "
-                             f"them one per finished stream{counted})"
-                             + (f", {len(bad)} mention errors/failures; first: {bad[0][:240]}"
-                                if bad else ""))
+                if "sockmuxd" in os.path.basename(path):
+                    notes.append(_log_note(path))
         if notes:
-            w("")
-            w("notes:")
-            seen = set()
-            for n in notes:
-                if n not in seen:
-                    seen.add(n)
-                    w(f"  - {n}")
-        w("=" * 96)
-        checked = ssh is not None and any(k in self.rows or k in self.failed_rows
-                                          for k in ("sockmuxd", "sockmuxd-tls"))
-        w("result: " + (f"{misses} MISS(es)" if misses else "all targets met" if checked else
-                        "no MISS; the targets were not checked (they need the ssh and a "
-                        "sockmuxd row)"))
-        print("\n".join(out), flush=True)
-        return 1 if misses else 0
+            self.w("")
+            self.w("notes:")
+            for n in dict.fromkeys(notes):
+                self.w(f"  - {n}")
 
-    def round_ratios(self, key: str, ref: str, figure: str) -> tuple[list[float], str]:
+    def round_ratios(self, key: str, ref: str, figure: str,
+                     cpu: str | None = None) -> tuple[list[float], str]:
         """``key``'s figure over ``ref``'s, per round (rows are interleaved within a round, so
-        a slow minute on a shared machine hits both); and the first error seen, if any."""
+        a slow minute on a shared machine hits both); and the first error seen, if any.
+        With ``cpu`` (``per_gb`` or ``cpu_us``), the ratio of the tunnel's CPU of both sides
+        (``ent_per_gb + exit_per_gb``, ``cpu_ent_us + cpu_exit_us``) instead."""
         ratios, errs = [], ""
         for rnd in range(self.args.rounds):
             mk = [m for m in self.measures if m.row == key and m.figure == figure
@@ -1385,14 +1441,40 @@ class Bench:
             for m in mk + mr:
                 if m.error and not errs:
                     errs = f"{m.row}: {m.error}"
-            if mk and mr and mk[0].data and mr[0].data and mr[0].value:
-                ratios.append(mk[0].value / mr[0].value)
+            if not (mk and mr and mk[0].data and mr[0].data):
+                continue
+            if cpu is None:
+                if mr[0].value:
+                    ratios.append(mk[0].value / mr[0].value)
+                continue
+            ent, ex = (("ent_per_gb", "exit_per_gb") if cpu == "per_gb"
+                       else ("cpu_ent_us", "cpu_exit_us"))
+            theirs = mr[0].data[ent] + mr[0].data[ex]
+            if theirs:
+                ratios.append((mk[0].data[ent] + mk[0].data[ex]) / theirs)
         return ratios, errs
 
     def _errors(self, key: str, figure: str) -> str:
         errs = [m.error for m in self.measures if m.row == key and m.figure == figure
                 and m.error]
         return errs[0] if errs else ""
+
+
+def _log_note(path: str) -> str:
+    """How many lines a sockmuxd log has, how many of them per stream, and the first that
+    mentions an error or a failure."""
+    lines = _read(path).decode("utf-8", "replace").splitlines()
+    streams = sum(1 for ln in lines if re.match(r"sockmuxd: stream \d+: ", ln))
+    summaries = [m for ln in lines if (m := re.match(
+        r"sockmuxd: (\d+) streams ended without a record of their own", ln))]
+    bad = [ln for ln in lines if re.search(
+        r"(?i)traceback|error|exception|warning|refused|failed|timed out", ln)
+        and "without a record of their own" not in ln]
+    counted = (f", {sum(int(m.group(1)) for m in summaries)} more counted in "
+               f"{len(summaries)} summary records (--stream-log-rate)" if summaries else "")
+    return (f"{os.path.basename(path)}: {len(lines)} log lines ({streams} of them one per "
+            f"finished stream{counted})"
+            + (f", {len(bad)} mention errors/failures; first: {bad[0][:240]}" if bad else ""))
 
 
 def _read(path: str) -> bytes:
