@@ -43,7 +43,7 @@ __all__ = [
 #: Default for Hub.send_timeout: how long reading may stay paused so before the link is cut.
 SEND_TIMEOUT: Final = 30.0
 #: How long a new entrance connection may wait for its first bytes before its stream opens
-#: without them (see Hub.first_data_wait). Measured on loopback: the client's first bytes come
+#: without them (see Holds.first_data_wait). Measured on loopback: the client's first bytes come
 #: 0.1-1 ms after the accept; riding in CONNECT they save a tunnel round trip (connections/s
 #: +15-20 % with request/response clients); server-first protocols open 1 ms later.
 FIRST_DATA_WAIT: Final = 0.001

@@ -53,12 +53,12 @@ A stream's life is :class:`Phase` (the table is :data:`PHASES`); its local direc
 
 ==========  ================================================================================
 NEW         made: an entrance connection accepted, or a CONNECT from the peer
-LINK_WAIT   entrance: held, not read, until a link is up (``Hub.hold_timeout``)
-FIRST_DATA  entrance: waiting up to ``Hub.first_data_wait`` for its client's first bytes,
+LINK_WAIT   entrance: held, not read, until a link is up (``Holds.hold_timeout``)
+FIRST_DATA  entrance: waiting up to ``Holds.first_data_wait`` for its client's first bytes,
             which ride in CONNECT
 CONNECTING  entrance: CONNECT sent, waiting for CONNECTED; exit: its server being connected
 REPLY_WAIT  exit towards a peer without half-close: connected, waiting up to
-            ``Hub.reply_wait`` for its server's first bytes, which ride in CONNECTED
+            ``Holds.reply_wait`` for its server's first bytes, which ride in CONNECTED
 OPEN        accepted both ways: the data flows
 CLOSED      over for the protocol (its id is forgotten); the local socket may still flush
 FINISHED    counted and logged (terminal)
@@ -144,7 +144,7 @@ class LocalEnd(enum.Enum):
 
     READING = "READING"  # no EOF yet
     EOF = "EOF"  # EOF read, not passed on yet (data before it pending, or not open yet)
-    DEFERRED = "DEFERRED"  # passed on once the server is quiet (Hub.reply_wait, Stream._end)
+    DEFERRED = "DEFERRED"  # passed on once the server is quiet (Holds.reply_wait, Stream._end)
     ENDED = "ENDED"  # passed on: end_stream() called
 
 
@@ -423,7 +423,7 @@ class Stream(asyncio.Protocol):
 
         Without half-close (DeleGate) the EOF ends the stream both ways, and the peer drops
         what its server sends after it. So the EOF of a client that got nothing yet waits
-        until the server has sent nothing for ``Hub.reply_wait``: the answer to a request the
+        until the server has sent nothing for ``Holds.reply_wait``: the answer to a request the
         client sent with its EOF (``echo request | nc``) still comes through. A server that
         waits for the EOF gets it that much later. A client that got something already is
         most likely done (and its stream's slot is worth more: DeleGate has 60)."""
@@ -469,7 +469,7 @@ class Stream(asyncio.Protocol):
         """The exit's transport is made (the hub names its ends: see connected_as).
 
         The peer's first data goes to the server at once. Towards a peer without half-close
-        (DeleGate), CONNECTED then waits up to ``Hub.reply_wait`` for the server's answer to
+        (DeleGate), CONNECTED then waits up to ``Holds.reply_wait`` for the server's answer to
         them and carries its first bytes, as DeleGate does (for 1 ms): its entrance reads its
         client only after CONNECTED, and on the client's EOF it closes the whole stream and
         drops what comes later, so the answer to a request sent with the client's EOF reaches
