@@ -24,8 +24,8 @@ if os.environ.get("SOCKMUXD_NATIVE") == "1":
     # mypyc (1.15 at least) finds the group fresh in the cache the first run left, generates
     # no C for it, and links an empty tcpmuxd.sockmux._native__mypyc (ImportError at start).
     options = ["--follow-imports=silent", "--ignore-missing-imports", f"--cache-dir={os.devnull}"]
-    # One group with an explicit name, which works from mypy 1.15 (Debian 13's, which has no
-    # group_name= yet) to the mypy 2 of the development virtualenv.
+    # One group with an explicit name (mypy 1.15, Debian 13's and the development
+    # virtualenv's, has no group_name= yet).
     ext_modules = mypycify(options + modules, opt_level="3",
                            separate=[(modules, "tcpmuxd.sockmux._native")])
 

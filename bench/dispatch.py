@@ -28,22 +28,22 @@ import re
 import select
 import shlex
 import socket
-import struct
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (REPO, run_benchmark, BenchError, Processes, command_line,  # noqa: E402
+                     machine_cpu,
                      fd_count, free_port, help_text, machine_summary, nofile_limit, percentile,
                      raise_nofile, read_all, read_line, rss_kib, wait_connectable, wait_until,
                      which)
+from _dispatch_roles import (HOST, ROLES, TICK, check_reply, proc_cpu, self_cpu,  # noqa: E402
+                             task_cpu)
 
-HOST = "127.0.0.1"
 #: What the Forward= backend, the PassTo= receiver and the raw server write.
-LINE = b"tcpmuxd-bench: fixed reply line\n"
-DATE_RE = re.compile(rb"\d\d:\d\d:\d\d")
 SELF = os.path.abspath(__file__)
 
 TARGETS_RSS_IDLE_MIB = 40.0
@@ -56,204 +56,6 @@ QUIET = 0.10
 DISTURBED = 0.20
 
 
-# ============================================================================================
-# Child roles: `dispatch.py --_role ROLE ARG` (each runs in its own process and session)
-# ============================================================================================
-
-def _listen_tcp() -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((HOST, 0))
-    s.listen(4096)
-    return s
-
-
-def role_backend(_arg: str) -> None:
-    """Forward= backend: write LINE, close. Blocking, one process, no per-connection work."""
-    ls = _listen_tcp()
-    print(ls.getsockname()[1], flush=True)
-    while True:
-        conn, _ = ls.accept()
-        try:
-            conn.sendall(LINE)
-        except OSError:
-            pass
-        conn.close()
-
-
-def role_raw(_arg: str) -> None:
-    """The load generator's ceiling: read the name line, answer ``+`` CRLF and LINE, close."""
-    ls = _listen_tcp()
-    print(ls.getsockname()[1], flush=True)
-    while True:
-        conn, _ = ls.accept()
-        try:
-            conn.settimeout(5)
-            data = b""
-            while b"\n" not in data:
-                chunk = conn.recv(512)
-                if not chunk:
-                    break
-                data += chunk
-            conn.sendall(b"+\r\n" + LINE)
-        except OSError:
-            pass
-        conn.close()
-
-
-def role_passrecv(path: str) -> None:
-    """PassTo= receiver: take the socket with tcpmuxd.passfd, write LINE to it, close."""
-    from tcpmuxd.passfd import receive_connection
-
-    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    ls.bind(path)
-    ls.listen(4096)
-    print("ready", flush=True)
-    errors = 0
-    while True:
-        channel, _ = ls.accept()
-        try:
-            conn, _info = receive_connection(channel)
-        except Exception as e:  # noqa: BLE001 - count, report once, keep serving
-            errors += 1
-            if errors == 1:
-                print(f"passrecv: hand-over failed: {e!r}", file=sys.stderr, flush=True)
-            channel.close()
-            continue
-        channel.close()
-        try:
-            conn.sendall(LINE)
-        except OSError:
-            pass
-        conn.close()
-
-
-_TIMEVAL_10S = struct.pack("ll", 10, 0)
-
-
-def role_client(arg: str) -> None:
-    """One load-generator process: say ready, wait for "go" on stdin, run, print JSON."""
-    spec = json.loads(arg)
-    addr = (spec["host"], spec["port"])
-    request = spec["name"].encode() + b"\r\n"
-    count, kind = spec["count"], spec["kind"]
-    print("ready", flush=True)
-    if sys.stdin.readline().strip() != "go":
-        return
-    lat: list[float] = []
-    errors: dict[str, int] = {}
-    nul_after_ack = 0
-    acks: dict[str, int] = {}
-    clock = time.perf_counter
-    cpu0 = time.process_time()
-    start = time.monotonic()
-    for _ in range(count):
-        t0 = clock()
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            # plain blocking socket; the kernel timeouts only guard against a hang
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL_10S)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL_10S)
-            s.connect(addr)
-            s.sendall(request)
-            chunks = []
-            while True:
-                b = s.recv(65536)
-                if not b:
-                    break
-                chunks.append(b)
-        except OSError as e:
-            key = f"{type(e).__name__}: {e.strerror or e}"
-            errors[key] = errors.get(key, 0) + 1
-            s.close()
-            continue
-        s.close()
-        t1 = clock()
-        reply = b"".join(chunks)
-        problem = check_reply(reply, kind)
-        if problem:
-            errors[problem] = errors.get(problem, 0) + 1
-            continue
-        end = reply.index(b"\r\n") + 2
-        ack = reply[:end].decode("ascii", "replace")
-        acks[ack] = acks.get(ack, 0) + 1
-        if reply[end:end + 1] == b"\0":
-            nul_after_ack += 1
-        lat.append(t1 - t0)
-    stop = time.monotonic()
-    cpu = time.process_time() - cpu0
-    json.dump({"start": start, "stop": stop, "cpu": cpu, "lat": lat, "errors": errors,
-               "nul": nul_after_ack, "acks": acks}, sys.stdout)
-    sys.stdout.flush()
-
-
-def check_reply(reply: bytes, kind: str) -> str | None:
-    """None if ``reply`` is ``+...`` CRLF followed by the expected output, else what's wrong."""
-    if not reply:
-        return "closed without a reply"
-    if not reply.startswith(b"+"):
-        return f"negative or bad reply: {reply[:60]!r}"
-    end = reply.find(b"\r\n")
-    if end < 0:
-        return f"no CRLF after the reply line: {reply[:60]!r}"
-    body = reply[end + 2:]
-    if body.startswith(b"\0"):  # xinetd's stray NUL: counted, tolerated
-        body = body[1:]
-    if kind == "date":
-        if not (DATE_RE.search(body) and body.endswith(b"\n")):
-            return f"not date's output: {reply[:60]!r}"
-    elif body != LINE:
-        return f"not the fixed line: {reply[:60]!r}"
-    return None
-
-
-def task_cpu(pid: int) -> float:
-    """CPU seconds used so far by every thread of ``pid`` (schedstat, nanoseconds)."""
-    total = 0
-    if not pid:
-        return 0.0
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0])
-            except (OSError, ValueError, IndexError):
-                pass
-    except OSError:
-        return 0.0
-    return total / 1e9
-
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def proc_cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` and of its children it has reaped (/proc/PID/stat), 0 if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    # fields[0] is the state (field 3): utime..cstime are fields 14..17
-    return sum(int(x) for x in fields[11:15]) / _TICK
-
-
-def machine_cpu() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    total = sum(fields[:8])
-    return total - idle, total
-
-
-def _self_cpu() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-ROLES = {"backend": role_backend, "raw": role_raw, "passrecv": role_passrecv,
-         "client": role_client}
 
 
 # ============================================================================================
@@ -326,6 +128,9 @@ class Bench:
         self.xinetd_version = "?"
         self.mem: dict[str, object] = {}
         self.final: list[tuple[str, bool, str]] = []
+        # the report's lines and the MISSes it counted (see report())
+        self.w: Callable[[str], None] = print
+        self.misses = 0
         self.quiet_budget = args.quiet_budget
 
     def say(self, text: str) -> None:
@@ -509,7 +314,7 @@ class Bench:
         starts, stops = [], []
         cpu0, busy0 = task_cpu(target.pid), machine_cpu()
         tot0 = proc_cpu(target.pid)
-        ours0 = sum(proc_cpu(p) for p in self.server_pids) + _self_cpu()
+        ours0 = sum(proc_cpu(p) for p in self.server_pids) + self_cpu()
         budget = 60 + total * 0.05  # 20 conn/s at the very least, or the run is broken
         for w in workers:
             out = read_all(w, budget, f"client against {target.label}")
@@ -529,15 +334,15 @@ class Bench:
             for k, v in data["acks"].items():
                 result.acks[k] = result.acks.get(k, 0) + v
         cpu1, busy1 = task_cpu(target.pid), machine_cpu()
-        ours1 = sum(proc_cpu(p) for p in self.server_pids) + _self_cpu()
+        ours1 = sum(proc_cpu(p) for p in self.server_pids) + self_cpu()
         result.server_cpu = cpu1 - cpu0
         result.server_total = proc_cpu(target.pid) - tot0
         jiffies = max(1, busy1[1] - busy0[1])
         result.busy = (busy1[0] - busy0[0]) / jiffies
-        ours = (ours1 - ours0 + result.client_cpu) * _TICK
+        ours = (ours1 - ours0 + result.client_cpu) * TICK
         result.other = max(0.0, (busy1[0] - busy0[0] - ours) / jiffies)
         # CPU times come in 10 ms ticks: over a short window the estimate is noise
-        result.other_valid = jiffies >= 50 * (os.cpu_count() or 1) * _TICK / 100
+        result.other_valid = jiffies >= 50 * (os.cpu_count() or 1) * TICK / 100
         if not result.other_valid:
             result.other = 0.0
         result.lat.sort()
@@ -586,10 +391,10 @@ class Bench:
         deadline = start + min(self.args.quiet_wait, self.quiet_budget)
         waited = False
         while True:
-            b0, ours0 = machine_cpu(), sum(proc_cpu(p) for p in self.server_pids) + _self_cpu()
+            b0, ours0 = machine_cpu(), sum(proc_cpu(p) for p in self.server_pids) + self_cpu()
             time.sleep(0.3)
-            b1, ours1 = machine_cpu(), sum(proc_cpu(p) for p in self.server_pids) + _self_cpu()
-            other = (b1[0] - b0[0] - (ours1 - ours0) * _TICK) / max(1, b1[1] - b0[1])
+            b1, ours1 = machine_cpu(), sum(proc_cpu(p) for p in self.server_pids) + self_cpu()
+            other = (b1[0] - b0[0] - (ours1 - ours0) * TICK) / max(1, b1[1] - b0[1])
             if other <= QUIET:
                 break
             if time.monotonic() >= deadline:
@@ -687,6 +492,34 @@ class Bench:
         nofile = raise_nofile(max(4096, 2 * self.args.pending + 512))
         self.say(f"RLIMIT_NOFILE soft limit {nofile} (tcpmuxd inherits it)")
 
+        mux_port, all_targets = self.start_targets(use_mux, use_xinetd, xinetd)
+        targets = [all_targets[k] for k in keys]
+        for t in targets:
+            problem = self.probe(t)
+            if problem:
+                t.ok = False
+                self.notes.append(f"{t.label}: the first request failed: {problem}")
+                self.say(f"{t.label}: first request failed: {problem}")
+
+        if use_mux and not self.args.no_memory:
+            self.say(f"memory: tcpmuxd idle, then {self.args.pending} connections that send "
+                     f"no name")
+            self.pending_memory(mux_port)
+
+        for rnd in range(self.args.rounds):
+            if self.args.rounds > 1:
+                self.say(f"round {rnd + 1} of {self.args.rounds}")
+            for t in targets:
+                self.measure(t, rnd)
+        self.pick_medians()
+
+        if self.tcpmuxd is not None:
+            self.check_after_run(mux_port)
+        return self.report()
+
+    def start_targets(self, use_mux: bool, use_xinetd: bool,
+                      xinetd: str | None) -> tuple[int, dict[str, Target]]:
+        """Start the helpers, tcpmuxd and xinetd; tcpmuxd's port and every target."""
         backend_port, raw_port, sock, raw_pid = self.start_helpers()
         self.say(f"helpers: Forward= backend on {HOST}:{backend_port}, raw server on "
                  f"{HOST}:{raw_port}, PassTo= receiver on {sock}")
@@ -709,29 +542,10 @@ class Bench:
             "tcpmuxd-fwd": Target("tcpmuxd-fwd", "tcpmuxd fwd", mux_port, "fwd", "line", mux_pid),
             "tcpmuxd-pass": Target("tcpmuxd-pass", "tcpmuxd pass", mux_port, "pass", "line",
                                    mux_pid)}
-        targets = [all_targets[k] for k in keys]
-        for t in targets:
-            problem = self.probe(t)
-            if problem:
-                t.ok = False
-                self.notes.append(f"{t.label}: the first request failed: {problem}")
-                self.say(f"{t.label}: first request failed: {problem}")
+        return mux_port, all_targets
 
-        if use_mux and not self.args.no_memory:
-            self.say(f"memory: tcpmuxd idle, then {self.args.pending} connections that send "
-                     f"no name")
-            self.pending_memory(mux_port)
-
-        for rnd in range(self.args.rounds):
-            if self.args.rounds > 1:
-                self.say(f"round {rnd + 1} of {self.args.rounds}")
-            for t in targets:
-                self.measure(t, rnd)
-        self.pick_medians()
-
-        if self.tcpmuxd is None:
-            return self.report()
-        # after the run: alive, serving every service, descriptors back
+    def check_after_run(self, mux_port: int) -> None:
+        """After the run: tcpmuxd alive, serving every service, descriptors back."""
         alive = self.tcpmuxd.poll() is None
         self.final.append(("tcpmuxd process alive", alive,
                            "" if alive else f"exit status {self.tcpmuxd.returncode}"))
@@ -747,14 +561,14 @@ class Bench:
             self.mem["after_run"] = rss_kib(self.tcpmuxd.pid)
         if self.xinetd is not None and self.xinetd.poll() is None:
             self.mem["xinetd_idle"] = rss_kib(self.xinetd.pid)
-        return self.report()
 
     # --- the report ---------------------------------------------------------------------
 
     def report(self) -> int:
         a = self.args
-        out = []
-        w = out.append
+        out: list[str] = []
+        self.w = w = out.append
+        self.misses = 0
         w("")
         w("=" * 78)
         w("tcpmuxd dispatch benchmark (bench/dispatch.py)")
@@ -767,6 +581,17 @@ class Bench:
           f"{a.connections} over {a.clients} parallel client processes, "
           f"after {a.warmup} warm-up connections, {a.rounds} round(s); blocking sockets, "
           f"127.0.0.1")
+        self._report_table()
+        self._report_ratios()
+        self._report_memory()
+        self._report_after()
+        self._report_notes()
+        w("=" * 78)
+        print("\n".join(out), flush=True)
+        return 1 if self.misses else 0
+
+    def _report_table(self) -> None:
+        a, w = self.args, self.w
         w("")
         rounds = a.rounds > 1
         w(f"{'target':<13}{'mode':<6}{'ok':>5}{'err':>4}{'conn/s':>9}"
@@ -792,11 +617,11 @@ class Bench:
           "figures)")
         w("")
 
+    def _report_ratios(self) -> None:
+        w = self.w
         by = {(r.target.key, r.mode.rstrip("0123456789")): r for r in self.results}
-        misses = 0
 
         def ratio(label, num, den, goal):
-            nonlocal misses
             for mode in ("seq", "par"):
                 rn, rd = by.get((num, mode)), by.get((den, mode))
                 if not rn or not rd or rd.rate == 0:
@@ -805,7 +630,7 @@ class Bench:
                 value = rn.rate / rd.rate
                 bad = rn.nerrors or rd.nerrors
                 verdict = "PASS" if value >= goal and not bad else "MISS"
-                misses += verdict == "MISS"
+                self.misses += verdict == "MISS"
                 extra = "  (errors in the run)" if bad else ""
                 w(f"  {label + ' (' + mode + ')':<40} {value:>8.2f}   target >= {goal:.1f}  "
                   f"{verdict}{extra}")
@@ -815,6 +640,8 @@ class Bench:
         ratio("tcpmuxd fwd / tcpmuxd exec", "tcpmuxd-fwd", "tcpmuxd-date", TARGET_INPROC_RATIO)
         ratio("tcpmuxd pass / tcpmuxd exec", "tcpmuxd-pass", "tcpmuxd-date", TARGET_INPROC_RATIO)
 
+    def _report_memory(self) -> None:
+        a, w = self.args, self.w
         m = self.mem
         if "idle" in m:
             mib = lambda kib: kib / 1024.0  # noqa: E731
@@ -823,7 +650,7 @@ class Bench:
             v1 = "PASS" if mib(idle) <= TARGETS_RSS_IDLE_MIB else "MISS"
             ok_all = m["all_accepted"]
             v2 = "PASS" if mib(rise) <= TARGETS_RSS_RISE_MIB and ok_all else "MISS"
-            misses += (v1 == "MISS") + (v2 == "MISS")
+            self.misses += (v1 == "MISS") + (v2 == "MISS")
             w("")
             w("tcpmuxd resident memory (VmRSS):")
             w(f"  {'idle after start-up':<40} {mib(idle):>8.1f} MiB  target <= "
@@ -846,11 +673,14 @@ class Bench:
             if "xinetd_idle" in m:
                 w(f"  (xinetd idle, for reference: {mib(m['xinetd_idle']):.1f} MiB)")
 
+    def _report_after(self) -> None:
+        w = self.w
+        by = {(r.target.key, r.mode.rstrip("0123456789")): r for r in self.results}
         if self.final:
             w("")
             w("after the run:")
         for what, ok, detail in self.final:
-            misses += not ok
+            self.misses += not ok
             w(f"  {what:<40} {'yes' if ok else 'NO'}  {detail}")
 
         # the load generator's ceiling
@@ -870,6 +700,8 @@ class Bench:
                       + ("not the bottleneck" if factor >= 1.5 else
                          "CLOSE: the client may limit this figure"))
 
+    def _report_notes(self) -> None:
+        w = self.w
         notes = list(self.notes)
         disturbed = [r for r in self.all_results if r.other > DISTURBED]
         if disturbed:
@@ -904,10 +736,6 @@ class Bench:
                 if n not in seen:
                     seen.add(n)
                     w(f"  - {n}")
-        w("=" * 78)
-        print("\n".join(out), flush=True)
-        return 1 if misses else 0
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(

@@ -32,6 +32,18 @@ def native_modules() -> list[str]:
     return sorted("tcpmuxd.sockmux." + Path(m).stem for m in listed["modules"])
 
 
+def native_mypy() -> str:
+    """The requirement ``mypy==VERSION`` that pyproject.toml's native extra pins: the one
+    mypy that compiles sockmuxd here, in the development virtualenv and the package builds
+    of tests/packaging alike."""
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["native"]
+    (pin,) = [r for r in extra if r.startswith("mypy")]
+    if not re.fullmatch(r"mypy==\d+(\.\d+)+", pin):
+        raise ValueError(f"the native extra must pin one mypy (mypy==VERSION), not {pin!r}")
+    return pin
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as s:

@@ -2,8 +2,8 @@
 
 ``script/build-native`` compiles the modules listed in pyproject.toml's
 ``[tool.sockmuxd-native]`` with mypyc, in place; Python imports an extension module before a
-source file of the same name, so the compiled build runs wherever it exists (measured with
-bench/stream_instructions.sh: 40-50 % fewer user-space instructions per short stream).
+source file of the same name, so the compiled build runs wherever it exists (what it gains:
+bench/tunnel.py's "compiled against pure Python", bench/README.md).
 
 The sources stay the reference. ``SOCKMUXD_PURE_PYTHON=1`` in the environment makes this
 package import them instead: for tracebacks with real line numbers, a debugger, or to tell a

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from tcpmuxd_harness import native_modules
+from tcpmuxd_harness import native_modules, native_mypy
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGING = REPO / "packaging"
@@ -240,10 +240,11 @@ def dist_info(sitelib: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # sockmuxd's compiled modules (mypyc), as every package ships them.
 
-#: The mypy whose mypyc compiles the packages' modules here: Debian 13's python3-mypy, and the
-#: oldest that makes working code (this machine may be Debian 12, whose 1.0.1 makes code that
-#: crashes). It comes from PyPI into a directory that the builds get as PYTHONPATH.
-MYPY = "mypy==1.15.0"
+#: The mypy whose mypyc compiles the packages' modules here: the one pyproject.toml's native
+#: extra pins for the development virtualenv (Debian 13's python3-mypy; this machine may be
+#: Debian 12, whose 1.0.1 makes code that crashes). It comes from PyPI into a directory that
+#: the builds get as PYTHONPATH.
+MYPY = native_mypy()
 
 #: pip's words when it could not get MYPY from the index (offline, or no route to PyPI).
 _PIP_UNREACHABLE = ("No matching distribution found", "NewConnectionError", "connection broken by",

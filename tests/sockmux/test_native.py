@@ -11,6 +11,7 @@ without that log (script/build-native never ran), they are skipped.
 """
 
 import importlib.machinery
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tcpmuxd_harness import native_modules
+from tcpmuxd_harness import native_modules, native_mypy
 
 import tcpmuxd.sockmux.connection
 import tcpmuxd.sockmux.exits
@@ -100,3 +101,17 @@ def test_compiled_build_is_newer_than_its_sources():
     oldest = min((ROOT / (m.replace(".", "/") + SUFFIX)).stat().st_mtime for m in LISTED)
     newest = max((ROOT / (m.replace(".", "/") + ".py")).stat().st_mtime for m in LISTED)
     assert oldest >= newest
+
+
+def test_one_mypy_for_development_and_packages():
+    """The development virtualenv compiles with the mypy the package builds use
+    (tests/packaging takes native_mypy() too): a figure measured here is one of the build
+    the packages ship. script/bootstrap installs the native extra, so the installed mypy is
+    the pinned one."""
+    version = native_mypy().partition("==")[2]
+    try:
+        installed = importlib.metadata.version("mypy")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("no mypy in this environment (the native extra was not installed)")
+    assert installed == version, (f"the virtualenv has mypy {installed}, pyproject.toml's "
+                                  f"native extra pins {version}: run script/bootstrap")

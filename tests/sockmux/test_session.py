@@ -23,6 +23,8 @@ from tcpmuxd.sockmux import SockMuxConfig
 from tcpmuxd.sockmux.tunnel import parse_exit
 from tcpmuxd.sockmux.exits import ExitOpener, _Connecting
 from tcpmuxd.sockmux.session import Hub, Session, Stream
+from tcpmuxd.sockmux.stream import Phase
+from tcpmuxd.sockmux.streamlog import StreamLog
 
 SECRET = b"a shared secret of 32 bytes....."
 OTHER = b"another shared secret, 32 bytes."
@@ -367,7 +369,7 @@ def test_exit_connect_cancelled_after_its_future_finished(loop, timed_out):
         assert not connecting.cancel()  # once
         await wait_for(connecting.done, what="the coroutine ended")
         assert seen == ["stepped", "cancelled"]
-        assert stream.finished is timed_out  # refused (exit_failed) only on a timeout
+        assert (stream.phase is Phase.FINISHED) is timed_out  # refused (exit_failed) only on a timeout
         assert hub.stats.finished == (1 if timed_out else 0)
     run(main(), loop)
 
@@ -826,8 +828,8 @@ def test_stream_records_over_the_rate_are_summed_up(monkeypatch):
     bucket's depth of records (plus what it refilled meanwhile: nothing when the burst is
     quick), the other streams are counted in summary records with the refused ones among them
     and their bytes; the bucket refills at the rate."""
-    from tcpmuxd.sockmux import session as session_module
-    monkeypatch.setattr(session_module, "STREAM_LOG_SUMMARY", 0.3)
+    from tcpmuxd.sockmux import streamlog
+    monkeypatch.setattr(streamlog, "STREAM_LOG_SUMMARY", 0.3)
 
     def summed(log: CaptureLog, key: str) -> int:
         return sum(f[key] for _m, _p, f in log.records
@@ -838,8 +840,7 @@ def test_stream_records_over_the_rate_are_summed_up(monkeypatch):
         echo, eport = await serve(Echo)
         async with pair(b_exits={None: parse_exit(f"127.0.0.1:{eport}")}) as p:
             port = await p.entrance(p.a)
-            p.a.stream_log_rate = 3
-            p.a._log_tokens, p.a._log_refilled = 3.0, loop.time()
+            p.a.stream_log = StreamLog(loop, p.log_a, p.a.name, 3)  # a full bucket
             started = loop.time()
             # a burst: 5 streams of 10 bytes each way and one refused (no exit for its port)
             results = await asyncio.gather(*[echo_roundtrip(port, 10) for _ in range(5)])
@@ -928,19 +929,19 @@ def test_entrance_connections_held_while_the_link_is_down():
     async def main() -> None:
         echo, eport = await serve(Echo)
         async with pair(b_exits=exits(f"127.0.0.1:{eport}"), link=False) as p:
-            p.a.hold_timeout = 5.0
+            p.a.holds.hold_timeout = 5.0
             port = await p.entrance(p.a)
             r, w = await asyncio.open_connection("127.0.0.1", port)
             w.write(b"early bytes")
             await asyncio.sleep(0.2)
-            assert len(p.a.waiting) == 1
+            assert len(p.a.holds.waiting) == 1
             await p.link()
             assert await r.readexactly(11) == b"early bytes"
             w.close()
             # no link: held, then reset after the hold time
             p.sa.close("test")
             await wait_for(lambda: p.sb.closed)
-            p.a.hold_timeout = 0.3
+            p.a.holds.hold_timeout = 0.3
             r, w = await asyncio.open_connection("127.0.0.1", port)
             start = time.monotonic()
             with contextlib.suppress(ConnectionError):
@@ -961,7 +962,7 @@ def test_client_first_bytes_ride_in_connect():
     async def main() -> None:
         echo, eport = await serve(Echo)
         async with pair(b_exits=exits(f"127.0.0.1:{eport}")) as p:
-            p.a.first_data_wait = 0.2
+            p.a.holds.first_data_wait = 0.2
             port = await p.entrance(p.a)
             assert p.b.current is not None
             stats = p.b.current.conn.stats
@@ -1047,8 +1048,8 @@ def test_plain_peer_half_closing_client_gets_the_reply(case):
         server, sport = await serve(lambda: Reply(delay))
         plain = cfg(secret=None, require_auth=False, extensions=False)
         async with pair(a_config=plain, b_config=plain, b_exits=exits(f"127.0.0.1:{sport}")) as p:
-            p.a.reply_wait, p.b.reply_wait = a_wait, b_wait
-            p.a.first_data_wait = 0.5  # the request surely rides in CONNECT
+            p.a.holds.reply_wait, p.b.holds.reply_wait = a_wait, b_wait
+            p.a.holds.first_data_wait = 0.5  # the request surely rides in CONNECT
             port = await p.entrance(p.a)
             r, w = await asyncio.open_connection("127.0.0.1", port)
             w.write(b"request\n")
@@ -1072,8 +1073,8 @@ def test_refused_connects_of_a_flooding_peer_are_logged_at_the_stream_rate(monke
     summary as refused."""
     from sockmux_pair import ScriptedPeer
     from tcpmuxd.sockmux import frames as F
-    from tcpmuxd.sockmux import session as session_module
-    monkeypatch.setattr(session_module, "STREAM_LOG_SUMMARY", 0.3)
+    from tcpmuxd.sockmux import streamlog
+    monkeypatch.setattr(streamlog, "STREAM_LOG_SUMMARY", 0.3)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
