@@ -9,8 +9,13 @@ apply (``presets=None``), as on a real installation. Stages, each timed (``-s`` 
 
 1. ``dpkg -i`` on both: tcpmuxd.socket is enabled and listening on port 1 afterwards (the
    package did it; ``systemctl enable --now tcpmuxd.socket`` is then a no-op), nothing else
-   is; the first connection starts tcpmuxd.service, as its dynamic user.
-2. office: services dropped into /etc/tcpmuxd/conf.d/, ``systemctl reload tcpmuxd``, used
+   is. README's ``cp my-service.conf /etc/tcpmuxd/conf.d/ && systemctl
+   try-reload-or-restart tcpmuxd``, typed as README has it before anything has connected,
+   succeeds (``systemctl reload`` fails there); the first connection starts tcpmuxd.service,
+   as its dynamic user, which serves that service. Commands an administrator types are taken
+   from README.md (``documented_command``), so a README that says otherwise fails here.
+2. office: services dropped into /etc/tcpmuxd/conf.d/, ``systemctl try-reload-or-restart
+   tcpmuxd``, used
    through port 1 with the installed ``tcpmux`` client and with the test's own sockets; the
    hardened unit at work (handlers as the dynamic user; a ``User=`` service refused, the
    journal naming the drop-in that would allow it), then that drop-in applied with ``systemctl
@@ -36,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import socket
 import sys
 import threading
@@ -61,6 +67,8 @@ ENTRANCE_TO_PORT_1, ENTRANCE_TO_TCPMUX_EXIT = 7001, 7002
 #: systemd's range for DynamicUser=yes.
 DYNAMIC_UIDS = range(61184, 65520)
 ENV = {"DEBIAN_FRONTEND": "noninteractive"}
+#: The command that applies changes to conf.d (README, tcpmuxd.conf(5)), in any state.
+RELOAD = "systemctl try-reload-or-restart tcpmuxd"
 #: units/README.md's one setting for handlers as other users.
 RELAX_DROPIN = "[Service]\nDynamicUser=no\n"
 
@@ -93,6 +101,27 @@ class Site:
     @property
     def both(self) -> tuple[Container, Container]:
         return self.office, self.branch
+
+
+#: The project's README, whose commands the administrator here types as they are written.
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def documented_command(containing: str, doc: Path = README) -> str:
+    """The one command line in ``doc``'s code blocks that contains ``containing``, without its
+    trailing comment: what an administrator following the document types."""
+    blocks = re.findall(r"^```(?:sh)?\n(.*?)^```", doc.read_text(), re.M | re.S)
+    lines = [re.sub(r"\s+#\s.*$", "", line).strip()
+             for block in blocks for line in block.splitlines() if containing in line]
+    assert len(lines) == 1, f"{doc.name}: {len(lines)} command lines with {containing!r}: {lines}"
+    return lines[0]
+
+
+def run_documented(c: Container, command: str, cwd: str = "/root") -> str:
+    """Run a documented command line in a root shell in ``c``; it must succeed."""
+    r = c.exec(["/bin/sh", "-c", f"cd {cwd} && {command}"], check=False)
+    assert r.returncode == 0, f"{command!r} failed ({r.returncode}):\n{r.stdout}{r.stderr}"
+    return r.stdout + r.stderr
 
 
 def help_names(c: Container) -> list[str]:
@@ -159,7 +188,7 @@ def edit(c: Container, unit: str, dropin: str) -> None:
 
 
 def reload_until(c: Container, predicate, what: str) -> None:
-    c.systemctl("reload", "tcpmuxd")
+    run_documented(c, RELOAD)
     # ExecReload=kill -HUP returns before tcpmuxd has re-read conf.d (no notify-reload on 252).
     c.wait_until(predicate, timeout=10, what=what)
 
@@ -240,9 +269,23 @@ def test_install_enables_and_starts_the_socket(site):
             assert state(c, "is-enabled", "sockmuxd@link.service") == "disabled"
         c = site.office
         # As the admin would, per the README: a no-op here, since the package did it.
-        c.systemctl("enable", "--now", "tcpmuxd.socket")
-        assert help_names(c) == [], "the package ships no services"
-        c.systemctl("start", "tcpmuxd.service")  # returns once READY=1 came (Type=notify)
+        run_documented(c, documented_command("systemctl enable --now tcpmuxd.socket"))
+        assert state(c, "is-active", "tcpmuxd.service") == "inactive", "socket-activated"
+
+    with stage("README's reload right after installation, before anything connected"):
+        # README: "cp my-service.conf /etc/tcpmuxd/conf.d/ && systemctl ..." while
+        # tcpmuxd.service does not run yet: it must succeed, and leave it not running.
+        c.write_file("/root/my-service.conf", "[Service]\nExec=/bin/echo my service\n")
+        command = documented_command("cp my-service.conf /etc/tcpmuxd/conf.d/")
+        run_documented(c, command)
+        assert command.endswith(f"&& {RELOAD}"), "the README's command is the one used below"
+        assert state(c, "is-active", "tcpmuxd.service") == "inactive"
+        # The first connection starts tcpmuxd, which reads conf.d then.
+        r = c.exec(["tcpmux", "127.0.0.1", "my-service"], check=True)
+        assert r.stdout == "my service\n", r
+        c.remove_file(f"{CONF_D}/my-service.conf")
+        run_documented(c, RELOAD)
+        c.wait_until(lambda: help_names(c) == [], timeout=10, what="my-service gone from HELP")
         main = show(c, "tcpmuxd.service", "ActiveState", "MainPID", "StatusText")
         report(f"tcpmuxd.service after the first connection: {main}")
         assert main["ActiveState"] == "active"
