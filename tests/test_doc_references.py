@@ -61,6 +61,15 @@ def installed_documents() -> list[Path]:
             + sorted((ROOT / "conf.d").glob("*.conf")) + sorted((ROOT / "examples").iterdir()))
 
 
+def flat(path: Path) -> str:
+    """The text on one line, so that a reference may be broken anywhere; in files other than
+    documents (units, configuration, scripts) the ``#`` that starts a continued comment goes."""
+    text = path.read_text(errors="replace")
+    if path.suffix not in (".scd", ".md"):
+        text = re.sub(r"\n[ \t]*#+", "\n", text)
+    return re.sub(r"\s+", " ", text)
+
+
 def headings(path: Path) -> set[str]:
     """A man page's sections and subsections (``# NAME``, ``## NAME``), or a Markdown
     document's headings."""
@@ -70,7 +79,7 @@ def headings(path: Path) -> set[str]:
 def test_every_page_section_reference_names_a_section_of_that_page():
     broken, seen = [], 0
     for path in documents():
-        text = re.sub(r"\s+", " ", path.read_text(errors="replace"))
+        text = flat(path)
         for m in PAGE_SECTION.finditer(text):
             page = f"{m.group('page')}({m.group('n')})"
             section = m.group("quoted") or m.group("bare")
@@ -97,7 +106,6 @@ def test_installed_files_name_readme_units_by_its_installed_path():
     problems = []
     for path in installed_documents():
         text = path.read_text(errors="replace")
-        flat = re.sub(r"\s+#?\s*", " ", text)
         mentions = re.findall(r"[\w/.-]*README[\w.]*", text)
         if not mentions:
             continue
@@ -108,7 +116,7 @@ def test_installed_files_name_readme_units_by_its_installed_path():
             if mention.strip("_*.,") not in (INSTALLED_UNITS_README, "README.units.md",
                                             "units/README.md"):
                 problems.append(f"{name}: {mention!r} is no place on an installed system")
-        for title in re.findall(r"README\.units\.md_?\*?,? \"([^\"]+)\"", flat):
+        for title in re.findall(r"README\.units\.md_?\*?,? \"([^\"]+)\"", flat(path)):
             if not any(h == title or h.startswith(f"{title}: ") for h in headings(UNITS_README)):
                 problems.append(f"{name}: README.units.md has no heading {title!r}")
     assert problems == [], "\n".join(problems)

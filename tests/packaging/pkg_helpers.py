@@ -206,7 +206,9 @@ def plain_units() -> list[str]:
 
 
 def example_files() -> list[str]:
-    return sorted([p.name for p in (REPO / "conf.d").glob("*.conf")] + ["upper-daemon.py"])
+    """The example services and, for the PassTo= one, its daemon and units."""
+    return sorted([p.name for p in (REPO / "conf.d").glob("*.conf")]
+                  + [p.name for p in (REPO / "examples").iterdir() if p.is_file()])
 
 
 #: Files installed unchanged whose text an administrator reads on the installed system.
@@ -221,7 +223,7 @@ def documented_paths(docdir: str = "/usr/share/doc/tcpmuxd") -> set[str]:
     for pattern in INSTALLED_TEXTS:
         for path in REPO.glob(pattern):
             named |= set(re.findall(re.escape(docdir) + r"/[\w./-]*[A-Za-z0-9]", path.read_text()))
-    return {p for p in named if not p.endswith("/")}
+    return {p for p in named if "." in p.rsplit("/", 1)[1]}  # files, not directories
 
 
 def python_modules() -> list[str]:
