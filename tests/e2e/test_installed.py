@@ -22,6 +22,9 @@ apply (``presets=None``), as on a real installation. Stages, each timed (``-s`` 
    edit tcpmuxd.service`` (User=nobody works) and ``systemctl revert``-ed.
 3. office: a vendor service in /usr/lib/tcpmuxd/conf.d/ (written by the test: the package
    ships none), then masked by a /dev/null symlink in /etc: HELP stops listing it.
+   Then the PassTo= example, set up and taken down with README's commands (the daemon's
+   socket unit from /usr/share/doc/tcpmuxd/examples): a client's lines come back in upper
+   case through port 1, from tcpmuxd and the daemon each running as a dynamic user.
 4. ``systemctl start sockmuxd@link`` on both, a tunnel over the veth pair (branch connects to
    office, with a shared secret): a 1 MiB stream from branch's entrance reaches office's
    tcpmuxd through port 1 and comes back, and a second entrance reaches office's services
@@ -107,14 +110,24 @@ class Site:
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def documented_command(containing: str, doc: Path = README) -> str:
-    """The one command line in ``doc``'s code blocks that contains ``containing``, without its
+def documented_command(start: str, doc: Path = README) -> str:
+    """The one command line in ``doc``'s code blocks that starts with ``start``, without its
     trailing comment: what an administrator following the document types."""
     blocks = re.findall(r"^```(?:sh)?\n(.*?)^```", doc.read_text(), re.M | re.S)
     lines = [re.sub(r"\s+#\s.*$", "", line).strip()
-             for block in blocks for line in block.splitlines() if containing in line]
-    assert len(lines) == 1, f"{doc.name}: {len(lines)} command lines with {containing!r}: {lines}"
+             for block in blocks for line in block.splitlines() if line.startswith(start)]
+    assert len(lines) == 1, f"{doc.name}: {len(lines)} command lines start {start!r}: {lines}"
     return lines[0]
+
+
+def documented_block(heading: str, number: int = 0, doc: Path = README) -> list[str]:
+    """The command lines (comments cut) of the ``number``-th code block under ``heading``."""
+    text = doc.read_text()
+    section = text.split(f"\n{heading}\n", 1)[1]
+    section = re.split(r"^#{1,3} ", section, maxsplit=1, flags=re.M)[0]
+    blocks = re.findall(r"^```(?:sh)?\n(.*?)^```", section, re.M | re.S)
+    return [re.sub(r"\s+#\s.*$", "", line).strip() for line in blocks[number].splitlines()
+            if line.strip()]
 
 
 def run_documented(c: Container, command: str, cwd: str = "/root") -> str:
@@ -363,6 +376,55 @@ def test_mask_vendor_service(site):
         # exit status 1: whoami.conf (User=) from the stage above, which this unit cannot serve
         check = c.exec(["tcpmuxd", "--check"]).stdout
         assert f"{CONF_D}/vendor-echo.conf (masks {VENDOR_D}/vendor-echo.conf)" in check, check
+
+
+# --- 3b. the PassTo= example ------------------------------------------------------------------
+
+
+#: README's section with the commands that set the example up, and take it down again.
+PASS_TO_EXAMPLE = "### The PassTo= example"
+UPPER_SOCKET = "/run/tcpmuxd-examples/upper.sock"
+
+
+def upper_works(c: Container) -> None:
+    """The example, through port 1: the daemon's greeting, then the line in upper case."""
+    line, rest = request(c, 1, b"upper\r\nthrough port 1\n", shut_wr=True)
+    assert line == b"+", (line, rest)
+    assert re.fullmatch(rb"hello 127\.0\.0\.1 \d+, this is upper\r\nTHROUGH PORT 1\n", rest), rest
+
+
+def test_pass_to_example(site):
+    c = site.office
+    with stage("the PassTo= example, set up with README's commands"):
+        *setup, try_it = documented_block(PASS_TO_EXAMPLE)
+        cwd = "/"
+        for command in setup:
+            if command.startswith("cd "):
+                cwd = command[3:]
+                continue
+            run_documented(c, command, cwd=cwd)
+        out = run_documented(c, try_it, cwd=cwd)
+        report(f"{try_it}: {out!r}")
+        assert re.fullmatch(r"hello (::1|127\.0\.0\.1) \d+, this is upper\r?\nHELLO, DAEMON\n", out), out
+        upper_works(c)
+        # How it works: systemd made the socket writable by others, and both ends are
+        # unprivileged: tcpmuxd and the example daemon each run as a dynamic user.
+        mode = c.exec(["stat", "-c", "%a", UPPER_SOCKET], check=True).stdout.strip()
+        assert mode == "666", mode
+        daemon = show(c, "upper-daemon.service", "ActiveState", "MainPID")
+        assert daemon["ActiveState"] == "active", daemon
+        assert uid_of(c, daemon["MainPID"]) in DYNAMIC_UIDS
+
+    with stage("the PassTo= example removed with README's commands"):
+        remove_pass_to_example(c)
+
+
+def remove_pass_to_example(c: Container) -> None:
+    for command in documented_block(PASS_TO_EXAMPLE, 1):
+        run_documented(c, command)
+    assert state(c, "is-active", "upper-daemon.service") == "inactive"
+    c.wait_until(lambda: "upper" not in help_names(c), timeout=10, what="upper gone from HELP")
+    assert c.exec(["test", "-e", UPPER_SOCKET]).returncode == 1, "the socket is still there"
 
 
 # --- 4. a sockmuxd tunnel between the two ------------------------------------------------------
