@@ -25,6 +25,10 @@ apply (``presets=None``), as on a real installation. Stages, each timed (``-s`` 
    Then the PassTo= example, set up and taken down with README's commands (the daemon's
    socket unit from /usr/share/doc/tcpmuxd/examples): a client's lines come back in upper
    case through port 1, from tcpmuxd and the daemon each running as a dynamic user.
+   office switches to one process per connection (Accept=yes) with README's command: one
+   socket enabled, the other disabled; the records are under ``tcpmuxd-inetd@*``, none under
+   ``tcpmuxd``; a package upgrade and a real reboot of the container (its root kept, as a
+   machine's disk is) leave it so; then README's command back to the default.
 4. ``systemctl start sockmuxd@link`` on both, a tunnel over the veth pair (branch connects to
    office, with a shared secret): a 1 MiB stream from branch's entrance reaches office's
    tcpmuxd through port 1 and comes back, and a second entrance reaches office's services
@@ -34,7 +38,7 @@ apply (``presets=None``), as on a real installation. Stages, each timed (``-s`` 
 5. ``dpkg --purge`` on both: no tcpmuxd or sockmuxd process left (nor any of the dynamic
    user), no units loaded or installed, port 1 and the tunnel's entrance closed.
 
-About 13 s on 2 cores, 4 of them building the .deb (shared with tests/packaging). Skipped
+About 20 s on 2 cores, 4 of them building the .deb (shared with tests/packaging). Skipped
 (saying why) only where containers cannot be booted (nspawn.unavailable_reason: not root, no
 systemd-nspawn, a chroot, a bare container does not boot) or joined (no veth pairs).
 """
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import socket
@@ -110,13 +115,13 @@ class Site:
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def documented_command(start: str, doc: Path = README) -> str:
-    """The one command line in ``doc``'s code blocks that starts with ``start``, without its
-    trailing comment: what an administrator following the document types."""
+def documented_command(pattern: str, doc: Path = README) -> str:
+    """The one command line in ``doc``'s code blocks that ``pattern`` (a regular expression)
+    finds, without its trailing comment: what an administrator following the document types."""
     blocks = re.findall(r"^```(?:sh)?\n(.*?)^```", doc.read_text(), re.M | re.S)
     lines = [re.sub(r"\s+#\s.*$", "", line).strip()
-             for block in blocks for line in block.splitlines() if line.startswith(start)]
-    assert len(lines) == 1, f"{doc.name}: {len(lines)} command lines start {start!r}: {lines}"
+             for block in blocks for line in block.splitlines() if re.search(pattern, line)]
+    assert len(lines) == 1, f"{doc.name}: {len(lines)} command lines match {pattern!r}: {lines}"
     return lines[0]
 
 
@@ -282,14 +287,14 @@ def test_install_enables_and_starts_the_socket(site):
             assert state(c, "is-enabled", "sockmuxd@link.service") == "disabled"
         c = site.office
         # As the admin would, per the README: a no-op here, since the package did it.
-        run_documented(c, documented_command("systemctl enable --now tcpmuxd.socket"))
+        run_documented(c, documented_command(r"^systemctl enable --now tcpmuxd\.socket\b"))
         assert state(c, "is-active", "tcpmuxd.service") == "inactive", "socket-activated"
 
     with stage("README's reload right after installation, before anything connected"):
         # README: "cp my-service.conf /etc/tcpmuxd/conf.d/ && systemctl ..." while
         # tcpmuxd.service does not run yet: it must succeed, and leave it not running.
         c.write_file("/root/my-service.conf", "[Service]\nExec=/bin/echo my service\n")
-        command = documented_command("cp my-service.conf /etc/tcpmuxd/conf.d/")
+        command = documented_command(r"^cp my-service\.conf /etc/tcpmuxd/conf\.d/ ")
         run_documented(c, command)
         assert command.endswith(f"&& {RELOAD}"), "the README's command is the one used below"
         assert state(c, "is-active", "tcpmuxd.service") == "inactive"
@@ -414,9 +419,7 @@ def test_pass_to_example(site):
         daemon = show(c, "upper-daemon.service", "ActiveState", "MainPID")
         assert daemon["ActiveState"] == "active", daemon
         assert uid_of(c, daemon["MainPID"]) in DYNAMIC_UIDS
-
-    with stage("the PassTo= example removed with README's commands"):
-        remove_pass_to_example(c)
+        # It stays for the next test: through both modes and a reboot, then it is removed.
 
 
 def remove_pass_to_example(c: Container) -> None:
@@ -425,6 +428,75 @@ def remove_pass_to_example(c: Container) -> None:
     assert state(c, "is-active", "upper-daemon.service") == "inactive"
     c.wait_until(lambda: "upper" not in help_names(c), timeout=10, what="upper gone from HELP")
     assert c.exec(["test", "-e", UPPER_SOCKET]).returncode == 1, "the socket is still there"
+
+
+# --- 3c. switching modes, and a reboot ----------------------------------------------------------
+
+#: README's commands that switch to one process per connection (Accept=yes), and back.
+TO_INETD = r"\benable --now tcpmuxd-inetd\.socket\b"
+TO_DEFAULT = r"tcpmuxd-inetd\.socket .*\benable --now tcpmuxd\.socket\b"
+
+
+def enabled_and_active(c: Container) -> dict[str, tuple[str, str]]:
+    return {u: (state(c, "is-enabled", u), state(c, "is-active", u))
+            for u in ("tcpmuxd.socket", "tcpmuxd-inetd.socket")}
+
+
+def records(c: Container, cursor: str, *selection: str) -> list[dict]:
+    """tcpmuxd's connection records (with TCPMUX_SERVICE) since ``cursor``, as ``journalctl
+    SELECTION`` shows them."""
+    out = c.exec(["journalctl", "--no-pager", "-o", "json", f"--cursor={cursor}", *selection],
+                 check=True).stdout
+    entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+    return [e for e in entries if "TCPMUX_SERVICE" in e and e.get("__CURSOR") != cursor]
+
+
+def test_switch_modes_and_reboot(site):
+    c = site.office
+    inetd = {"tcpmuxd.socket": ("disabled", "inactive"),
+             "tcpmuxd-inetd.socket": ("enabled", "active")}
+    default = {"tcpmuxd.socket": ("enabled", "active"),
+               "tcpmuxd-inetd.socket": ("disabled", "inactive")}
+    with stage("to Accept=yes with README's command; the records are the instances'"):
+        cursor = c.journal_cursor()
+        run_documented(c, documented_command(TO_INETD))
+        assert enabled_and_active(c) == inetd
+        assert c.exec(["tcpmux", "127.0.0.1", "hello"], check=True).stdout == "hello from conf.d\n"
+        upper_works(c)
+        assert state(c, "is-active", "tcpmuxd.service") == "inactive"
+
+        def logged():
+            found = records(c, cursor, "-u", "tcpmuxd-inetd@*")
+            return found if {e["TCPMUX_SERVICE"] for e in found} >= {"hello", "upper"} else None
+        found = c.wait_until(logged, timeout=10, what="Accept=yes records under tcpmuxd-inetd@*")
+        report("journalctl -u 'tcpmuxd-inetd@*': " + "; ".join(
+            f"{e['_SYSTEMD_UNIT']}: {e['MESSAGE']}" for e in found))
+        assert all(e["_SYSTEMD_UNIT"].startswith("tcpmuxd-inetd@") for e in found)
+        assert records(c, cursor, "-u", "tcpmuxd") == [], "tcpmuxd.service served nothing"
+        assert len(records(c, cursor, "-t", "tcpmuxd")) == len(found)
+
+    with stage("a package upgrade (dpkg -i again) keeps the choice"):
+        c.exec(["dpkg", "-i", f"/var/tmp/{site.deb.name}"], env=ENV, check=True, timeout=120)
+        assert enabled_and_active(c) == inetd
+
+    with stage("reboot: still Accept=yes"):
+        seconds = c.reboot()
+        report(f"office rebooted in {seconds:.2f} s")
+        assert enabled_and_active(c) == inetd
+        assert c.exec(["tcpmux", "127.0.0.1", "hello"], check=True).stdout == "hello from conf.d\n"
+        upper_works(c)
+
+    with stage("back to Accept=no with README's command"):
+        run_documented(c, documented_command(TO_DEFAULT))
+        assert enabled_and_active(c) == default
+        upper_works(c)
+        assert state(c, "is-active", "tcpmuxd.service") == "active"
+
+    with stage("the PassTo= example removed with README's commands"):
+        remove_pass_to_example(c)
+
+    # The reboot took office's end of the veth pair, and with it branch's.
+    link_veth(site.office, site.branch, name="tunnel0", address_a=OFFICE, address_b=BRANCH)
 
 
 # --- 4. a sockmuxd tunnel between the two ------------------------------------------------------
