@@ -29,14 +29,16 @@ apply (``presets=None``), as on a real installation. Stages, each timed (``-s`` 
    socket enabled, the other disabled; the records are under ``tcpmuxd-inetd@*``, none under
    ``tcpmuxd``; a package upgrade and a real reboot of the container (its root kept, as a
    machine's disk is) leave it so; then README's command back to the default.
-4. ``systemctl start sockmuxd@link`` on both, a tunnel over the veth pair (branch connects to
+4. ``systemctl enable --now sockmuxd@link`` on both, a tunnel over the veth pair (branch connects to
    office, with a shared secret): a 1 MiB stream from branch's entrance reaches office's
    tcpmuxd through port 1 and comes back, and a second entrance reaches office's services
    through the in-process ``tcpmux`` exit. Two containers rather than one and the host, so
    that both ends are the installed package under systemd, as in real use; and rather than
    two tunnels over loopback in one container, so that the link really crosses hosts.
-5. ``dpkg --purge`` on both: no tcpmuxd or sockmuxd process left (nor any of the dynamic
-   user), no units loaded or installed, port 1 and the tunnel's entrance closed.
+5. ``dpkg --purge`` on both, with the tunnels and a spare tunnel's service and socket enabled:
+   no tcpmuxd or sockmuxd process left (nor any of the dynamic user), no units loaded (not even
+   ``not-found`` instances) or installed, no enablement links, port 1 and the tunnel's entrance
+   closed.
 
 About 20 s on 2 cores, 4 of them building the .deb (shared with tests/packaging). Skipped
 (saying why) only where containers cannot be booted (nspawn.unavailable_reason: not root, no
@@ -522,10 +524,11 @@ def test_sockmuxd_tunnel(site):
             r = c.exec(["sockmuxd", "--check", "link"])
             assert r.returncode == 0, f"{r.stdout}{r.stderr}"
 
-    with stage("systemctl start sockmuxd@link (both; READY=1 once the link is up)"):
-        # The receptor is ready only once the peer has connected: do not wait for it here.
-        office.systemctl("start", "--no-block", "sockmuxd@link.service")
-        branch.systemctl("start", "sockmuxd@link.service")
+    with stage("systemctl enable --now sockmuxd@link (both; READY=1 once the link is up)"):
+        # As sockmuxd(8) says, enabled (the purge below must forget that). The receptor is
+        # ready only once the peer has connected: do not wait for it here.
+        office.systemctl("enable", "--now", "--no-block", "sockmuxd@link.service")
+        branch.systemctl("enable", "--now", "sockmuxd@link.service")
         office.systemctl("start", "sockmuxd@link.service")  # waits for the pending start job
         for c in site.both:
             s = show(c, "sockmuxd@link.service", "ActiveState", "SubState", "StatusText")
@@ -564,6 +567,11 @@ def test_sockmuxd_tunnel(site):
 
 def test_purge_leaves_nothing_running(site):
     office, branch = site.both
+    # Instances enabled for the next boot, not started: a tunnel's entrance socket too.
+    office.systemctl("enable", "sockmuxd@spare.socket", "sockmuxd@spare.service")
+    for c in site.both:
+        wanted = c.exec("find /etc/systemd/system -type l -name 'sockmuxd@*'", check=True).stdout
+        report(f"{c.machine}: enabled before the purge:\n{wanted.strip()}")
     with stage("dpkg --purge (both at once)"):
         results = on_both(site, lambda c: c.exec(["dpkg", "--purge", "tcpmuxd"], env=ENV,
                                                  check=True, timeout=120))
