@@ -35,6 +35,16 @@ def daemon_factory(tmp_path: Path) -> Iterator:
         d.stop()
 
 
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory every user may enter, e.g. a config directory an unprivileged daemon reads
+    (pytest's tmp_path is root's, mode 0700), removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="tcpmuxd-public-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def any_user_python() -> Iterator[AnyUserPython]:
     """How another user runs this tree's tcpmuxd (privileges.python_for_any_user), with a

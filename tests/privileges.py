@@ -117,3 +117,21 @@ def python_for_any_user(scratch: Path) -> AnyUserPython:
         for name in filenames:
             os.chmod(os.path.join(dirpath, name), 0o644)
     return AnyUserPython(python, str(scratch), str(scratch))
+
+
+def unused_uid() -> int:
+    """A uid with no account and no process: RLIMIT_NPROC counts per real uid, and nobody's
+    count could include processes of other test runs on this machine."""
+    in_use = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            in_use.add(os.stat(f"/proc/{pid}").st_uid)
+        except OSError:
+            pass
+    for uid in range(61000 + os.getpid() % 3000, 65000):
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            if uid not in in_use:
+                return uid
+    pytest.skip("no free uid")

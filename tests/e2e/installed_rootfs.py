@@ -20,6 +20,10 @@ Before the boot, in the overlay only, the copy is made neutral, whatever the hos
   restarting anything (``deb-systemd-invoke``), and build and CI machines often have one that
   denies everything (exit 101, as in Docker images), which would hide what the package does.
 
+It can be rebooted (:meth:`OverlayRootContainer.reboot`, ``systemctl reboot`` inside): the
+same root comes up again, with what was written to it, as after a real reboot; /run, /tmp and
+the network namespace are new (a veth pair has to be made again).
+
 Everything else is :class:`~.nspawn.Container` (readiness, cgroups, diagnostics, exec, netns).
 Pass ``presets=None`` to keep the distribution's presets: on Debian, enabling a unit on first
 installation goes through ``systemctl preset``, which the harness's default ``disable *`` would
@@ -29,10 +33,12 @@ turn down.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import subprocess
+import time
 
-from .nspawn import Container
+from .nspawn import Container, ContainerError
 
 __all__ = ["OverlayRootContainer", "link_veth", "veth_unavailable_reason"]
 
@@ -57,7 +63,20 @@ done
 find "$root/etc/systemd/system" -mindepth 2 -maxdepth 2 -type l \
     \( -path '*.wants/*' -o -path '*.requires/*' \) -delete
 rm -f "$root/usr/sbin/policy-rc.d"
-exec "$@"
+# nspawn exits with status 133 when the container reboots, leaving the new boot to its caller
+# (as systemd-nspawn@.service does, RestartForceExitStatus=133): boot it again, on the same
+# overlay, which lasts as long as this shell's mount namespace. A SIGTERM for this shell (the
+# harness's stop, the parent-death signal) is passed on to nspawn, which powers off.
+trap 'kill -TERM "$child" 2>/dev/null' TERM INT
+while :; do
+    "$@" &
+    child=$!
+    while :; do
+        wait "$child" && rc=0 || rc=$?
+        kill -0 "$child" 2>/dev/null || break  # else wait was cut short by the trap
+    done
+    [ "$rc" -eq 133 ] || exit "$rc"
+done
 """
 
 
@@ -76,6 +95,26 @@ class OverlayRootContainer(Container):
         os.mkdir(self._layers)
         os.mkdir(self.directory)
         super()._start(t0)
+
+    def reboot(self) -> float:
+        """``systemctl reboot`` in the container, then wait until the new boot is up, as after
+        :meth:`start`. Returns the seconds it took."""
+        t0 = time.monotonic()
+        self._require_running()
+        old = os.pidfd_open(self.leader_pid)
+        try:
+            self.exec(["systemctl", "reboot"])  # the manager may go before it answers
+            if not select.select([old], [], [], self.stop_timeout)[0]:
+                raise ContainerError(f"still up {self.stop_timeout} s after systemctl reboot")
+        finally:
+            os.close(old)
+        for fd in (self._leader_pidfd, self._netns_fd):
+            if fd is not None:
+                os.close(fd)
+        self._leader_pidfd = self._netns_fd = self.leader_pid = None
+        self._wait_ready(self._notify, t0)
+        self._wait_system_running(t0)
+        return time.monotonic() - t0
 
     def command_line(self) -> list[str]:
         argv = super().command_line()

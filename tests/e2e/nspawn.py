@@ -386,6 +386,7 @@ class Container:
         self._cgroups: list[str] = []
         self._netns_fd: int | None = None
         self._leader_pidfd: int | None = None
+        self._notify: socket.socket | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -462,6 +463,8 @@ class Container:
                 f.write(self.presets)
         notify_path = f"{self._tmp}/notify"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        # Kept open until stop(): a reboot (OverlayRootContainer.reboot) sends READY=1 again.
+        self._notify = notify
         notify.bind(notify_path)
         self._cgroups = self._make_cgroups()
 
@@ -487,12 +490,12 @@ class Container:
             )
         finally:
             console_log.close()
-        try:
-            self._wait_ready(notify, t0)
-        finally:
-            notify.close()
-        self.timings["boot"] = time.monotonic() - t0
+        self._wait_ready(notify, t0)
+        self._wait_system_running(t0)
 
+    def _wait_system_running(self, t0: float) -> None:
+        """After nspawn's READY=1: until the container's systemd has finished its start-up."""
+        self.timings["boot"] = time.monotonic() - t0
         # READY=1 means the manager finished starting up; its private socket (what systemctl
         # talks to) is there by then. Check, briefly, rather than assume.
         private = f"/proc/{self.leader_pid}/root/run/systemd/private"
@@ -573,6 +576,9 @@ class Container:
         if self._netns_fd is not None:
             os.close(self._netns_fd)
             self._netns_fd = None
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
         self._remove_cgroups()
         if self._tmp is not None:
             try:

@@ -9,24 +9,38 @@ apply (``presets=None``), as on a real installation. Stages, each timed (``-s`` 
 
 1. ``dpkg -i`` on both: tcpmuxd.socket is enabled and listening on port 1 afterwards (the
    package did it; ``systemctl enable --now tcpmuxd.socket`` is then a no-op), nothing else
-   is; the first connection starts tcpmuxd.service, as its dynamic user.
-2. office: services dropped into /etc/tcpmuxd/conf.d/, ``systemctl reload tcpmuxd``, used
+   is. README's ``cp my-service.conf /etc/tcpmuxd/conf.d/ && systemctl
+   try-reload-or-restart tcpmuxd``, typed as README has it before anything has connected,
+   succeeds (``systemctl reload`` fails there); the first connection starts tcpmuxd.service,
+   as its dynamic user, which serves that service. Commands an administrator types are taken
+   from README.md (``documented_command``), so a README that says otherwise fails here.
+2. office: services dropped into /etc/tcpmuxd/conf.d/, ``systemctl try-reload-or-restart
+   tcpmuxd``, used
    through port 1 with the installed ``tcpmux`` client and with the test's own sockets; the
    hardened unit at work (handlers as the dynamic user; a ``User=`` service refused, the
    journal naming the drop-in that would allow it), then that drop-in applied with ``systemctl
    edit tcpmuxd.service`` (User=nobody works) and ``systemctl revert``-ed.
 3. office: a vendor service in /usr/lib/tcpmuxd/conf.d/ (written by the test: the package
    ships none), then masked by a /dev/null symlink in /etc: HELP stops listing it.
-4. ``systemctl start sockmuxd@link`` on both, a tunnel over the veth pair (branch connects to
+   Then the PassTo= example, set up and taken down with README's commands (the daemon's
+   socket unit from /usr/share/doc/tcpmuxd/examples): a client's lines come back in upper
+   case through port 1, from tcpmuxd and the daemon each running as a dynamic user.
+   office switches to one process per connection (Accept=yes) with README's command: one
+   socket enabled, the other disabled; the records are under ``tcpmuxd-inetd@*``, none under
+   ``tcpmuxd``; a package upgrade and a real reboot of the container (its root kept, as a
+   machine's disk is) leave it so; then README's command back to the default.
+4. ``systemctl enable --now sockmuxd@link`` on both, a tunnel over the veth pair (branch connects to
    office, with a shared secret): a 1 MiB stream from branch's entrance reaches office's
    tcpmuxd through port 1 and comes back, and a second entrance reaches office's services
    through the in-process ``tcpmux`` exit. Two containers rather than one and the host, so
    that both ends are the installed package under systemd, as in real use; and rather than
    two tunnels over loopback in one container, so that the link really crosses hosts.
-5. ``dpkg --purge`` on both: no tcpmuxd or sockmuxd process left (nor any of the dynamic
-   user), no units loaded or installed, port 1 and the tunnel's entrance closed.
+5. ``dpkg --purge`` on both, with the tunnels and a spare tunnel's service and socket enabled:
+   no tcpmuxd or sockmuxd process left (nor any of the dynamic user), no units loaded (not even
+   ``not-found`` instances) or installed, no enablement links, port 1 and the tunnel's entrance
+   closed.
 
-About 13 s on 2 cores, 4 of them building the .deb (shared with tests/packaging). Skipped
+About 20 s on 2 cores, 4 of them building the .deb (shared with tests/packaging). Skipped
 (saying why) only where containers cannot be booted (nspawn.unavailable_reason: not root, no
 systemd-nspawn, a chroot, a bare container does not boot) or joined (no veth pairs).
 """
@@ -35,7 +49,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -61,6 +77,8 @@ ENTRANCE_TO_PORT_1, ENTRANCE_TO_TCPMUX_EXIT = 7001, 7002
 #: systemd's range for DynamicUser=yes.
 DYNAMIC_UIDS = range(61184, 65520)
 ENV = {"DEBIAN_FRONTEND": "noninteractive"}
+#: The command that applies changes to conf.d (README, tcpmuxd.conf(5)), in any state.
+RELOAD = "systemctl try-reload-or-restart tcpmuxd"
 #: units/README.md's one setting for handlers as other users.
 RELAX_DROPIN = "[Service]\nDynamicUser=no\n"
 
@@ -93,6 +111,37 @@ class Site:
     @property
     def both(self) -> tuple[Container, Container]:
         return self.office, self.branch
+
+
+#: The project's README, whose commands the administrator here types as they are written.
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def documented_command(pattern: str, doc: Path = README) -> str:
+    """The one command line in ``doc``'s code blocks that ``pattern`` (a regular expression)
+    finds, without its trailing comment: what an administrator following the document types."""
+    blocks = re.findall(r"^```(?:sh)?\n(.*?)^```", doc.read_text(), re.M | re.S)
+    lines = [re.sub(r"\s+#\s.*$", "", line).strip()
+             for block in blocks for line in block.splitlines() if re.search(pattern, line)]
+    assert len(lines) == 1, f"{doc.name}: {len(lines)} command lines match {pattern!r}: {lines}"
+    return lines[0]
+
+
+def documented_block(heading: str, number: int = 0, doc: Path = README) -> list[str]:
+    """The command lines (comments cut) of the ``number``-th code block under ``heading``."""
+    text = doc.read_text()
+    section = text.split(f"\n{heading}\n", 1)[1]
+    section = re.split(r"^#{1,3} ", section, maxsplit=1, flags=re.M)[0]
+    blocks = re.findall(r"^```(?:sh)?\n(.*?)^```", section, re.M | re.S)
+    return [re.sub(r"\s+#\s.*$", "", line).strip() for line in blocks[number].splitlines()
+            if line.strip()]
+
+
+def run_documented(c: Container, command: str, cwd: str = "/root") -> str:
+    """Run a documented command line in a root shell in ``c``; it must succeed."""
+    r = c.exec(["/bin/sh", "-c", f"cd {cwd} && {command}"], check=False)
+    assert r.returncode == 0, f"{command!r} failed ({r.returncode}):\n{r.stdout}{r.stderr}"
+    return r.stdout + r.stderr
 
 
 def help_names(c: Container) -> list[str]:
@@ -159,7 +208,7 @@ def edit(c: Container, unit: str, dropin: str) -> None:
 
 
 def reload_until(c: Container, predicate, what: str) -> None:
-    c.systemctl("reload", "tcpmuxd")
+    run_documented(c, RELOAD)
     # ExecReload=kill -HUP returns before tcpmuxd has re-read conf.d (no notify-reload on 252).
     c.wait_until(predicate, timeout=10, what=what)
 
@@ -240,9 +289,23 @@ def test_install_enables_and_starts_the_socket(site):
             assert state(c, "is-enabled", "sockmuxd@link.service") == "disabled"
         c = site.office
         # As the admin would, per the README: a no-op here, since the package did it.
-        c.systemctl("enable", "--now", "tcpmuxd.socket")
-        assert help_names(c) == [], "the package ships no services"
-        c.systemctl("start", "tcpmuxd.service")  # returns once READY=1 came (Type=notify)
+        run_documented(c, documented_command(r"^systemctl enable --now tcpmuxd\.socket\b"))
+        assert state(c, "is-active", "tcpmuxd.service") == "inactive", "socket-activated"
+
+    with stage("README's reload right after installation, before anything connected"):
+        # README: "cp my-service.conf /etc/tcpmuxd/conf.d/ && systemctl ..." while
+        # tcpmuxd.service does not run yet: it must succeed, and leave it not running.
+        c.write_file("/root/my-service.conf", "[Service]\nExec=/bin/echo my service\n")
+        command = documented_command(r"^cp my-service\.conf /etc/tcpmuxd/conf\.d/ ")
+        run_documented(c, command)
+        assert command.endswith(f"&& {RELOAD}"), "the README's command is the one used below"
+        assert state(c, "is-active", "tcpmuxd.service") == "inactive"
+        # The first connection starts tcpmuxd, which reads conf.d then.
+        r = c.exec(["tcpmux", "127.0.0.1", "my-service"], check=True)
+        assert r.stdout == "my service\n", r
+        c.remove_file(f"{CONF_D}/my-service.conf")
+        run_documented(c, RELOAD)
+        c.wait_until(lambda: help_names(c) == [], timeout=10, what="my-service gone from HELP")
         main = show(c, "tcpmuxd.service", "ActiveState", "MainPID", "StatusText")
         report(f"tcpmuxd.service after the first connection: {main}")
         assert main["ActiveState"] == "active"
@@ -322,6 +385,122 @@ def test_mask_vendor_service(site):
         assert f"{CONF_D}/vendor-echo.conf (masks {VENDOR_D}/vendor-echo.conf)" in check, check
 
 
+# --- 3b. the PassTo= example ------------------------------------------------------------------
+
+
+#: README's section with the commands that set the example up, and take it down again.
+PASS_TO_EXAMPLE = "### The PassTo= example"
+UPPER_SOCKET = "/run/tcpmuxd-examples/upper.sock"
+
+
+def upper_works(c: Container) -> None:
+    """The example, through port 1: the daemon's greeting, then the line in upper case."""
+    line, rest = request(c, 1, b"upper\r\nthrough port 1\n", shut_wr=True)
+    assert line == b"+", (line, rest)
+    assert re.fullmatch(rb"hello 127\.0\.0\.1 \d+, this is upper\r\nTHROUGH PORT 1\n", rest), rest
+
+
+def test_pass_to_example(site):
+    c = site.office
+    with stage("the PassTo= example, set up with README's commands"):
+        *setup, try_it = documented_block(PASS_TO_EXAMPLE)
+        cwd = "/"
+        for command in setup:
+            if command.startswith("cd "):
+                cwd = command[3:]
+                continue
+            run_documented(c, command, cwd=cwd)
+        out = run_documented(c, try_it, cwd=cwd)
+        report(f"{try_it}: {out!r}")
+        assert re.fullmatch(r"hello (::1|127\.0\.0\.1) \d+, this is upper\r?\nHELLO, DAEMON\n", out), out
+        upper_works(c)
+        # How it works: systemd made the socket writable by others, and both ends are
+        # unprivileged: tcpmuxd and the example daemon each run as a dynamic user.
+        mode = c.exec(["stat", "-c", "%a", UPPER_SOCKET], check=True).stdout.strip()
+        assert mode == "666", mode
+        daemon = show(c, "upper-daemon.service", "ActiveState", "MainPID")
+        assert daemon["ActiveState"] == "active", daemon
+        assert uid_of(c, daemon["MainPID"]) in DYNAMIC_UIDS
+        # It stays for the next test: through both modes and a reboot, then it is removed.
+
+
+def remove_pass_to_example(c: Container) -> None:
+    for command in documented_block(PASS_TO_EXAMPLE, 1):
+        run_documented(c, command)
+    assert state(c, "is-active", "upper-daemon.service") == "inactive"
+    c.wait_until(lambda: "upper" not in help_names(c), timeout=10, what="upper gone from HELP")
+    assert c.exec(["test", "-e", UPPER_SOCKET]).returncode == 1, "the socket is still there"
+
+
+# --- 3c. switching modes, and a reboot ----------------------------------------------------------
+
+#: README's commands that switch to one process per connection (Accept=yes), and back.
+TO_INETD = r"\benable --now tcpmuxd-inetd\.socket\b"
+TO_DEFAULT = r"tcpmuxd-inetd\.socket .*\benable --now tcpmuxd\.socket\b"
+
+
+def enabled_and_active(c: Container) -> dict[str, tuple[str, str]]:
+    return {u: (state(c, "is-enabled", u), state(c, "is-active", u))
+            for u in ("tcpmuxd.socket", "tcpmuxd-inetd.socket")}
+
+
+def records(c: Container, cursor: str, *selection: str) -> list[dict]:
+    """tcpmuxd's connection records (with TCPMUX_SERVICE) since ``cursor``, as ``journalctl
+    SELECTION`` shows them."""
+    out = c.exec(["journalctl", "--no-pager", "-o", "json", f"--cursor={cursor}", *selection],
+                 check=True).stdout
+    entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+    return [e for e in entries if "TCPMUX_SERVICE" in e and e.get("__CURSOR") != cursor]
+
+
+def test_switch_modes_and_reboot(site):
+    c = site.office
+    inetd = {"tcpmuxd.socket": ("disabled", "inactive"),
+             "tcpmuxd-inetd.socket": ("enabled", "active")}
+    default = {"tcpmuxd.socket": ("enabled", "active"),
+               "tcpmuxd-inetd.socket": ("disabled", "inactive")}
+    with stage("to Accept=yes with README's command; the records are the instances'"):
+        cursor = c.journal_cursor()
+        run_documented(c, documented_command(TO_INETD))
+        assert enabled_and_active(c) == inetd
+        assert c.exec(["tcpmux", "127.0.0.1", "hello"], check=True).stdout == "hello from conf.d\n"
+        upper_works(c)
+        assert state(c, "is-active", "tcpmuxd.service") == "inactive"
+
+        def logged():
+            found = records(c, cursor, "-u", "tcpmuxd-inetd@*")
+            return found if {e["TCPMUX_SERVICE"] for e in found} >= {"hello", "upper"} else None
+        found = c.wait_until(logged, timeout=10, what="Accept=yes records under tcpmuxd-inetd@*")
+        report("journalctl -u 'tcpmuxd-inetd@*': " + "; ".join(
+            f"{e['_SYSTEMD_UNIT']}: {e['MESSAGE']}" for e in found))
+        assert all(e["_SYSTEMD_UNIT"].startswith("tcpmuxd-inetd@") for e in found)
+        assert records(c, cursor, "-u", "tcpmuxd") == [], "tcpmuxd.service served nothing"
+        assert len(records(c, cursor, "-t", "tcpmuxd")) == len(found)
+
+    with stage("a package upgrade (dpkg -i again) keeps the choice"):
+        c.exec(["dpkg", "-i", f"/var/tmp/{site.deb.name}"], env=ENV, check=True, timeout=120)
+        assert enabled_and_active(c) == inetd
+
+    with stage("reboot: still Accept=yes"):
+        seconds = c.reboot()
+        report(f"office rebooted in {seconds:.2f} s")
+        assert enabled_and_active(c) == inetd
+        assert c.exec(["tcpmux", "127.0.0.1", "hello"], check=True).stdout == "hello from conf.d\n"
+        upper_works(c)
+
+    with stage("back to Accept=no with README's command"):
+        run_documented(c, documented_command(TO_DEFAULT))
+        assert enabled_and_active(c) == default
+        upper_works(c)
+        assert state(c, "is-active", "tcpmuxd.service") == "active"
+
+    with stage("the PassTo= example removed with README's commands"):
+        remove_pass_to_example(c)
+
+    # The reboot took office's end of the veth pair, and with it branch's.
+    link_veth(site.office, site.branch, name="tunnel0", address_a=OFFICE, address_b=BRANCH)
+
+
 # --- 4. a sockmuxd tunnel between the two ------------------------------------------------------
 
 
@@ -345,10 +524,11 @@ def test_sockmuxd_tunnel(site):
             r = c.exec(["sockmuxd", "--check", "link"])
             assert r.returncode == 0, f"{r.stdout}{r.stderr}"
 
-    with stage("systemctl start sockmuxd@link (both; READY=1 once the link is up)"):
-        # The receptor is ready only once the peer has connected: do not wait for it here.
-        office.systemctl("start", "--no-block", "sockmuxd@link.service")
-        branch.systemctl("start", "sockmuxd@link.service")
+    with stage("systemctl enable --now sockmuxd@link (both; READY=1 once the link is up)"):
+        # As sockmuxd(8) says, enabled (the purge below must forget that). The receptor is
+        # ready only once the peer has connected: do not wait for it here.
+        office.systemctl("enable", "--now", "--no-block", "sockmuxd@link.service")
+        branch.systemctl("enable", "--now", "sockmuxd@link.service")
         office.systemctl("start", "sockmuxd@link.service")  # waits for the pending start job
         for c in site.both:
             s = show(c, "sockmuxd@link.service", "ActiveState", "SubState", "StatusText")
@@ -387,6 +567,11 @@ def test_sockmuxd_tunnel(site):
 
 def test_purge_leaves_nothing_running(site):
     office, branch = site.both
+    # Instances enabled for the next boot, not started: a tunnel's entrance socket too.
+    office.systemctl("enable", "sockmuxd@spare.socket", "sockmuxd@spare.service")
+    for c in site.both:
+        wanted = c.exec("find /etc/systemd/system -type l -name 'sockmuxd@*'", check=True).stdout
+        report(f"{c.machine}: enabled before the purge:\n{wanted.strip()}")
     with stage("dpkg --purge (both at once)"):
         results = on_both(site, lambda c: c.exec(["dpkg", "--purge", "tcpmuxd"], env=ENV,
                                                  check=True, timeout=120))

@@ -206,7 +206,24 @@ def plain_units() -> list[str]:
 
 
 def example_files() -> list[str]:
-    return sorted([p.name for p in (REPO / "conf.d").glob("*.conf")] + ["upper-daemon.py"])
+    """The example services and, for the PassTo= one, its daemon and units."""
+    return sorted([p.name for p in (REPO / "conf.d").glob("*.conf")]
+                  + [p.name for p in (REPO / "examples").iterdir() if p.is_file()])
+
+
+#: Files installed unchanged whose text an administrator reads on the installed system.
+INSTALLED_TEXTS = ("docs/*.scd", "units/*.service", "units/*.socket", "conf.d/*.conf", "examples/*",
+                   "README.md", "units/README.md")
+
+
+def documented_paths(docdir: str = "/usr/share/doc/tcpmuxd") -> set[str]:
+    """Every file under the documentation directory that the installed texts send the reader
+    to (e.g. README.units.md from tcpmuxd.conf(5)): each package must have it at that path."""
+    named = set()
+    for pattern in INSTALLED_TEXTS:
+        for path in REPO.glob(pattern):
+            named |= set(re.findall(re.escape(docdir) + r"/[\w./-]*[A-Za-z0-9]", path.read_text()))
+    return {p for p in named if "." in p.rsplit("/", 1)[1]}  # files, not directories
 
 
 def python_modules() -> list[str]:
@@ -223,14 +240,15 @@ EMPTY_DIRS = ("/etc/tcpmuxd/conf.d", "/etc/tcpmuxd/sockmux.d", "/usr/lib/tcpmuxd
 
 
 def expected_files(*, unitdir: str, sitelib: str, docdir: str, man_suffix: str = "") -> set[str]:
-    """Every regular file a package must install (not directories; bytecode not included)."""
+    """Every regular file a package must install (not directories; bytecode not included),
+    the documents the others name by their installed path included."""
     files = {f"/usr/bin/{c}" for c in commands()}
     files |= {f"{sitelib}/{m}" for m in python_modules()}
     files |= {f"{unitdir}/{u}" for u in unit_files()}
     for page in man_pages():
         files.add(f"/usr/share/man/man{page.rsplit('.', 1)[1]}/{page}{man_suffix}")
     files |= {f"{docdir}/examples/{e}" for e in example_files()}
-    return files
+    return files | documented_paths(docdir)
 
 
 def dist_info(sitelib: str) -> str:

@@ -6,7 +6,8 @@ Checked: the build time; the files (``dpkg-deb -c``: Python package, commands, u
 examples, empty configuration directories, no conffiles); the control fields (``dpkg-deb -f``:
 Depends carries python3-systemd); what the maintainer scripts do on installation, upgrade,
 removal and purge, by running them with recording stand-ins for deb-systemd-helper,
-deb-systemd-invoke and systemctl; and lintian, which must report no error and no warning.
+deb-systemd-invoke and systemctl (and, for the links of enabled template instances that a purge
+removes, on a stand-in root, DPKG_ROOT); and lintian, which must report no error and no warning.
 """
 
 from __future__ import annotations
@@ -93,6 +94,13 @@ def test_build_says_whether_sockmuxd_is_compiled(build, members):
     assert any(p.endswith(".so") for p in members) == compiled
 
 
+def test_build_has_no_substitution_warnings(build):
+    """Every ${...} in debian/control is defined in both builds: the plain-Python one has no
+    ELF file for dh_shlibdeps, and sets ${shlibs:Depends} empty rather than leave dpkg-gencontrol
+    to warn about it."""
+    assert [line for line in build.log.splitlines() if "substitution variable" in line] == []
+
+
 def test_contents_listing(deb):
     """``dpkg-deb -c``, shown in full for the record."""
     listing = run(["dpkg-deb", "-c", deb]).stdout
@@ -111,7 +119,7 @@ def test_every_file_is_where_it_belongs(members):
         and not (f.startswith(f"{SITELIB}/tcpmuxd/sockmux/") and f.endswith(".so"))  # compiled:
         # built where the system's mypy can (test_pkg_debian_native.py checks them exactly)
         and f not in {f"{DOCDIR}/copyright", f"{DOCDIR}/changelog.gz", f"{DOCDIR}/README.md.gz",
-                      f"{DOCDIR}/README.units.md.gz", f"{DOCDIR}/sockmux-protocol.md.gz",
+                      f"{DOCDIR}/README.units.md", f"{DOCDIR}/sockmux-protocol.md.gz",
                       "/usr/share/lintian/overrides/tcpmuxd"}
     }
     assert extra == set(), "unexpected files in the .deb"
@@ -212,7 +220,7 @@ def maintscript(control, tmp_path):
     systemd_run = tmp_path / "run-systemd-system"  # stands for /run/systemd/system: "booted"
     systemd_run.mkdir()
 
-    def call(script: str, *args: str, debian_installed=(), was_disabled=()) -> list[str]:
+    def call(script: str, *args: str, debian_installed=(), was_disabled=(), env=None) -> list[str]:
         text = (control / script).read_text().replace("/run/systemd/system", str(systemd_run))
         path = tmp_path / script
         path.write_text(text)
@@ -225,6 +233,7 @@ def maintscript(control, tmp_path):
                 "CALLS": str(calls),
                 "DEBIAN_INSTALLED": " ".join(debian_installed),
                 "WAS_DISABLED": " ".join(was_disabled),
+                **(env or {}),
             },
         )
         recorded = [c.replace("'", "") for c in calls.read_text().splitlines()]
@@ -303,6 +312,35 @@ def test_purge_forgets_the_enablement(maintscript):
     assert sorted(units_in(calls, "deb-systemd-helper purge")) == sorted(
         u for u in plain_units() if u.endswith(".socket")
     )
+
+
+def test_purge_forgets_the_instances_the_administrator_enabled(maintscript, tmp_path):
+    """``systemctl enable sockmuxd@office.service`` makes links dh_installsystemd knows nothing
+    of; left after a purge, each is a "not-found" unit wanted by a target. The postrm removes
+    them, for every template with an [Install] section and either release's unit directory, and
+    nothing else (DPKG_ROOT puts the script on a stand-in root)."""
+    etc = tmp_path / "root/etc/systemd/system"
+    installable = [u for u in template_units() if "[Install]" in (UNITS / u).read_text()]
+    assert "sockmuxd@.service" in installable
+    gone = {}
+    for template in installable:
+        target = "multi-user.target.wants" if template.endswith(".service") else "sockets.target.wants"
+        for unitdir, name in (("/lib/systemd/system", "office"), ("/usr/lib/systemd/system", "branch")):
+            gone[f"{target}/{template.replace('@.', f'@{name}.')}"] = f"{unitdir}/{template}"
+    kept = {
+        # an instance of the administrator's own copy of the template
+        "multi-user.target.wants/sockmuxd@mine.service": "/etc/systemd/system/sockmuxd@.service",
+        # another package's instance, and the package's plain units (deb-systemd-helper's)
+        "multi-user.target.wants/getty@tty2.service": "/lib/systemd/system/getty@.service",
+        "sockets.target.wants/tcpmuxd.socket": "/lib/systemd/system/tcpmuxd.socket",
+    }
+    for link, target in {**gone, **kept}.items():
+        (etc / link).parent.mkdir(parents=True, exist_ok=True)
+        (etc / link).symlink_to(target)
+
+    maintscript("postrm", "purge", env={"DPKG_ROOT": str(tmp_path / "root")})
+    left = {str(p.relative_to(etc)): str(p.readlink()) for p in etc.rglob("*") if p.is_symlink()}
+    assert left == kept
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,6 +86,10 @@ def test_depends_carries_the_shared_library_dependencies(build):
     assert "python3-uvloop" in depends and "python3-systemd" in depends, depends
 
 
+def test_build_has_no_substitution_warnings(build):
+    assert [line for line in build.log.splitlines() if "substitution variable" in line] == []
+
+
 def test_lintian_reports_no_errors_or_warnings(build):
     require_tools("lintian")
     with timed("lintian, compiled package"):

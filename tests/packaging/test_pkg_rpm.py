@@ -35,6 +35,7 @@ but not Fedora's macro packages, so the test supplies stand-ins, plainly:
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,7 @@ from pkg_helpers import (
     run,
     template_units,
     timed,
+    UNITS,
     version,
     without_abi_suffix,
 )
@@ -323,12 +325,17 @@ def test_debuginfo_and_debugsource(tmp_path_factory, tmp_path):
     assert {f"{n}.c" for n in compiled_names()} <= c_files, sorted(sources)
 
 
-def test_systemd_scriptlets(rpm):
+def scriptlets(rpm) -> dict[str, str]:
+    """The package's scriptlets by kind (postinstall, preuninstall, ...), as rpm shows them."""
     scripts = query(rpm, "--scripts")
     print(scripts)
-    parts = dict(
-        re.findall(r"^(\w+) scriptlet \(using /bin/sh\):\n(.*?)(?=^\w+ scriptlet|\Z)", scripts, re.M | re.S)
-    )
+    return dict(re.findall(r"^(\w+) scriptlet \(using /bin/sh\):\n(.*?)(?=^\w+ scriptlet|\Z)",
+                           scripts, re.M | re.S))
+
+
+def test_systemd_scriptlets(rpm):
+    parts = scriptlets(rpm)
+    scripts = "".join(parts.values())
     assert set(parts) == {"postinstall", "preuninstall", "postuninstall"}
     units = " ".join(["tcpmuxd.socket", "tcpmuxd.service", "tcpmuxd-inetd.socket"])
     assert sorted(units.split()) == plain_units()
@@ -346,3 +353,43 @@ def test_systemd_scriptlets(rpm):
         assert f"'{t.replace('@.', '@*.')}'" in stop.group(1), f"instances of {t} not stopped"
     assert "systemctl try-restart 'sockmuxd@*.service'" in parts["postuninstall"]
     assert "systemctl enable" not in scripts and "systemctl start" not in scripts
+
+
+def test_erase_forgets_the_instances_the_administrator_enabled(rpm, tmp_path):
+    """``systemctl enable sockmuxd@office.service`` makes links %systemd_preun knows nothing of;
+    left after an erase, each is a "not-found" unit wanted by a target. The %postun of an erase
+    ($1 = 0) removes those to the package's templates and nothing else: run for real, with a
+    stand-in /etc/systemd/system bound over the real one in a private mount namespace, and
+    systemctl and systemd's update helper recording what they are asked."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the scriptlet runs in a mount namespace of its own")
+    require_tools("unshare")
+    etc = tmp_path / "etc-systemd-system"
+    installable = [u for u in template_units() if "[Install]" in (UNITS / u).read_text()]
+    assert "sockmuxd@.service" in installable
+    gone = {f"{'multi-user' if u.endswith('.service') else 'sockets'}.target.wants/"
+            f"{u.replace('@.', '@office.')}": f"{UNITDIR}/{u}" for u in installable}
+    kept = {
+        "multi-user.target.wants/sockmuxd@mine.service": "/etc/systemd/system/sockmuxd@.service",
+        "multi-user.target.wants/getty@tty2.service": f"{UNITDIR}/getty@.service",
+    }
+    for link, target in {**gone, **kept}.items():
+        (etc / link).parent.mkdir(parents=True, exist_ok=True)
+        (etc / link).symlink_to(target)
+    script = tmp_path / "postun"
+    script.write_text(scriptlets(rpm)["postuninstall"])
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    calls = tmp_path / "calls"
+    for tool in ("systemctl", "systemd-update-helper"):
+        (stubs / tool).write_text(f'#!/bin/sh\necho "$0 $*" >>{calls}\n')
+        (stubs / tool).chmod(0o755)
+    text = script.read_text().replace(UPDATE_HELPER, str(stubs / "systemd-update-helper"))
+    script.write_text(text)
+
+    run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+         'mount --bind "$1" /etc/systemd/system && exec sh -e "$2" 0', "sh", etc, script],
+        env={"PATH": f"{stubs}:/usr/sbin:/usr/bin:/sbin:/bin"})
+    left = {str(p.relative_to(etc)): str(p.readlink()) for p in etc.rglob("*") if p.is_symlink()}
+    assert left == kept
+    assert not calls.exists() or "restart" not in calls.read_text(), "an erase restarts nothing"

@@ -28,7 +28,7 @@ import pytest
 
 from tcpmuxd_harness import write_service
 from test_exec_environment import socket_activate
-from test_resources import public_dir, unused_uid  # noqa: F401 (a fixture)
+from privileges import unused_uid
 
 pytestmark = pytest.mark.timeout(90)
 

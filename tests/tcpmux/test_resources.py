@@ -25,7 +25,6 @@ import selectors
 import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from privileges import unused_uid
 from tcpmuxd_harness import PYTHON, ROOT, Daemon, read_all, talk, write_service
 
 pytestmark = pytest.mark.timeout(120)
@@ -478,26 +478,6 @@ def test_watchdog_keeps_being_fed_after_fd_exhaustion(services: Path, daemon_fac
 # --- processes ------------------------------------------------------------------------------
 
 
-def unused_uid() -> int:
-    """A uid with no account and no process: RLIMIT_NPROC counts per real uid, and nobody's
-    count could include processes of other test runs on this machine."""
-    import pwd
-
-    in_use = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            in_use.add(os.stat(f"/proc/{pid}").st_uid)
-        except OSError:
-            pass
-    for uid in range(61000 + os.getpid() % 3000, 65000):
-        try:
-            pwd.getpwuid(uid)
-        except KeyError:
-            if uid not in in_use:
-                return uid
-    pytest.skip("no free uid")
-
-
 def unprivileged(uid: int, nproc: int) -> Callable[[], None]:
     def preexec() -> None:
         resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
@@ -505,15 +485,6 @@ def unprivileged(uid: int, nproc: int) -> Callable[[], None]:
         os.setgid(uid)
         os.setuid(uid)
     return preexec
-
-
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """A config directory an unprivileged daemon can read (tmp_path is root's, mode 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="tcpmuxd-res-"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 NPROC = 4
