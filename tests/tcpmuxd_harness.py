@@ -19,7 +19,6 @@ import threading
 import time
 import tomllib
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

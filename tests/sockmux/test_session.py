@@ -13,7 +13,6 @@ import hashlib
 import os
 import socket
 import struct
-import sys
 import time
 from typing import Any
 
