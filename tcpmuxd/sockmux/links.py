@@ -71,6 +71,7 @@ import subprocess
 import termios
 from typing import Any, Callable, Sequence
 
+from tcpmuxd.common.addresses import host_port, peer_host
 from tcpmuxd.common.children import Child
 from tcpmuxd.sockmux.pipelink import (
     PipePairTransport,
@@ -123,9 +124,9 @@ def _tune_tcp(transport: asyncio.BaseTransport) -> None:
 
 
 def _fmt_addr(addr: object) -> str:
+    """A link's peer for logs: ``HOST:PORT`` in the project's one spelling, else as it is."""
     if isinstance(addr, tuple) and len(addr) >= 2:
-        host = addr[0]
-        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
+        return host_port(peer_host(str(addr[0])), addr[1])
     return str(addr)
 
 
