@@ -302,6 +302,11 @@ class HelloReader:
         self._seen = 0
         self._done = False
 
+    @property
+    def seen(self) -> int:
+        """How many bytes the last :meth:`feed` was shown."""
+        return self._seen
+
     def peek_size(self) -> int:
         return self.max_size
 

@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from tcpmuxd.common.addresses import Endpoint, SocketAddress, ip_address_of
-from tcpmuxd.tcpmux import protocol, relay
+from tcpmuxd.tcpmux import clienthello, protocol, relay
 from tcpmuxd.tcpmux.config import Service
 from tcpmuxd.tcpmux.handlers import oserror_text
 
@@ -53,12 +53,15 @@ class Connection:
     of a refusal, or the connect to a target. ``pending`` is the source it counts against
     while in the name phase (None after); ``counted``: it holds a slot of its service's limits.
     ``on_cut`` cuts what a handler kind keeps running for it (a relay); ``cut`` says why it was
-    reset. ``sock`` is None once the client's socket is no longer ours.
+    reset. ``sock`` is None once the client's socket is no longer ours. ``via`` is how the
+    name arrived: ``"tcpmux"`` (a name line), ``"sni"`` (a TLS ClientHello, read by a
+    :class:`~tcpmuxd.tcpmux.clienthello.HelloReader` that replaces the name reader; refusals
+    are then TLS alerts and nothing else is answered), or ``""`` before the first byte.
     """
 
     __slots__ = ("server", "sock", "remote", "local", "started", "reader", "timer", "name",
                  "service", "decision", "pid", "status", "listener", "ended", "upstream",
-                 "pending", "counted", "on_cut", "cut")
+                 "pending", "counted", "on_cut", "cut", "via", "alert")
 
     def __init__(self, server: Dispatcher, sock: socket.socket, remote: SocketAddress,
                  local: SocketAddress, listener: str) -> None:
@@ -68,7 +71,10 @@ class Connection:
         self.local = local
         self.listener = listener
         self.started = time.monotonic()
-        self.reader = protocol.NameReader(server.limits.max_name_length)
+        self.reader: protocol.NameReader | clienthello.HelloReader = protocol.NameReader(
+            server.limits.max_name_length)
+        self.via = ""
+        self.alert = clienthello.HANDSHAKE_FAILURE
         self.timer: asyncio.TimerHandle | None = None
         self.name = ""
         self.service: Service | None = None
@@ -104,9 +110,14 @@ class Connection:
 
     # -- what handler kinds call (handlers.base.DaemonConnection) ----------------------------
 
+    @property
+    def acknowledges(self) -> bool:
+        assert self.service is not None
+        return self.service.acknowledge and self.via != "sni"
+
     def acknowledge(self) -> bool:
         assert self.service is not None and self.sock is not None
-        if not self.service.acknowledge:
+        if not self.acknowledges:
             return True
         try:
             self.sock.send(protocol.positive())
@@ -226,11 +237,14 @@ class Connection:
     # -- refusals, the stop, the end -----------------------------------------------------------
 
     def _send_refusal(self, reason: str) -> bool:
-        """Send ``-reason`` and our EOF; False when the client is gone."""
+        """Send ``-reason`` (a TLS client: the alert, :attr:`alert`) and our EOF; False when
+        the client is gone."""
         self.decision = f"refused: {reason}"
         assert self.sock is not None
+        refusal = (clienthello.alert_record(self.alert) if self.via == "sni"
+                   else protocol.negative(reason))
         try:
-            self.sock.send(protocol.negative(reason))
+            self.sock.send(refusal)
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             return False
@@ -328,7 +342,7 @@ class Connection:
 
     def _record(self) -> None:
         duration = time.monotonic() - self.started
-        name = self.name or "-"
+        name = (self.name or "-") + (" (sni)" if self.via == "sni" else "")
         parts = [f"{self.remote} {name}: {self.decision or 'closed'}"]
         if self.pid is not None:
             parts.append(f"pid {self.pid}")
@@ -348,6 +362,7 @@ class Connection:
             priority=priority,
             TCPMUX_SERVICE=self.service.name if self.service else (self.name or None),
             TCPMUX_REQUESTED=self.name or None,
+            TCPMUX_VIA=self.via or None,
             TCPMUX_DECISION=self.decision,
             TCPMUX_CUT=self.cut or None,
             TCPMUX_LISTENER=self.listener,
