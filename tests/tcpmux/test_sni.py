@@ -28,6 +28,7 @@ from tcpmuxd import passfd
 from tcpmuxd.tcpmux.clienthello import RECORD_HEADER, alert_record
 from tcpmuxd_harness import Daemon, read_all, talk, write_service
 from test_activation import ACTIVATE, Activator
+from test_clienthello_properties import real_hello
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -175,20 +176,6 @@ def refused_with(port: int, hello: bytes) -> bytes:
         return read_all(s)
 
 
-def hello_bytes(name: str | None, version: ssl.TLSVersion | None = None) -> bytes:
-    """A ClientHello of Python's ssl for ``name``, without a socket."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    if version is not None:
-        ctx.minimum_version = ctx.maximum_version = version
-    outgoing = ssl.MemoryBIO()
-    tls = ctx.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=name)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
-
-
 class BIOClient:
     """A TLS client whose ClientHello is known before it connects (MemoryBIO), then driven
     over a socket: for tests that must send that hello in pieces or know its size."""
@@ -313,11 +300,11 @@ def test_unknown_name_gets_unrecognized_name_alert_and_a_log_line(web: Daemon, c
     with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
         https_get(web.port, name, client_context(cert))
     web.wait_for_log(f" {name} (sni): refused: unknown server name {name}")
-    assert refused_with(web.port, hello_bytes(name)) == alert_record(UNRECOGNIZED_NAME)
+    assert refused_with(web.port, real_hello(name, "1.3")) == alert_record(UNRECOGNIZED_NAME)
 
 
 def test_no_server_name_gets_handshake_failure(web: Daemon):
-    assert refused_with(web.port, hello_bytes(None)) == alert_record(HANDSHAKE_FAILURE)
+    assert refused_with(web.port, real_hello(None, "1.3")) == alert_record(HANDSHAKE_FAILURE)
     web.wait_for_log("- (sni): refused: no server name in the TLS ClientHello")
 
 
@@ -330,7 +317,8 @@ def test_access_rules_apply(services: Path, daemon_factory, backend: TLSBackend,
     write_service(services, "web.conf", f"[Service]\nForward=127.0.0.1:{backend.port}\n"
                                         "ServerName=example.test\nIPAddressDeny=any\n")
     d = daemon_factory(services)
-    assert refused_with(d.port, hello_bytes("example.test")) == alert_record(ACCESS_DENIED)
+    hello = real_hello("example.test", "1.3")
+    assert refused_with(d.port, hello) == alert_record(ACCESS_DENIED)
     d.wait_for_log(" example.test (sni): refused: not allowed from 127.0.0.1")
 
 
@@ -341,9 +329,10 @@ def test_service_limits_apply(services: Path, daemon_factory, cert: Cert, tmp_pa
                                          "MaxConnections=1\n")
     d = daemon_factory(services)
     with d.connect() as first:
-        first.sendall(hello_bytes("slow.test"))
+        first.sendall(real_hello("slow.test", "1.3"))
         assert first.recv(100) == b"started\n"  # no "+" in front: the handler's first bytes
-        assert refused_with(d.port, hello_bytes("slow.test")) == alert_record(HANDSHAKE_FAILURE)
+        second = refused_with(d.port, real_hello("slow.test", "1.3"))
+        assert second == alert_record(HANDSHAKE_FAILURE)
         d.wait_for_log(" slow.test (sni): refused: service busy (1 connections)")
 
 
@@ -372,7 +361,7 @@ def test_passto_gets_the_hello_unread(services: Path, daemon_factory, tmp_path: 
     write_service(services, "pass.conf", f"[Service]\nPassTo=unix:{path}\n"
                                          "ServerName=pass.test\nAcknowledge=no\n")
     d = daemon_factory(services)
-    hello = hello_bytes("pass.test")
+    hello = real_hello("pass.test", "1.3")
     with receiver, d.connect() as client:
         client.sendall(hello + b"more")
         channel, _ = receiver.accept()
@@ -418,7 +407,7 @@ def test_max_hello_size_edge(services: Path, daemon_factory, backend: TLSBackend
 def test_incomplete_hello_times_out_without_spinning(services: Path, daemon_factory):
     write_service(services, "web.conf", "[Service]\nExec=/bin/cat\nServerName=t.test\n")
     d = daemon_factory(services, "--name-timeout", "1.5")
-    hello = hello_bytes("t.test")
+    hello = real_hello("t.test", "1.3")
     with d.connect() as s:
         s.sendall(hello[:200])
         before = cpu_seconds(d.proc.pid)
@@ -433,7 +422,7 @@ def test_client_hanging_up_mid_hello_is_logged_at_once(services: Path, daemon_fa
     write_service(services, "web.conf", "[Service]\nExec=/bin/cat\nServerName=t.test\n")
     d = daemon_factory(services, "--name-timeout", "60")
     with d.connect() as s:
-        s.sendall(hello_bytes("t.test")[:100])
+        s.sendall(real_hello("t.test", "1.3")[:100])
         time.sleep(0.1)  # the daemon waits for more first
         s.shutdown(socket.SHUT_WR)
         assert read_all(s) == alert_record(HANDSHAKE_FAILURE)
@@ -459,7 +448,8 @@ def test_accept_yes_serves_tls_clients(activated_web: Activator, cert: Cert):
         b"backend www.example.test\n"
     assert https_get(port, "exec.apps.example.test", client_context(cert)) == \
         b"exec exec.apps.example.test\n"
-    assert refused_with(port, hello_bytes("nosuch.test")) == alert_record(UNRECOGNIZED_NAME)
+    unknown = refused_with(port, real_hello("nosuch.test", "1.3"))
+    assert unknown == alert_record(UNRECOGNIZED_NAME)
     assert talk(port, b"echo\r\nplain") == b"+\r\nplain"
     out = activated_web.stop()
     for line in (" www.example.test (sni): accepted", " exec.apps.example.test (sni): accepted",
