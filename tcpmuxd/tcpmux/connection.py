@@ -241,6 +241,8 @@ class Connection:
         the client is gone."""
         self.decision = f"refused: {reason}"
         assert self.sock is not None
+        if not self.via:
+            self._sniff()
         refusal = (clienthello.alert_record(self.alert) if self.via == "sni"
                    else protocol.negative(reason))
         try:
@@ -249,6 +251,17 @@ class Connection:
         except OSError:
             return False
         return True
+
+    def _sniff(self) -> None:
+        """A refusal before the first byte was read (a stop, --max-connections, a flooding
+        source): a TLS client whose first byte is there already gets an alert, not a line."""
+        assert self.sock is not None
+        try:
+            first = self.sock.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return
+        if first and clienthello.is_tls_start(first):
+            self.via = "sni"
 
     def refuse_now(self, reason: str, record: bool = True) -> None:
         """Send ``-reason`` and close at once, holding nothing: for refusals that must not cost

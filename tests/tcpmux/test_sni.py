@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -334,6 +335,26 @@ def test_service_limits_apply(services: Path, daemon_factory, cert: Cert, tmp_pa
         second = refused_with(d.port, real_hello("slow.test", "1.3"))
         assert second == alert_record(HANDSHAKE_FAILURE)
         d.wait_for_log(" slow.test (sni): refused: service busy (1 connections)")
+
+
+def test_refusal_before_the_hello_is_read_is_an_alert_too(services: Path, daemon_factory):
+    """--max-connections is checked at accept, before anything is read: a TLS client whose
+    first byte is there already still gets an alert, not a "-" line it cannot read."""
+    write_service(services, "slow.conf", "[Service]\nExec=/bin/sh -c 'echo started; "
+                                         "exec sleep 30'\nServerName=slow.test\n")
+    d = daemon_factory(services, "--max-connections", "1")
+    with d.connect() as first:
+        first.sendall(real_hello("slow.test", "1.3"))
+        assert first.recv(100) == b"started\n"
+        d.signal(signal.SIGSTOP)  # so that the hello is there before the accept
+        try:
+            s = socket.create_connection(("127.0.0.1", d.port), timeout=IO_TIMEOUT)
+            s.sendall(real_hello("slow.test", "1.3"))
+        finally:
+            d.signal(signal.SIGCONT)
+        with s:
+            assert read_all(s) == alert_record(HANDSHAKE_FAILURE)
+    d.wait_for_log(" - (sni): refused: too many connections (1)")
 
 
 # --------------------------------------------------------------------------- the hello's bytes
