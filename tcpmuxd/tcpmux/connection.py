@@ -56,7 +56,8 @@ class Connection:
     reset. ``sock`` is None once the client's socket is no longer ours. ``via`` is how the
     name arrived: ``"tcpmux"`` (a name line), ``"sni"`` (a TLS ClientHello, read by a
     :class:`~tcpmuxd.tcpmux.clienthello.HelloReader` that replaces the name reader; refusals
-    are then TLS alerts and nothing else is answered), or ``""`` before the first byte.
+    are then TLS alerts, :attr:`alert` the one a refusal sends, and nothing else is answered),
+    or ``""`` before the first byte.
     """
 
     __slots__ = ("server", "sock", "remote", "local", "started", "reader", "timer", "name",

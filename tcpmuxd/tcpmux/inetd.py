@@ -103,10 +103,12 @@ class _Connection:
     def record(self, outcome: str, status: str = "") -> None:
         extra = f", {status}" if status else ""
         name = self.name + (" (sni)" if self.via == "sni" else "")
+        service = getattr(self, "service", None)  # only once the decision is to accept
         self.log.record(
             f"{self.remote} {name}: {outcome}{extra}, {time.monotonic() - self.started:.3f}s",
             priority=6 if outcome in ("accepted", "passed", "help") else 5,
-            TCPMUX_SERVICE=self.name, TCPMUX_DECISION=outcome, TCPMUX_VIA=self.via or None,
+            TCPMUX_SERVICE=service.name if service else self.name,
+            TCPMUX_REQUESTED=self.name, TCPMUX_DECISION=outcome, TCPMUX_VIA=self.via or None,
             REMOTE_ADDR=self.remote.host, REMOTE_PORT=self.remote.port)
 
     def refuse(self, reason: str, sock: socket.socket | None = None) -> None:
