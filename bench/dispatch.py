@@ -11,6 +11,7 @@ Targets, each measured with N sequential connections and with N connections spre
 * ``xinetd date``  xinetd 2.3.15 TCPMUXPLUS service running /bin/date (fork+exec per connection);
 * ``tcpmuxd date`` tcpmuxd ``Exec=/bin/date`` (fork+exec per connection);
 * ``tcpmuxd fwd``  tcpmuxd ``Forward=`` to a backend process that writes a fixed line and closes;
+* ``tcpmuxd sni``  the same service found by the server name of a TLS ClientHello (ServerName=);
 * ``tcpmuxd pass`` tcpmuxd ``PassTo=unix:`` to a receiver process that writes the same line.
 
 Then tcpmuxd's resident memory idle and with 1,000 connections that have not sent a name, and a
@@ -40,8 +41,8 @@ from _common import (REPO, run_benchmark, BenchError, Processes, command_line,  
                      fd_count, free_port, help_text, machine_summary, nofile_limit, percentile,
                      raise_nofile, read_all, read_line, rss_kib, wait_connectable, wait_until,
                      which)
-from _dispatch_roles import (HOST, ROLES, TICK, check_reply, proc_cpu, self_cpu,  # noqa: E402
-                             task_cpu)
+from _dispatch_roles import (HOST, ROLES, SNI_NAME, TICK, check_reply,  # noqa: E402
+                             proc_cpu, request_bytes, self_cpu, task_cpu)
 
 #: What the Forward= backend, the PassTo= receiver and the raw server write.
 SELF = os.path.abspath(__file__)
@@ -50,6 +51,7 @@ TARGETS_RSS_IDLE_MIB = 40.0
 TARGETS_RSS_RISE_MIB = 20.0
 TARGET_EXEC_RATIO = 1.0
 TARGET_INPROC_RATIO = 3.0
+TARGET_SNI_RATIO = 0.8  # routing by a ClientHello costs at most a fifth of Forward='s rate
 #: Share of all CPUs used by processes the benchmark did not start: below QUIET a measurement
 #: starts, above DISTURBED it is repeated (--retries) and flagged.
 QUIET = 0.10
@@ -142,9 +144,9 @@ class Bench:
         return self.procs.start(role, [sys.executable, SELF, "--_role", role, arg],
                                 stdout=subprocess.PIPE, env=self.env, cwd=self.tmp)
 
-    def request(self, port: int, name: str, timeout: float = 5.0) -> bytes:
+    def request(self, port: int, name: str, kind: str, timeout: float = 5.0) -> bytes:
         with socket.create_connection((HOST, port), timeout=timeout) as s:
-            s.sendall(name.encode() + b"\r\n")
+            s.sendall(request_bytes(name, kind))
             data = b""
             while True:
                 chunk = s.recv(65536)
@@ -154,7 +156,7 @@ class Bench:
 
     def probe(self, target: Target) -> str | None:
         try:
-            return check_reply(self.request(target.port, target.name), target.kind)
+            return check_reply(self.request(target.port, target.name, target.kind), target.kind)
         except OSError as e:
             return f"{type(e).__name__}: {e}"
 
@@ -240,7 +242,7 @@ class Bench:
         confdir = os.path.join(self.tmp, "conf.d")
         os.makedirs(confdir)
         files = {"date.conf": "[Service]\nExec=/bin/date\n",
-                 "fwd.conf": f"[Service]\nForward={HOST}:{backend_port}\n",
+                 "fwd.conf": f"[Service]\nForward={HOST}:{backend_port}\nServerName={SNI_NAME}\n",
                  "pass.conf": f"[Service]\nPassTo=unix:{sock}\n"}
         for name, text in files.items():
             with open(os.path.join(confdir, name), "w") as f:
@@ -468,7 +470,7 @@ class Bench:
     # --- the run ------------------------------------------------------------------------
 
     def run(self) -> int:
-        keys = ["raw", "xinetd-date", "tcpmuxd-date", "tcpmuxd-fwd", "tcpmuxd-pass"]
+        keys = ["raw", "xinetd-date", "tcpmuxd-date", "tcpmuxd-fwd", "tcpmuxd-sni", "tcpmuxd-pass"]
         if self.args.only:
             wanted = set(self.args.only.split(","))
             keys = [k for k in keys if k in wanted or k.split("-")[-1] in wanted
@@ -540,6 +542,7 @@ class Bench:
             "tcpmuxd-date": Target("tcpmuxd-date", "tcpmuxd date", mux_port, "date", "date",
                                    mux_pid),
             "tcpmuxd-fwd": Target("tcpmuxd-fwd", "tcpmuxd fwd", mux_port, "fwd", "line", mux_pid),
+            "tcpmuxd-sni": Target("tcpmuxd-sni", "tcpmuxd sni", mux_port, SNI_NAME, "sni", mux_pid),
             "tcpmuxd-pass": Target("tcpmuxd-pass", "tcpmuxd pass", mux_port, "pass", "line",
                                    mux_pid)}
         return mux_port, all_targets
@@ -639,6 +642,7 @@ class Bench:
         ratio("tcpmuxd exec / xinetd exec", "tcpmuxd-date", "xinetd-date", TARGET_EXEC_RATIO)
         ratio("tcpmuxd fwd / tcpmuxd exec", "tcpmuxd-fwd", "tcpmuxd-date", TARGET_INPROC_RATIO)
         ratio("tcpmuxd pass / tcpmuxd exec", "tcpmuxd-pass", "tcpmuxd-date", TARGET_INPROC_RATIO)
+        ratio("tcpmuxd sni fwd / tcpmuxd fwd", "tcpmuxd-sni", "tcpmuxd-fwd", TARGET_SNI_RATIO)
 
     def _report_memory(self) -> None:
         a, w = self.args, self.w
@@ -763,7 +767,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="connections held open without a name for the memory figure (1000)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     p.add_argument("--only", metavar="LIST",
-                   help="comma-separated targets: raw, xinetd, date, fwd, pass "
+                   help="comma-separated targets: raw, xinetd, date, fwd, sni, pass "
                         "(e.g. --only fwd,pass)")
     p.add_argument("--xinetd", metavar="PATH", help="use this xinetd binary instead of fetching")
     p.add_argument("--tree", metavar="DIR",

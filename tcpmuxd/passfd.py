@@ -9,12 +9,15 @@ read it::
     remote=ADDR PORT\\n
     local=ADDR PORT\\n
     acknowledged=yes|no\\n
+    via=tcpmux|sni\\n
     \\n
 
 ``acknowledged=no`` means the daemon must send the ``+`` reply itself (Acknowledge=no). Bytes
-the client sent after the name are still unread in the socket: they are the daemon's. This
-module holds both ends, so Python daemons (and the tests) can receive with
-:func:`receive_connection`.
+the client sent after the name are still unread in the socket: they are the daemon's.
+``via=sni``: the client is a TLS client routed by its ClientHello's server name (ServerName=),
+which is still unread in the socket, whole; nothing was answered and nothing must be
+(``acknowledged=yes``). This module holds both ends, so Python daemons (and the tests) can
+receive with :func:`receive_connection`.
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ def encode(info: Mapping[str, str]) -> bytes:
     return message
 
 
-def handover_info(service: "Service", remote: "SocketAddress", local: "SocketAddress") -> dict[str, str]:
-    """The fields tcpmuxd sends with a connection."""
+def handover_info(service: "Service", remote: "SocketAddress", local: "SocketAddress",
+                  via: str = "tcpmux") -> dict[str, str]:
+    """The fields tcpmuxd sends with a connection whose name arrived ``via`` tcpmux or sni."""
     return {"service": service.name, "remote": f"{remote.host} {remote.port}",
             "local": f"{local.host} {local.port}",
-            "acknowledged": "yes" if service.acknowledge else "no"}
+            "acknowledged": "yes" if service.acknowledge or via == "sni" else "no",
+            "via": via}
 
 
 def send_connection(channel: socket.socket, conn: socket.socket, info: Mapping[str, str]) -> None:

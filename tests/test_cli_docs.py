@@ -28,7 +28,7 @@ def test_help_and_man_page_name_the_same_options():
 def test_help_and_man_page_give_the_same_defaults():
     text = re.sub(r"\s+", " ", _help())
     man = _options_section()
-    for option, default in (("--name-timeout", "10"), ("--max-name-length", "256"),
+    for option, default in (("--name-timeout", "10"), ("--max-name-length", "256"), ("--max-hello-size", "16384"),
                             ("--max-connections", "1024"), ("--max-pending-per-source", "64"),
                             ("--stop-timeout", "30")):
         assert f"{option} " in text and f"(default: {default})" in text

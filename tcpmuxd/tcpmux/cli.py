@@ -22,7 +22,7 @@ from typing import Callable, Mapping, TypeVar
 from tcpmuxd import __version__
 from tcpmuxd.common import systemd
 from tcpmuxd.common.children import reset_signals
-from tcpmuxd.tcpmux import config, inetd, protocol
+from tcpmuxd.tcpmux import clienthello, config, inetd, protocol
 from tcpmuxd.common.addresses import host_port, parse_listen
 from tcpmuxd.tcpmux.dispatch import Dispatcher
 from tcpmuxd.tcpmux.policy import Limits
@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-name-length", metavar="N", type=_positive_int,
                    default=protocol.DEFAULT_MAX_NAME_LENGTH,
                    help="longest service name accepted, in bytes (default: 256)")
+    p.add_argument("--max-hello-size", metavar="N", type=_hello_size,
+                   default=clienthello.DEFAULT_MAX_HELLO_SIZE,
+                   help="largest TLS ClientHello a TLS client's service is found by "
+                        "(ServerName=), in bytes of its records from the first byte on, "
+                        f"{MIN_HELLO_SIZE} to {MAX_HELLO_SIZE}; it must arrive within "
+                        "--name-timeout too (default: "
+                        f"{clienthello.DEFAULT_MAX_HELLO_SIZE})")
     p.add_argument("--max-connections", metavar="N", type=_positive_int, default=1024,
                    help="connections open at once, all services together (default: 1024)")
     p.add_argument("--max-pending-per-source", metavar="N", type=_positive_int,
@@ -91,12 +98,18 @@ _positive_float = _number(float, "a number", lambda v: v > 0, "must be greater t
 _non_negative_float = _number(float, "a number", lambda v: 0 <= v < float("inf"),
                               "must be 0 or more seconds")
 _positive_int = _number(int, "a whole number", lambda v: v >= 1, "must be at least 1")
+#: The ClientHello is peeked at, never read off: all of it must fit the socket's receive
+#: buffer (Linux's default is 128 KiB), and its first record header and handshake header.
+MIN_HELLO_SIZE, MAX_HELLO_SIZE = 9, 65536
+_hello_size = _number(int, "a whole number", lambda v: MIN_HELLO_SIZE <= v <= MAX_HELLO_SIZE,
+                      f"must be from {MIN_HELLO_SIZE} to {MAX_HELLO_SIZE}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     search_path = tuple(args.config_dir) or config.DEFAULT_SEARCH_PATH
     limits = Limits(name_timeout=args.name_timeout, max_name_length=args.max_name_length,
+                    max_hello_size=args.max_hello_size,
                     max_connections=args.max_connections,
                     max_pending_per_source=args.max_pending_per_source,
                     stop_timeout=args.stop_timeout)

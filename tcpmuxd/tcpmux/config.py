@@ -46,6 +46,7 @@ from ..common.dropins import (
     read_settings,
     show_path,
 )
+from .clienthello import host_name_problem, server_name_key
 from .handlers import KEYS as HANDLER_KEYS
 from .handlers import KINDS, SELECTORS, Handler
 from .protocol import DEFAULT_MAX_NAME_LENGTH, HELP, is_valid_name, name_key
@@ -95,6 +96,8 @@ class Service:
     ip_allow: AddressList = field(default_factory=AddressList)
     ip_deny: AddressList = field(default_factory=AddressList)
     description: str = ""
+    #: ServerName=: the TLS server names (SNI) routed here, lower-case, ``*.`` for one label
+    server_names: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -180,9 +183,26 @@ class Configuration:
     services: Mapping[str, Service]
     files: tuple[FileStatus, ...] = ()
     errors: tuple[ConfigError, ...] = ()
+    #: Each ServerName= pattern -> its service (load() leaves no pattern to two services).
+    server_names: Mapping[str, Service] = field(init=False)
+
+    def __post_init__(self) -> None:
+        index = {pattern: service for service in self.services.values()
+                 for pattern in service.server_names}
+        object.__setattr__(self, "server_names", MappingProxyType(index))
 
     def lookup(self, name: str) -> Service | None:
         return self.services.get(name_key(name))
+
+    def lookup_server_name(self, name: str) -> Service | None:
+        """The service a TLS ClientHello naming ``name`` goes to: the exact name, else the
+        wildcard for its first label (``*.example.com`` for ``www.example.com``, never for
+        ``example.com`` or ``a.www.example.com``)."""
+        key = server_name_key(name)
+        found = self.server_names.get(key)
+        if found is None and "." in key:
+            found = self.server_names.get("*." + key.split(".", 1)[1])
+        return found
 
     def listed(self) -> list[str]:
         """The names HELP answers with: hidden ones left out, sorted case-insensitively."""
@@ -192,6 +212,19 @@ class Configuration:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+
+def _parse_server_names(text: str) -> tuple[str, ...]:
+    """ServerName=: host names, space-separated; a leading ``*.`` stands for any one label.
+    Lower-cased here: TLS server names are compared case-insensitively."""
+    names = []
+    for word in text.split():
+        host = word[2:] if word.startswith("*.") else word
+        problem = host_name_problem(host)
+        if problem is not None:
+            raise ValueError(f"{word!r} is not a host name or *.HOST: {problem}")
+        names.append(server_name_key(word))
+    return tuple(names)
 
 
 #: The keys of the [Service] section: tcpmuxd's own, then the handler kinds' (handlers/).
@@ -204,6 +237,7 @@ _KEYS: dict[str, KeySpec] = {
     "MaxConnectionsPerSource": KeySpec(parse_count),
     "IPAddressAllow": KeySpec(parse_addresses, is_list=True),
     "IPAddressDeny": KeySpec(parse_addresses, is_list=True),
+    "ServerName": KeySpec(_parse_server_names, is_list=True),
     **HANDLER_KEYS,
 }
 
@@ -227,6 +261,8 @@ class _Parsed:
     service: Service | None
     errors: list[ConfigError]
     name_line: int | None = None
+    #: Each ServerName= pattern of the service -> the line that gave it (for collisions)
+    server_name_lines: dict[str, int] = field(default_factory=dict)
 
 
 def _name_problem(name: str, max_length: int) -> str | None:
@@ -290,8 +326,11 @@ def _parse_service(path: Path, text: str, max_name_length: int, switch_users: bo
         ip_allow=AddressList.parse(values.get("IPAddressAllow", ())),
         ip_deny=AddressList.parse(values.get("IPAddressDeny", ())),
         description=values.get("Description", ""),
+        server_names=tuple(dict.fromkeys(values.get("ServerName", ()))),
     )
-    return _Parsed(service, errors, name_line)
+    server_name_lines = {name: line for line, names in settings.items.get("ServerName", [])
+                         for name in names}
+    return _Parsed(service, errors, name_line, server_name_lines)
 
 
 def _load_file(path: Path, max_name_length: int, switch_users: bool) -> _Parsed | None:
@@ -314,9 +353,10 @@ def load(
 ) -> Configuration:
     """Discover, read and validate every service file on ``search_path`` (highest first).
 
-    Files are taken in file-name order, so when two files claim the same service name the
-    later one is the error. With ``previous`` (a reload), a file whose name had a service
-    before and that now yields none because of an error keeps that old service (state
+    Files are taken in file-name order, so when two files claim the same service name, or the
+    same ServerName= (the same exact name or the same ``*.`` pattern), the later one is the
+    error. With ``previous`` (a reload), a file whose name had a service before and that now
+    yields none because of an error keeps that old service (state
     ``"kept"``); a file that was deleted or masked drops it, as intended.
 
     A service with ``User=``, ``Group=`` or ``SupplementaryGroups=`` is an error when this
@@ -332,6 +372,7 @@ def load(
     candidates = discover(search_path, errors, remembered=remembered)
     old = {s.source.name: s for s in previous.services.values()} if previous else {}
     services: dict[str, Service] = {}
+    server_names: dict[str, Service] = {}  # ServerName= pattern -> its service so far
     files: list[FileStatus] = []
     for filename in sorted(candidates):
         cand = candidates[filename]
@@ -353,17 +394,34 @@ def load(
                 )
             )
             service = None
+        if service is not None and parsed is not None:
+            clashes = _server_name_clashes(service, server_names)
+            for pattern, other in clashes:
+                file_errors.append(ConfigError(
+                    cand.path, parsed.server_name_lines.get(pattern),
+                    f"ServerName={pattern} is already routed to service {other.name!r} by "
+                    f"{_show(other.source)}"))
+            if clashes:
+                service = None
         state = "active"
         if service is None:
             state = "error"
             kept = old.get(filename)
-            if kept is not None and kept.key not in services:
+            if (kept is not None and kept.key not in services
+                    and not _server_name_clashes(kept, server_names)):
                 service, state = kept, "kept"
         if service is not None:
             services[service.key] = service
+            server_names.update(dict.fromkeys(service.server_names, service))
         errors.extend(file_errors)
         files.append(FileStatus(filename, cand.path, state, shadowed))
     return Configuration(MappingProxyType(services), tuple(files), tuple(errors))
+
+
+def _server_name_clashes(service: Service,
+                         taken: Mapping[str, Service]) -> list[tuple[str, Service]]:
+    """The ServerName= patterns of ``service`` that another service has already."""
+    return [(pattern, taken[pattern]) for pattern in service.server_names if pattern in taken]
 
 
 # --------------------------------------------------------------------------- --check
@@ -391,6 +449,8 @@ def format_table(config: Configuration) -> str:
     rows = [("NAME", "KIND", "TARGET", "ACK", "LIMITS", "ACCESS", "FILE")]
     for service in sorted(config.services.values(), key=lambda s: (s.key, s.name)):
         name = service.name + (" (hidden)" if service.hidden else "")
+        if service.server_names:
+            name += f" (sni: {' '.join(service.server_names)})"
         source = _show(service.source)
         file_state = status.get(service.source.name)
         if file_state is not None and file_state.state == "kept":

@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from tcpmuxd.common.addresses import Endpoint, SocketAddress, ip_address_of
-from tcpmuxd.tcpmux import protocol, relay
+from tcpmuxd.tcpmux import clienthello, protocol, relay
 from tcpmuxd.tcpmux.config import Service
 from tcpmuxd.tcpmux.handlers import oserror_text
 
@@ -53,12 +53,16 @@ class Connection:
     of a refusal, or the connect to a target. ``pending`` is the source it counts against
     while in the name phase (None after); ``counted``: it holds a slot of its service's limits.
     ``on_cut`` cuts what a handler kind keeps running for it (a relay); ``cut`` says why it was
-    reset. ``sock`` is None once the client's socket is no longer ours.
+    reset. ``sock`` is None once the client's socket is no longer ours. ``via`` is how the
+    name arrived: ``"tcpmux"`` (a name line), ``"sni"`` (a TLS ClientHello, read by a
+    :class:`~tcpmuxd.tcpmux.clienthello.HelloReader` that replaces the name reader; refusals
+    are then TLS alerts, :attr:`alert` the one a refusal sends, and nothing else is answered),
+    or ``""`` before the first byte.
     """
 
     __slots__ = ("server", "sock", "remote", "local", "started", "reader", "timer", "name",
                  "service", "decision", "pid", "status", "listener", "ended", "upstream",
-                 "pending", "counted", "on_cut", "cut")
+                 "pending", "counted", "on_cut", "cut", "via", "alert")
 
     def __init__(self, server: Dispatcher, sock: socket.socket, remote: SocketAddress,
                  local: SocketAddress, listener: str) -> None:
@@ -68,7 +72,10 @@ class Connection:
         self.local = local
         self.listener = listener
         self.started = time.monotonic()
-        self.reader = protocol.NameReader(server.limits.max_name_length)
+        self.reader: protocol.NameReader | clienthello.HelloReader = protocol.NameReader(
+            server.limits.max_name_length)
+        self.via = ""
+        self.alert = clienthello.HANDSHAKE_FAILURE
         self.timer: asyncio.TimerHandle | None = None
         self.name = ""
         self.service: Service | None = None
@@ -104,9 +111,14 @@ class Connection:
 
     # -- what handler kinds call (handlers.base.DaemonConnection) ----------------------------
 
+    @property
+    def acknowledges(self) -> bool:
+        assert self.service is not None
+        return self.service.acknowledge and self.via != "sni"
+
     def acknowledge(self) -> bool:
         assert self.service is not None and self.sock is not None
-        if not self.service.acknowledge:
+        if not self.acknowledges:
             return True
         try:
             self.sock.send(protocol.positive())
@@ -226,15 +238,31 @@ class Connection:
     # -- refusals, the stop, the end -----------------------------------------------------------
 
     def _send_refusal(self, reason: str) -> bool:
-        """Send ``-reason`` and our EOF; False when the client is gone."""
+        """Send ``-reason`` (a TLS client: the alert, :attr:`alert`) and our EOF; False when
+        the client is gone."""
         self.decision = f"refused: {reason}"
         assert self.sock is not None
+        if not self.via:
+            self._sniff()
+        refusal = (clienthello.alert_record(self.alert) if self.via == "sni"
+                   else protocol.negative(reason))
         try:
-            self.sock.send(protocol.negative(reason))
+            self.sock.send(refusal)
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             return False
         return True
+
+    def _sniff(self) -> None:
+        """A refusal before the first byte was read (a stop, --max-connections, a flooding
+        source): a TLS client whose first byte is there already gets an alert, not a line."""
+        assert self.sock is not None
+        try:
+            first = self.sock.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return
+        if first and clienthello.is_tls_start(first):
+            self.via = "sni"
 
     def refuse_now(self, reason: str, record: bool = True) -> None:
         """Send ``-reason`` and close at once, holding nothing: for refusals that must not cost
@@ -328,7 +356,7 @@ class Connection:
 
     def _record(self) -> None:
         duration = time.monotonic() - self.started
-        name = self.name or "-"
+        name = (self.name or "-") + (" (sni)" if self.via == "sni" else "")
         parts = [f"{self.remote} {name}: {self.decision or 'closed'}"]
         if self.pid is not None:
             parts.append(f"pid {self.pid}")
@@ -348,6 +376,7 @@ class Connection:
             priority=priority,
             TCPMUX_SERVICE=self.service.name if self.service else (self.name or None),
             TCPMUX_REQUESTED=self.name or None,
+            TCPMUX_VIA=self.via or None,
             TCPMUX_DECISION=self.decision,
             TCPMUX_CUT=self.cut or None,
             TCPMUX_LISTENER=self.listener,

@@ -37,12 +37,12 @@ from typing import Callable, Coroutine, Mapping
 from tcpmuxd.common.addresses import SocketAddress, addresses_of
 from tcpmuxd.common.children import Child, exit_text
 from tcpmuxd.common.systemd import EventLog
-from tcpmuxd.tcpmux import protocol
+from tcpmuxd.tcpmux import clienthello, peek, protocol
 from tcpmuxd.tcpmux.config import Configuration
 from tcpmuxd.tcpmux.connection import Connection
 from tcpmuxd.tcpmux.handlers import oserror_text
 from tcpmuxd.tcpmux.policy import (
-    Counters, Decision, Help, Limits, Refuse, decide, pending_source,
+    Counters, Decision, Event, Help, Limits, Refuse, decide, pending_source,
 )
 
 
@@ -346,38 +346,71 @@ class Dispatcher:
             self._end_name_phase(conn)
             self._name_read(conn, outcome)
 
-    def _read_name(self, conn: Connection) -> protocol.Event | OSError | None:
+    def _read_name(self, conn: Connection) -> Event | OSError | None:
         """Peek at what has arrived and consume exactly the name line's bytes: the final event,
-        the error that ended the connection, or None while the line is not complete."""
+        the error that ended the connection, or None while the line is not complete.
+
+        A first byte that starts a TLS record makes it a ClientHello instead, of which nothing
+        is consumed: while it is incomplete, SO_RCVLOWAT keeps the socket from being readable
+        until the bytes it needs are there (or the client hung up: :mod:`~tcpmuxd.tcpmux.peek`).
+        """
         sock = conn.sock
         assert sock is not None
         try:
             data = sock.recv(conn.reader.peek_size(), socket.MSG_PEEK)
+            if not conn.via and data:
+                conn.via = "sni" if clienthello.is_tls_start(data) else "tcpmux"
+                if conn.via == "sni":
+                    conn.reader = clienthello.HelloReader(self.limits.max_hello_size)
+                    data = sock.recv(conn.reader.peek_size(), socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as e:
             return e
         if not data:
             return conn.reader.eof()
-        consume, event = conn.reader.feed(data)
+        reader = conn.reader
+        progress = not isinstance(reader, clienthello.HelloReader) or len(data) > reader.seen
+        consume, event = reader.feed(data)
         while consume:
             consume -= len(sock.recv(consume))
-        return None if isinstance(event, protocol.NeedData) else event
+        if not isinstance(event, protocol.NeedData):
+            return event
+        if isinstance(reader, clienthello.HelloReader):
+            try:
+                if peek.hung_up(sock):
+                    return reader.eof()
+            except OSError as e:
+                return e
+            peek.wake_at(sock, reader.wanted)
+            if not progress and conn.pending is not None:
+                self.loop.remove_reader(sock.fileno())
+                self.loop.call_later(peek.RETRY_INTERVAL, self._peek_again, conn, sock)
+        return None
 
-    def _name_read(self, conn: Connection, outcome: protocol.Event | OSError) -> None:
+    def _peek_again(self, conn: Connection, sock: socket.socket) -> None:
+        """Read on after a pause (:data:`~tcpmuxd.tcpmux.peek.RETRY_INTERVAL`), unless the
+        name phase has ended meanwhile."""
+        if conn.pending is not None and conn.sock is sock:
+            self.loop.add_reader(sock.fileno(), self._readable, conn)
+
+    def _name_read(self, conn: Connection, outcome: Event | OSError) -> None:
         if isinstance(outcome, OSError):
             conn.end(f"error: {oserror_text(outcome)}")
             return
-        if isinstance(outcome, protocol.NameReceived):
+        if isinstance(outcome, (protocol.NameReceived, clienthello.ServerNameReceived)):
             conn.name = outcome.name
         elif isinstance(outcome, protocol.HelpRequested):
             conn.name = "HELP"
         self._decided(conn, decide(self.config, outcome, conn.remote, self.counters))
 
     def _end_name_phase(self, conn: Connection) -> None:
-        """Stop reading the name and give back the source's pending slot."""
+        """Stop reading the name and give back the source's pending slot (and the socket's
+        usual readiness, after an incomplete ClientHello)."""
         assert conn.sock is not None
         self.loop.remove_reader(conn.sock.fileno())
+        if conn.via == "sni":
+            peek.wake_at(conn.sock, 1)
         if conn.timer is not None:
             conn.timer.cancel()
             conn.timer = None
@@ -391,6 +424,7 @@ class Dispatcher:
 
     def _decided(self, conn: Connection, decision: Decision) -> None:
         if isinstance(decision, Refuse):
+            conn.alert = decision.alert
             conn.refuse(decision.reason)
         elif isinstance(decision, Help):
             conn.decision = "help"

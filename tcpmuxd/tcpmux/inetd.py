@@ -18,34 +18,56 @@ from typing import Mapping
 
 from tcpmuxd.common.addresses import Endpoint, SocketAddress, addresses_of
 from tcpmuxd.common.systemd import EventLog
-from tcpmuxd.tcpmux import protocol
+from tcpmuxd.tcpmux import clienthello, peek, protocol
 from tcpmuxd.tcpmux.config import Configuration, Service
-from tcpmuxd.tcpmux.policy import Help, Limits, Refuse, decide
+from tcpmuxd.tcpmux.policy import Event, Help, Limits, Refuse, decide
 
 
-def read_name(sock: socket.socket, limits: Limits) -> protocol.Event:
-    """Read exactly the name line (peek, then consume), within one total deadline."""
-    reader = protocol.NameReader(limits.max_name_length)
+def read_name(sock: socket.socket, limits: Limits) -> tuple[str, Event]:
+    """Read exactly the name line (peek, then consume), within one total deadline; or, when
+    the first byte starts a TLS record, peek at the whole ClientHello and consume nothing
+    (as dispatch.py does). Returns how the name came (``"tcpmux"``, ``"sni"``, or ``""``
+    when nothing came) and the final event."""
+    reader: protocol.NameReader | clienthello.HelloReader = protocol.NameReader(
+        limits.max_name_length)
+    via = ""
     deadline = time.monotonic() + limits.name_timeout
     poller = select.poll()
     poller.register(sock, select.POLLIN)
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not poller.poll(left * 1000):
-            return reader.timeout()
-        try:
-            data = sock.recv(reader.peek_size(), socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            continue
-        except OSError:
-            return reader.eof()
-        if not data:
-            return reader.eof()
-        consume, event = reader.feed(data)
-        while consume:
-            consume -= len(sock.recv(consume))
-        if not isinstance(event, protocol.NeedData):
-            return event
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                return via, reader.timeout()
+            try:
+                data = sock.recv(reader.peek_size(), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                if not via and data:
+                    via = "sni" if clienthello.is_tls_start(data) else "tcpmux"
+                    if via == "sni":
+                        reader = clienthello.HelloReader(limits.max_hello_size)
+                        data = sock.recv(reader.peek_size(),
+                                         socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return via, reader.eof()
+            if not data:
+                return via, reader.eof()
+            progress = not isinstance(reader, clienthello.HelloReader) or len(data) > reader.seen
+            consume, event = reader.feed(data)
+            while consume:
+                consume -= len(sock.recv(consume))
+            if not isinstance(event, protocol.NeedData):
+                return via, event
+            if isinstance(reader, clienthello.HelloReader):
+                if peek.hung_up(sock):
+                    return via, reader.eof()
+                peek.wake_at(sock, reader.wanted)
+                if not progress:
+                    time.sleep(min(peek.RETRY_INTERVAL, max(0.0, left)))
+    finally:
+        if via == "sni":
+            peek.wake_at(sock, 1)
 
 
 def _reply(sock: socket.socket, data: bytes) -> None:
@@ -70,22 +92,32 @@ class _Connection:
         self.stop_timeout = limits.stop_timeout
         self.started = time.monotonic()
         self.name = "-"
+        self.via = ""  # how the name came: "tcpmux", "sni" (a TLS ClientHello), "" (none)
+        self.alert = clienthello.HANDSHAKE_FAILURE  # what a refused TLS client is sent
         self.service: Service  # set once the decision is to accept
+
+    @property
+    def acknowledges(self) -> bool:
+        return self.service.acknowledge and self.via != "sni"
 
     def record(self, outcome: str, status: str = "") -> None:
         extra = f", {status}" if status else ""
+        name = self.name + (" (sni)" if self.via == "sni" else "")
+        service = getattr(self, "service", None)  # only once the decision is to accept
         self.log.record(
-            f"{self.remote} {self.name}: {outcome}{extra}, {time.monotonic() - self.started:.3f}s",
+            f"{self.remote} {name}: {outcome}{extra}, {time.monotonic() - self.started:.3f}s",
             priority=6 if outcome in ("accepted", "passed", "help") else 5,
-            TCPMUX_SERVICE=self.name, TCPMUX_DECISION=outcome, REMOTE_ADDR=self.remote.host,
-            REMOTE_PORT=self.remote.port)
+            TCPMUX_SERVICE=service.name if service else self.name,
+            TCPMUX_REQUESTED=self.name, TCPMUX_DECISION=outcome, TCPMUX_VIA=self.via or None,
+            REMOTE_ADDR=self.remote.host, REMOTE_PORT=self.remote.port)
 
     def refuse(self, reason: str, sock: socket.socket | None = None) -> None:
         self.record(f"refused: {reason}")
-        _reply(sock or self.sock, protocol.negative(reason))
+        _reply(sock or self.sock, clienthello.alert_record(self.alert) if self.via == "sni"
+               else protocol.negative(reason))
 
     def acknowledge(self) -> None:
-        if self.service.acknowledge:
+        if self.acknowledges:
             self.sock.sendall(protocol.positive())
 
     def connect(self, target: Endpoint, timeout: float) -> socket.socket | None:
@@ -115,13 +147,14 @@ def serve_connection(sock: socket.socket, config: Configuration, limits: Limits,
     except OSError:
         return 0
     conn = _Connection(sock, remote, local, log, environ, limits)
-    event = read_name(sock, limits)
-    if isinstance(event, protocol.NameReceived):
+    conn.via, event = read_name(sock, limits)
+    if isinstance(event, (protocol.NameReceived, clienthello.ServerNameReceived)):
         conn.name = event.name
     elif isinstance(event, protocol.HelpRequested):
         conn.name = "HELP"
     decision = decide(config, event, remote, None)
     if isinstance(decision, Refuse):
+        conn.alert = decision.alert
         conn.refuse(decision.reason)
         return 0
     if isinstance(decision, Help):

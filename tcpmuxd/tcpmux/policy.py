@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from tcpmuxd.common.addresses import SocketAddress, ip_address_of
-from tcpmuxd.tcpmux import protocol
+from tcpmuxd.tcpmux import clienthello, protocol
 from tcpmuxd.tcpmux.config import Configuration, Service
 
 
@@ -23,6 +23,8 @@ class Limits:
 
     name_timeout: float = 10.0
     max_name_length: int = protocol.DEFAULT_MAX_NAME_LENGTH
+    #: Bytes the records of a TLS ClientHello may take (SNI), under the same name_timeout.
+    max_hello_size: int = clienthello.DEFAULT_MAX_HELLO_SIZE
     max_connections: int = 1024
     #: Connections from one source still to send their name (cli.py documents the default).
     max_pending_per_source: int = 64
@@ -41,6 +43,8 @@ class Accept:
 @dataclass(frozen=True)
 class Refuse:
     reason: str
+    #: The TLS alert that says it to a client routed by its ClientHello (no "-" line there).
+    alert: int = clienthello.HANDSHAKE_FAILURE
 
 
 @dataclass(frozen=True)
@@ -73,23 +77,35 @@ class Counters:
                 del counter[key]
 
 
-def decide(config: Configuration, event: protocol.Event, remote: SocketAddress,
+#: What a connection's first bytes can end in: a name line's events or a ClientHello's.
+Event = Union[protocol.Event, clienthello.Event]
+
+
+def decide(config: Configuration, event: Event, remote: SocketAddress,
            counters: Counters | None) -> Decision:
     """The order every refusal is checked in: parse, find service, access, limits.
 
+    A ClientHello's server name finds the service by ServerName=, a name line by the name.
     ``counters`` is None where limits are kept by someone else (systemd, in Accept=yes mode).
     """
     if isinstance(event, protocol.BadName):
         return Refuse(event.reason)
+    if isinstance(event, clienthello.BadHello):
+        return Refuse(event.reason, event.alert)
     if isinstance(event, protocol.HelpRequested):
         return Help(protocol.help_listing(config.listed()))
-    assert isinstance(event, protocol.NameReceived)
-    service = config.lookup(event.name)
-    if service is None:
-        return Refuse(f"unknown service {event.name}")
+    if isinstance(event, clienthello.ServerNameReceived):
+        service = config.lookup_server_name(event.name)
+        if service is None:
+            return Refuse(f"unknown server name {event.name}", clienthello.UNRECOGNIZED_NAME)
+    else:
+        assert isinstance(event, protocol.NameReceived)
+        service = config.lookup(event.name)
+        if service is None:
+            return Refuse(f"unknown service {event.name}")
     refusal = service.refusal(remote.host, remote.tunnel, remote.authenticated)
     if refusal is not None:
-        return Refuse(refusal)
+        return Refuse(refusal, clienthello.ACCESS_DENIED)
     source = remote.source
     if counters is not None:
         if service.max_connections and counters.per_service[service.key] >= service.max_connections:

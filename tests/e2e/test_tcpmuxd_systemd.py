@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -66,12 +67,26 @@ def services(forward_port: int) -> dict[str, str]:
         "cat.conf": "[Service]\nExec=/bin/cat\n",
         "whoami.conf": "[Service]\nExec=/usr/bin/id -un\nUser=nobody\n",
         "uid.conf": "[Service]\nExec=/usr/bin/id -u\n",
-        "fwd.conf": f"[Service]\nForward=127.0.0.1:{forward_port}\n",
+        "fwd.conf": f"[Service]\nForward=127.0.0.1:{forward_port}\nServerName={SNI_NAME}\n",
         "secret.conf": "[Service]\nExec=/bin/echo secret\nHidden=yes\n",
     }
 
 
 LISTED = {"echo", "greet", "cat", "uid", "fwd"}
+#: fwd.conf's ServerName=: a TLS client asking for it is forwarded with its ClientHello.
+SNI_NAME = "fwd.e2e.test"
+
+
+def client_hello(name: str) -> bytes:
+    """Python's TLS ClientHello for ``name``, made without a socket (MemoryBIO)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    outgoing = ssl.MemoryBIO()
+    tls = ctx.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
 
 
 def report(line: str) -> None:
@@ -166,6 +181,13 @@ def check_records(c: Container, cursor: str, mode: str, *matches: str) -> None:
     assert len(entries) == 2, entries
     messages = [str(e.get("MESSAGE")) for e in entries]
     assert {"127.0.0.1" in m for m in messages} == {True, False}, f"one per peer: {messages}"
+    assert {e.get("TCPMUX_VIA") for e in entries} == {"tcpmux"}, entries
+    sni = c.wait_until(lambda: c.journal_since(cursor, "SYSLOG_IDENTIFIER=tcpmuxd",
+                                               "TCPMUX_VIA=sni", *matches) or None,
+                       timeout=10, what="the journal record of the TLS client")
+    report(f"{mode}: journal record of the TLS client: {sni[0].get('MESSAGE')}")
+    assert (sni[0].get("TCPMUX_SERVICE"), sni[0].get("TCPMUX_REQUESTED")) == ("fwd", SNI_NAME), \
+        sni[0]
 
 
 def exercise(box: Box, mode: str, *, relaxed: bool) -> None:
@@ -210,6 +232,15 @@ def exercise(box: Box, mode: str, *, relaxed: bool) -> None:
     served["thread"].join(10)
     assert served.get("received") == b"PING", f"{mode} forward: backend got {served}"
     assert (line[:1], rest) == (b"+", b"PONG"), f"{mode} forward"
+
+    # A TLS client: routed by its ClientHello's server name, which the target gets whole, with
+    # no "+" for the client (tcpmuxd(8), TLS CLIENTS).
+    hello = client_hello(SNI_NAME)
+    served = box.backend.serve_once(expect=hello, reply=b"TLS PONG")
+    raw = c.talk(("127.0.0.1", 1), hello)
+    served["thread"].join(10)
+    assert served.get("received") == hello, f"{mode} SNI forward: backend got {served}"
+    assert raw == b"TLS PONG", f"{mode} SNI forward: {raw!r}"
 
     raw = c.talk(("127.0.0.1", 1), b"no-such-service\r\n")
     assert raw.startswith(b"-") and raw.endswith(b"\r\n") and raw.count(b"\r\n") == 1, (

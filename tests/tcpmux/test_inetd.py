@@ -38,9 +38,9 @@ def test_read_name_takes_exactly_the_line():
         ours.sendall(b"ec")
         sender = threading.Thread(target=ours.sendall, args=(b"ho\r\nbehind the name",))
         sender.start()  # the rest of the line arrives while the reader waits for it
-        event = read_name(theirs, Limits(name_timeout=WAIT))
+        via, event = read_name(theirs, Limits(name_timeout=WAIT))
         sender.join(WAIT)
-        assert event == protocol.NameReceived("echo")
+        assert (via, event) == ("tcpmux", protocol.NameReceived("echo"))
         theirs.settimeout(WAIT)
         assert theirs.recv(100) == b"behind the name"
 
@@ -56,14 +56,14 @@ def test_read_name_events(sent: bytes, event: protocol.Event):
     with ours, theirs:
         ours.sendall(sent)
         ours.shutdown(socket.SHUT_WR)
-        assert read_name(theirs, Limits(name_timeout=WAIT)) == event
+        assert read_name(theirs, Limits(name_timeout=WAIT))[1] == event
 
 
 def test_read_name_deadline_covers_the_whole_line():
     ours, theirs = socket.socketpair()
     with ours, theirs:
         ours.sendall(b"partial")
-        event = read_name(theirs, Limits(name_timeout=0.2))
+        _via, event = read_name(theirs, Limits(name_timeout=0.2))
         assert event == protocol.BadName("timed out waiting for end of service name line")
 
 

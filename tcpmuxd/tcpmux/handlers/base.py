@@ -105,6 +105,15 @@ class DaemonConnection(Protocol):
     service: Service
     #: What the log record says happened ("accepted", "passed", ...), set by the kind.
     decision: str
+    #: How the name arrived: "tcpmux" (a name line) or "sni" (a TLS ClientHello, which the
+    #: handler must get untouched, with no "+" in front: see :attr:`acknowledges`).
+    via: str
+
+    @property
+    def acknowledges(self) -> bool:
+        """Whether a ``+`` is sent for this connection (by tcpmuxd or the handler's process):
+        the service's Acknowledge= for a name line, never for a TLS client."""
+        ...
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop: ...
@@ -160,6 +169,13 @@ class InPlaceConnection(Protocol):
     environ: Mapping[str, str]
     #: How long a relay may go on after SIGTERM (--stop-timeout).
     stop_timeout: float
+    #: As :attr:`DaemonConnection.via`.
+    via: str
+
+    @property
+    def acknowledges(self) -> bool:
+        """As :attr:`DaemonConnection.acknowledges`."""
+        ...
 
     def record(self, outcome: str, status: str = "") -> None:
         """The connection's log record: ``outcome`` is "accepted", "passed", "refused: ..."."""

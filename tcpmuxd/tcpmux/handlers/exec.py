@@ -223,7 +223,7 @@ class Exec(Handler, key="Exec"):
         # plain program reading its stdin gets EAGAIN.
         sock.setblocking(True)
         try:
-            proc = spawn(self, conn.service.acknowledge, sock, env)
+            proc = spawn(self, conn.acknowledges, sock, env)
         except StartError as e:
             if e.replied:  # the exec failed after the child sent "+": all that is left is a cut
                 conn.reset(f"handler failed to start after the + reply: {e.reason}")
@@ -244,7 +244,7 @@ class Exec(Handler, key="Exec"):
         # failure gets a second record that says so.
         conn.record("accepted", f"exec {self.argv[0]} as pid {os.getpid()}")
         try:
-            exec_in_place(self, conn.service.acknowledge, conn.sock, env)
+            exec_in_place(self, conn.acknowledges, conn.sock, env)
         except StartError as e:
             # sock's descriptor is closed by now: the connection is fds 0 and 1
             out = socket.socket(fileno=1)

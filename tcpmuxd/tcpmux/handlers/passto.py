@@ -40,7 +40,7 @@ class PassTo(TargetHandler, key="PassTo", parse=_parse_pass_to):
                 client.setblocking(True)  # the receiver gets it as accept() would give it
                 passfd.send_connection(sock, client,
                                        passfd.handover_info(conn.service, conn.remote,
-                                                            conn.local))
+                                                            conn.local, conn.via))
                 decision = "passed"
             except OSError as e:
                 decision = f"hand-over failed: {oserror_text(e)}"
@@ -50,6 +50,7 @@ class PassTo(TargetHandler, key="PassTo", parse=_parse_pass_to):
         with sock:
             conn.acknowledge()
             passfd.send_connection(sock, conn.sock,
-                                   passfd.handover_info(conn.service, conn.remote, conn.local))
+                                   passfd.handover_info(conn.service, conn.remote, conn.local,
+                                                        conn.via))
         conn.record("passed")
         return 0
