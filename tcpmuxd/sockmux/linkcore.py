@@ -25,9 +25,9 @@ from .frames import (
     AUTH, CONNDATA_ON, ECHO, ECHOOK, HEADER, HEADER_SIZE, HELLO, HELLOOK,
     INITIAL_FRAME_SIZE, NO_STREAM, OPT_AUTH, OPT_CONNDATA, OPT_EXTENSIONS, OPT_PACKSIZE,
     OPTION_NAMES, SETOPT, SHUT, VERSION, Chunk, Frame, FrameDecoder, LocalProtocolError,
-    RemoteProtocolError, c_string, echo_payload, encode_frame, encode_header, hello_text,
-    parse_conndata, parse_echo, parse_hello, parse_packsize, parse_setopt, packsize_data,
-    setopt_payload, split_c_string,
+    RemoteProtocolError, c_string, concat, echo_payload, encode_frame, encode_header,
+    hello_text, parse_conndata, parse_echo, parse_hello, parse_packsize, parse_setopt,
+    packsize_data, setopt_payload, split_c_string,
 )
 from .negotiation import ExtensionOffer, Features, SockMuxConfig, negotiate
 from .states import CONNECTION_TRANSITIONS, AuthState, ConnectionState
@@ -203,7 +203,7 @@ class LinkCore:
         if urgent:
             self._urgent = True
         try:
-            raw = _pack_header(VERSION, ftype, sender, receiver, len(payload)) + payload
+            raw = concat(_pack_header(VERSION, ftype, sender, receiver, len(payload)), payload)
         except struct.error:  # encode_header() says what is out of range
             raw = encode_frame(ftype, sender, receiver, payload)
         self._out.append(raw)
@@ -218,9 +218,9 @@ class LinkCore:
         self._urgent = True
         n = len(head) + len(body)
         try:
-            first = _pack_header(VERSION, ftype, sender, receiver, n) + head
+            first = concat(_pack_header(VERSION, ftype, sender, receiver, n), head)
         except struct.error:
-            first = encode_header(ftype, sender, receiver, n) + head
+            first = concat(encode_header(ftype, sender, receiver, n), head)
         out = self._out
         out.append(first)
         if body:
@@ -243,7 +243,7 @@ class LinkCore:
         when = hello_time if hello_time is not None else self._wall_clock()
         self._local_hello = hello_text(when, self.config.hostname).encode("ascii")
         # DeleGate leaves HELLO's ids uninitialised; we send zeros.
-        self._queue(HELLO, 0, 0, self._local_hello + b"\0")
+        self._queue(HELLO, 0, 0, concat(self._local_hello, b"\0"))
         self._transition("initiate")
 
     def _send_setup(self) -> None:
@@ -269,13 +269,13 @@ class LinkCore:
             self._transition("HELLO")
         self._note_peer_hello(frame)
         # DeleGate's HELLOOK copies the ids of the frame it answers (they mean nothing).
-        self._queue(HELLOOK, frame.sender, frame.receiver, self._local_hello + b"\0")
+        self._queue(HELLOOK, frame.sender, frame.receiver, concat(self._local_hello, b"\0"))
 
     def _on_hellook(self, frame: Frame) -> None:
         if self._state is not ConnectionState.HELLO:
             return  # a HELLOOK answering our HELLOOK: the exchange is over, no reply
         self._note_peer_hello(frame)
-        self._queue(HELLOOK, frame.sender, frame.receiver, self._local_hello + b"\0")
+        self._queue(HELLOOK, frame.sender, frame.receiver, concat(self._local_hello, b"\0"))
         self._transition("first HELLOOK")
         self._send_setup()
 
@@ -327,7 +327,7 @@ class LinkCore:
             self._transition("peer setup done, auth")
             self._auth_state = AuthState.PENDING
             self._local_nonce = self._random_bytes(_auth.NONCE_SIZE)
-            self._queue(AUTH, NO_STREAM, NO_STREAM, bytes((_auth.OP_NONCE,)) + self._local_nonce)
+            self._queue(AUTH, NO_STREAM, NO_STREAM, concat(bytes((_auth.OP_NONCE,)), self._local_nonce))
         elif self.config.require_auth:
             if not features.extensions:
                 reason = ("peer cannot authenticate (a plain SockMux peer such as DeleGate); "
@@ -346,7 +346,7 @@ class LinkCore:
     def _auth_failed(self, events: list[Event], reason: str, notify: bool) -> None:
         if notify:
             self._queue(AUTH, NO_STREAM, NO_STREAM,
-                        bytes((_auth.OP_FAIL,)) + c_string(reason[:200]))
+                        concat(bytes((_auth.OP_FAIL,)), c_string(reason[:200])))
         self._auth_state = AuthState.FAILED
         events.append(AuthenticationFailed(reason, self._fail()))
 
@@ -373,7 +373,7 @@ class LinkCore:
             self._peer_nonce = body
             proof = _auth.make_proof(secret, self._local_nonce, body, self._local_hello,
                                      self._peer_hello_raw, self._local_ext, self._peer_ext)
-            self._queue(AUTH, NO_STREAM, NO_STREAM, bytes((_auth.OP_PROOF,)) + proof)
+            self._queue(AUTH, NO_STREAM, NO_STREAM, concat(bytes((_auth.OP_PROOF,)), proof))
         elif op == _auth.OP_PROOF:
             if self._peer_nonce is None:
                 raise RemoteProtocolError("AUTH proof before nonce")

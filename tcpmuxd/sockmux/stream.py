@@ -79,7 +79,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Final, Protocol
 
 from .connection import REASON_CLOSE
-from .frames import LocalProtocolError
+from .frames import LocalProtocolError, concat
 
 if TYPE_CHECKING:
     from .linksession import Session
@@ -274,7 +274,7 @@ class Stream(asyncio.Protocol):
         phase = self.phase
         if phase is CLOSED or phase is FINISHED:
             return
-        self.pending = data if self.pending is None else self.pending + data
+        self.pending = data if self.pending is None else concat(self.pending, data)
         if not self.waiting() or self.hub.holds.first_data(self):  # held on: no link yet, or
             self._pause()  # too many for CONNECT, or the stream is not open yet
 

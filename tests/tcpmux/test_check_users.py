@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 
-from tcpmuxd_harness import PYTHON, ROOT
+from tcpmuxd_harness import ROOT
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -130,24 +130,26 @@ def test_check_run_by_systemd_judges_by_its_own_unit(container):
     assert judged(r.stdout) == "not possible: judged for this process, which systemd started"
 
 
-def test_check_without_systemd_judges_by_this_process(tmp_path):
-    conf = tmp_path / "conf.d"
-    conf.mkdir()
-    conf.chmod(0o755)
-    tmp_path.chmod(0o755)
-    (conf / "who.conf").write_text(USER_SERVICE)
-    (conf / "who.conf").chmod(0o644)
-    argv = [PYTHON, "-m", "tcpmuxd", "--check", "--config-dir", str(conf)]
-    env = {"PATH": "/usr/bin:/bin"}
+def test_check_without_systemd_judges_by_this_process(public_dir, any_user_python):
+    """Root and nobody each run --check on the same directory (one every user may read, and
+    a tree nobody can run even from a clone in /root, mode 0700)."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv (util-linux) to compare root with another uid")
-    as_root = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=30)
+    conf = public_dir / "conf.d"
+    conf.mkdir()
+    conf.chmod(0o755)
+    (conf / "who.conf").write_text(USER_SERVICE)
+    (conf / "who.conf").chmod(0o644)
+    argv = [any_user_python.python, "-m", "tcpmuxd", "--check", "--config-dir", str(conf)]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": any_user_python.pythonpath}
+    as_root = subprocess.run(argv, capture_output=True, text=True, env=env,
+                             cwd=any_user_python.cwd, timeout=30)
     assert as_root.returncode == 0, as_root.stdout + as_root.stderr
     assert judged(as_root.stdout) == ("possible: judged for this process (uid 0): systemd does "
                                       "not run tcpmuxd here")
     nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                             *argv], capture_output=True, text=True, env=env, cwd=ROOT,
-                            timeout=30)
+                             *argv], capture_output=True, text=True, env=env,
+                            cwd=any_user_python.cwd, timeout=30)
     assert nobody.returncode == 1, nobody.stdout + nobody.stderr
     assert judged(nobody.stdout) == ("not possible: judged for this process (uid 65534): "
                                      "systemd does not run tcpmuxd here")
