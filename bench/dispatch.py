@@ -238,11 +238,14 @@ class Bench:
         read_line(recv, 30, "PassTo= receiver")
         return backend_port, raw_port, sock, raw.pid
 
-    def start_tcpmuxd(self, backend_port: int, sock: str) -> int:
+    def start_tcpmuxd(self, backend_port: int, sock: str, sni: bool) -> int:
+        """tcpmuxd serving date, fwd (also by its server name, where the sni target is
+        measured: a --tree from before ServerName= would refuse the key) and pass."""
         confdir = os.path.join(self.tmp, "conf.d")
         os.makedirs(confdir)
+        server_name = f"ServerName={SNI_NAME}\n" if sni else ""
         files = {"date.conf": "[Service]\nExec=/bin/date\n",
-                 "fwd.conf": f"[Service]\nForward={HOST}:{backend_port}\nServerName={SNI_NAME}\n",
+                 "fwd.conf": f"[Service]\nForward={HOST}:{backend_port}\n{server_name}",
                  "pass.conf": f"[Service]\nPassTo=unix:{sock}\n"}
         for name, text in files.items():
             with open(os.path.join(confdir, name), "w") as f:
@@ -494,7 +497,8 @@ class Bench:
         nofile = raise_nofile(max(4096, 2 * self.args.pending + 512))
         self.say(f"RLIMIT_NOFILE soft limit {nofile} (tcpmuxd inherits it)")
 
-        mux_port, all_targets = self.start_targets(use_mux, use_xinetd, xinetd)
+        mux_port, all_targets = self.start_targets(use_mux, use_xinetd, xinetd,
+                                                   sni="tcpmuxd-sni" in keys)
         targets = [all_targets[k] for k in keys]
         for t in targets:
             problem = self.probe(t)
@@ -519,8 +523,8 @@ class Bench:
             self.check_after_run(mux_port)
         return self.report()
 
-    def start_targets(self, use_mux: bool, use_xinetd: bool,
-                      xinetd: str | None) -> tuple[int, dict[str, Target]]:
+    def start_targets(self, use_mux: bool, use_xinetd: bool, xinetd: str | None, *,
+                      sni: bool) -> tuple[int, dict[str, Target]]:
         """Start the helpers, tcpmuxd and xinetd; tcpmuxd's port and every target."""
         backend_port, raw_port, sock, raw_pid = self.start_helpers()
         self.say(f"helpers: Forward= backend on {HOST}:{backend_port}, raw server on "
@@ -528,7 +532,7 @@ class Bench:
         ports = {"raw": raw_port}
         mux_port = mux_pid = 0
         if use_mux:
-            mux_port = self.start_tcpmuxd(backend_port, sock)
+            mux_port = self.start_tcpmuxd(backend_port, sock, sni)
             mux_pid = self.tcpmuxd.pid
             self.say(f"tcpmuxd pid {mux_pid} listening on {HOST}:{mux_port}")
         if use_xinetd:
