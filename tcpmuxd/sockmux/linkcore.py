@@ -218,9 +218,11 @@ class LinkCore:
         self._urgent = True
         n = len(head) + len(body)
         try:
-            first = concat(_pack_header(VERSION, ftype, sender, receiver, n), head)
+            first = _pack_header(VERSION, ftype, sender, receiver, n)
         except struct.error:
-            first = concat(encode_header(ftype, sender, receiver, n), head)
+            first = encode_header(ftype, sender, receiver, n)
+        if head:  # (a SEND has none: its header goes out as it is, nothing is copied)
+            first = concat(first, head)
         out = self._out
         out.append(first)
         if body:
