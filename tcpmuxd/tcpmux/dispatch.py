@@ -35,7 +35,7 @@ from collections import Counter
 from typing import Callable, Coroutine, Mapping
 
 from tcpmuxd.common.addresses import SocketAddress, addresses_of
-from tcpmuxd.common.children import Child, exit_text
+from tcpmuxd.common.children import Child
 from tcpmuxd.common.systemd import EventLog
 from tcpmuxd.tcpmux import protocol
 from tcpmuxd.tcpmux.config import Configuration
@@ -366,7 +366,7 @@ class Dispatcher:
 
     def _name_read(self, conn: Connection, outcome: protocol.Event | OSError) -> None:
         if isinstance(outcome, OSError):
-            conn.end(f"error: {oserror_text(outcome)}")
+            conn.end("gone", reason=oserror_text(outcome))
             return
         if isinstance(outcome, protocol.NameReceived):
             conn.name = outcome.name
@@ -414,7 +414,7 @@ class Dispatcher:
         self._tasks.discard(task)
         if task.cancelled() or task.exception() is None or conn.ended:
             return
-        conn.finish(decision=f"internal error: {task.exception()!r}")
+        conn.finish(decision="failed", reason=f"internal error: {task.exception()!r}")
 
     def watch(self, proc: subprocess.Popen[bytes], conn: Connection) -> None:
         """An Exec= handler serves ``conn``: reaped as it exits, its status in the record."""
@@ -425,7 +425,7 @@ class Dispatcher:
     def _child_exited(self, child: Child, conn: Connection) -> None:
         del self._children[child.pid]
         assert child.returncode is not None
-        conn.finish(exit_text(child.returncode))
+        conn.exited(child.returncode)
 
     def let_go(self, conn: Connection) -> None:
         """The client socket is no longer ours (ended, or handed to an Exec= handler)."""

@@ -18,7 +18,7 @@ from typing import Mapping
 
 from tcpmuxd.common.addresses import Endpoint, SocketAddress, addresses_of
 from tcpmuxd.common.systemd import EventLog
-from tcpmuxd.tcpmux import protocol
+from tcpmuxd.tcpmux import protocol, records
 from tcpmuxd.tcpmux.config import Configuration, Service
 from tcpmuxd.tcpmux.policy import Help, Limits, Refuse, decide
 
@@ -69,19 +69,18 @@ class _Connection:
         self.environ = environ
         self.stop_timeout = limits.stop_timeout
         self.started = time.monotonic()
-        self.name = "-"
+        self.name = ""
         self.service: Service  # set once the decision is to accept
 
-    def record(self, outcome: str, status: str = "") -> None:
-        extra = f", {status}" if status else ""
-        self.log.record(
-            f"{self.remote} {self.name}: {outcome}{extra}, {time.monotonic() - self.started:.3f}s",
-            priority=6 if outcome in ("accepted", "passed", "help") else 5,
-            TCPMUX_SERVICE=self.name, TCPMUX_DECISION=outcome, REMOTE_ADDR=self.remote.host,
-            REMOTE_PORT=self.remote.port)
+    def record(self, outcome: str, status: str = "", reason: str = "") -> None:
+        chosen: Service | None = getattr(self, "service", None)  # (unset before the decision)
+        records.write(self.log, self.remote, requested=self.name,
+                      service=chosen.name if chosen else None, decision=outcome,
+                      reason=reason, details=(status,) if status else (),
+                      duration=time.monotonic() - self.started)
 
     def refuse(self, reason: str, sock: socket.socket | None = None) -> None:
-        self.record(f"refused: {reason}")
+        self.record("refused", reason=reason)
         _reply(sock or self.sock, protocol.negative(reason))
 
     def acknowledge(self) -> None:
