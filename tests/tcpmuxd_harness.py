@@ -201,9 +201,10 @@ class Daemon:
         try:
             if self.notify:
                 self.ready_message = self.notify.wait_for("READY=1")
-            started = self.wait_for_log(" services on ", timeout=10)
+            started = self.wait_for_log("tcpmuxd: serving ", timeout=10)
             if not self.port:
-                self.port = int(re.search(r" services on 127\.0\.0\.1:(\d+)", started).group(1))
+                self.port = int(re.search(r"tcpmuxd: serving \d+ services? on 127\.0\.0\.1:(\d+)",
+                                          started).group(1))
         except BaseException:
             self.stop()
             raise

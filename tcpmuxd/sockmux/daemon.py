@@ -43,7 +43,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..common import systemd
-from ..common.addresses import Endpoint
+from ..common.addresses import Endpoint, host_port
 from . import check, flags, links, native
 from .connection import SockMuxConfig
 from .exits import ExitOpener
@@ -184,6 +184,18 @@ def open_entrances(t: Tunnel, passed: list[tuple[socket.socket, str]],
     return result
 
 
+def _entrances_text(entrances: list[tuple[socket.socket, str]]) -> str:
+    """The start-up record's entrances: each once, with the addresses it listens on (a bare
+    port has a socket on each loopback address, a socket unit may pass several)."""
+    grouped: dict[str, list[str]] = {}
+    for sock, label in entrances:
+        name = sock.getsockname()
+        where = (name or "(unnamed)") if sock.family == socket.AF_UNIX else host_port(*name[:2])
+        grouped.setdefault(label, []).append(str(where))
+    return ", ".join(f"{label} ({', '.join(where)})" for label, where in grouped.items()) \
+        or "none"
+
+
 # ------------------------------------------------------------------------ logging
 
 
@@ -309,9 +321,7 @@ class Daemon:
             except (RuntimeError, OSError) as exc:
                 raise TunnelConfigError(
                     f"tcpmux exit: cannot start tcpmuxd's dispatcher: {exc}") from None
-        shown = ", ".join(
-            f"{label} ({'unix' if sock.family == socket.AF_UNIX else sock.getsockname()[1]})"
-            for sock, label in entrances) or "none"
+        shown = _entrances_text(entrances)
         exits = ", ".join(str(e) for e in t.exits.values()) or "none"
         self.record(f"tunnel {t.name}: {t.link} link ({t.role}); entrances {shown}; exits "
                     f"{exits}", SOCKMUX_EVENT="start")

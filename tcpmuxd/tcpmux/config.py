@@ -193,6 +193,13 @@ class Configuration:
     def ok(self) -> bool:
         return not self.errors
 
+    def kept(self) -> list[tuple[Service, Path]]:
+        """After a reload: the services still served with their previous definition because
+        their file now has errors, with that file."""
+        by_file = {f.filename: f for f in self.files if f.state == "kept"}
+        return [(s, by_file[s.source.name].path) for s in self.services.values()
+                if s.source.name in by_file]
+
 
 #: The keys of the [Service] section: tcpmuxd's own, then the handler kinds' (handlers/).
 _KEYS: dict[str, KeySpec] = {
@@ -387,14 +394,10 @@ def _access(service: Service) -> str:
 def format_table(config: Configuration) -> str:
     """What ``tcpmuxd --check`` prints: services, then masked and overridden files, then errors
     as ``path:line: message`` (the form editors and CI logs link to)."""
-    status = {f.filename: f for f in config.files}
     rows = [("NAME", "KIND", "TARGET", "ACK", "LIMITS", "ACCESS", "FILE")]
     for service in sorted(config.services.values(), key=lambda s: (s.key, s.name)):
         name = service.name + (" (hidden)" if service.hidden else "")
         source = _show(service.source)
-        file_state = status.get(service.source.name)
-        if file_state is not None and file_state.state == "kept":
-            source += " (kept: the file now has errors)"
         rows.append(
             (
                 name,

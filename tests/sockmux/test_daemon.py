@@ -328,6 +328,23 @@ def test_ready_once_listening_and_dialling(procs, tmp_path, echo, secret):
         recv_notify.close()
 
 
+def test_start_up_record_names_each_entrance_once(procs, tmp_path, secret):
+    """A bare PORT listens on both loopback addresses: the start-up record names the entrance
+    once, with both (issue 13, item 11: it listed it twice)."""
+    entrance, other = free_port(), free_port()
+    p = start(procs, tmp_path, "connector", [
+        "--connect", f"127.0.0.1:{free_port()}", "--secret", secret,
+        "--entrance", str(entrance), "--entrance", f"127.0.0.1:{other}"])
+    deadline = time.monotonic() + 15
+    while "; exits " not in p.text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(line for line in p.text().splitlines() if "; entrances " in line)
+    shown = line.split("; entrances ", 1)[1].split("; exits ", 1)[0]
+    has_v6 = socket.has_ipv6 and f"[::1]:{entrance}" in shown
+    both = f"127.0.0.1:{entrance}, [::1]:{entrance}" if has_v6 else f"127.0.0.1:{entrance}"
+    assert shown == f"{entrance} ({both}), 127.0.0.1:{other} (127.0.0.1:{other})", line
+
+
 def test_socket_activated_entrance(procs, tmp_path, echo, secret):
     """``--entrance fd:NAME`` from systemd's sockets: the first client starts the connector
     (systemd-socket-activate, as a socket unit would) and waits for the link (--hold)."""
@@ -398,10 +415,12 @@ def test_tcpmux_and_exec_exits(procs, tmp_path, secret):
     env = talk(exec_in, b"").decode()
     assert "SOCKMUX_ENTRANCE=127.0.0.1:%d" % exec_in in env
     assert "REMOTE_ADDR=127.0.0.1" in env and "NOTIFY_SOCKET" not in env
-    time.sleep(0.5)
-    log = procs[0].text()
-    assert "tcpmux exit: 2 services" in log
-    assert re.search(r"-> exit exec:/usr/bin/env \(pid \d+\)", log)
+    # the exec exit's stream record comes once its program has exited: wait for it (bounded)
+    deadline = time.monotonic() + 15
+    while not re.search(r"-> exit exec:/usr/bin/env \(pid \d+\)", procs[0].text()):
+        assert time.monotonic() < deadline, procs[0].text()
+        time.sleep(0.05)
+    assert "tcpmux exit: 2 services" in procs[0].text()
 
 
 def test_tunnel_files_and_check(procs, tmp_path, echo, secret):
