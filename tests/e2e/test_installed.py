@@ -12,7 +12,8 @@ apply (``presets=None``), as on a real installation. Stages, each timed (``-s`` 
    is. README's ``cp my-service.conf /etc/tcpmuxd/conf.d/ && systemctl
    try-reload-or-restart tcpmuxd``, typed as README has it before anything has connected,
    succeeds (``systemctl reload`` fails there); the first connection starts tcpmuxd.service,
-   as its dynamic user, which serves that service. Commands an administrator types are taken
+   as its dynamic user, which serves that service; without it, ``tcpmux --list`` says the
+   server lists no services (exit status 6). Commands an administrator types are taken
    from README.md (``documented_command``), so a README that says otherwise fails here.
 2. office: services dropped into /etc/tcpmuxd/conf.d/, ``systemctl try-reload-or-restart
    tcpmuxd``, used
@@ -315,6 +316,10 @@ def test_install_enables_and_starts_the_socket(site):
         c.remove_file(f"{CONF_D}/my-service.conf")
         run_documented(c, RELOAD)
         c.wait_until(lambda: help_names(c) == [], timeout=10, what="my-service gone from HELP")
+        # no services: tcpmux --list says so (issue 13, item 5), not silence and status 0
+        r = c.exec(["tcpmux", "--list", "127.0.0.1"])
+        assert (r.returncode, r.stdout) == (6, ""), r
+        assert r.stderr == "tcpmux: 127.0.0.1: the server lists no services\n", r
         main = show(c, "tcpmuxd.service", "ActiveState", "MainPID", "StatusText")
         report(f"tcpmuxd.service after the first connection: {main}")
         assert main["ActiveState"] == "active"
