@@ -120,6 +120,53 @@ class NotifySocket:
         self.sock.close()
 
 
+class Notify:
+    """A NOTIFY_SOCKET collected by a thread: every datagram, time-stamped, so that a test can
+    wait for one that came after a moment (a path socket works across network namespaces)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self.cond = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._collect, daemon=True)
+        self.thread.start()
+
+    def _collect(self) -> None:
+        while not self.closed:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self.cond:
+                self.messages.append((time.monotonic(), data.decode(errors="replace")))
+                self.cond.notify_all()
+
+    def wait(self, text: str, after: float, timeout: float) -> tuple[float, str] | None:
+        """The first datagram since ``after`` (time.monotonic()) that contains ``text``, with
+        when it came; None when none came within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for t, m in self.messages:
+                    if t >= after and text in m:
+                        return t, m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(min(left, 0.2))
+
+    def close(self) -> None:
+        self.closed = True
+        self.thread.join(2)
+        self.sock.close()
+
+
 class Daemon:
     """tcpmuxd running standalone on loopback.
 
@@ -153,9 +200,10 @@ class Daemon:
         try:
             if self.notify:
                 self.ready_message = self.notify.wait_for("READY=1")
-            started = self.wait_for_log(" services on ", timeout=10)
+            started = self.wait_for_log("tcpmuxd: serving ", timeout=10)
             if not self.port:
-                self.port = int(re.search(r" services on 127\.0\.0\.1:(\d+)", started).group(1))
+                self.port = int(re.search(r"tcpmuxd: serving \d+ services? on 127\.0\.0\.1:(\d+)",
+                                          started).group(1))
         except BaseException:
             self.stop()
             raise

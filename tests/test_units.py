@@ -212,6 +212,11 @@ def test_accept_no_service(units):
     assert one(units, u, "Service", "ExecStart") == DAEMON
     assert one(units, u, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
     assert one(units, u, "Service", "Restart") == "on-failure"
+    # a bad command line (exit status 2, as argparse gives it) is not restarted in a loop
+    assert one(units, u, "Service", "RestartPreventExitStatus") == "2"
+    bad = subprocess.run([sys.executable, "-m", "tcpmuxd.tcpmux.cli", "--max-connections=0"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--max-connections" in bad.stderr, bad
     assert one(units, u, "Service", "WatchdogSec")
     assert "tcpmuxd.socket" in words(units, u, "Unit", "Requires")
     assert "tcpmuxd.socket" in words(units, u, "Unit", "After")

@@ -186,14 +186,17 @@ class Child:
                 pass
 
 
+def signal_name(signum: int) -> str:
+    """``SIGKILL`` for 9; the number, as text, for one Python does not name."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
 def exit_text(returncode: int) -> str:
     """How logs write a child's end: ``exit 0``, or ``signal SIGKILL`` (``Popen.returncode``)."""
-    if returncode >= 0:
-        return f"exit {returncode}"
-    try:
-        return f"signal {signal.Signals(-returncode).name}"
-    except ValueError:
-        return f"signal {-returncode}"
+    return f"exit {returncode}" if returncode >= 0 else f"signal {signal_name(-returncode)}"
 
 
 def reset_signals(keep_ignored: tuple[int, ...] = (signal.SIGPIPE, signal.SIGXFSZ)) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..common.dropins import format_timespan, show_path
+from ..common.words import counted
 from .linkkinds import RECEPTOR, REDIAL
 from .tunnel import Exit, Tunnel
 
@@ -154,7 +155,7 @@ def runtime_problems(t: Tunnel, tcpmux_search_path: Sequence[Path] = ()) -> list
         from ..tcpmux import config as tcpmux_config
         path = tuple(tcpmux_search_path) or tcpmux_config.DEFAULT_SEARCH_PATH
         cfg = tcpmux_config.load(path)
-        print(f"{'TCPMUX':<17} {len(cfg.services)} services from "
+        print(f"{'TCPMUX':<17} {counted(len(cfg.services), 'service')} from "
               + ", ".join(str(p) for p in path))
         problems += [f"tcpmux exit: {e}" for e in cfg.errors]
     return problems

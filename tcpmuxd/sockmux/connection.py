@@ -110,6 +110,7 @@ import os
 from datetime import datetime
 from typing import Callable, Final
 
+from ..common.words import counted
 from .events import (
     Authenticated, AuthenticationFailed, DataReceived, DeadPeer, Event, FrameIgnored,
     HandshakeComplete, LinkClosed, LinkReady, LinkStats, PeerRestarted, Pong, StreamAccepted,
@@ -596,7 +597,7 @@ class SockMuxConnection(LinkCore):
         """
         f = self._require_open()
         if len(self._streams) >= f.max_streams:
-            raise TooManyStreams(f"stream limit reached ({f.max_streams} streams)")
+            raise TooManyStreams(f"stream limit reached ({counted(f.max_streams, 'stream')})")
         text = connect_text(client_addr, entrance_addr, max_length=self.config.max_text_length)
         first_data = bytes(first_data)
         self._check_first_data(text, first_data, f)

@@ -7,11 +7,12 @@ are translated into the flags. The work is done by :class:`~tcpmuxd.sockmux.sess
 (streams, links) and :class:`~tcpmuxd.sockmux.exits.ExitOpener` (exits); this module builds
 them, opens the entrances, keeps the link up in the tunnel's role, and talks to systemd:
 
-* ``Type=notify``: ``READY=1`` once the link is up (authenticated) the first time, or, so that
-  neither boot nor ``systemctl start`` waits forever for a peer that is away, once
-  ``--ready-timeout`` has passed without a link (logged; ``0`` waits for the link however
-  long it takes). ``STATUS=`` with the link state, streams and bytes (at most once a second,
-  and every few seconds while bytes move); ``STOPPING=1`` on SIGTERM/SIGINT.
+* ``Type=notify``: ``READY=1`` once the entrances are open and the link is being kept up (a
+  receptor listens, a connector dials): a tunnel is up then, whether or not the peer is, so
+  that ``systemctl enable --now`` on either end returns at once, in any order. ``STATUS=``
+  says the link's state (waiting for the peer, re-dialling with the failures so far, up),
+  streams and bytes (at most once a second, and every few seconds while bytes move); the
+  journal has a record for each change of the link. ``STOPPING=1`` on SIGTERM/SIGINT.
 * ``WATCHDOG=1`` from the same timer that runs the links' keep-alive ticks, so a stuck event
   loop stops both and systemd restarts the daemon.
 * Logs through :class:`tcpmuxd.common.systemd.EventLog`: journal fields when stderr is the journal,
@@ -42,14 +43,13 @@ from typing import Sequence
 
 from .. import __version__
 from ..common import systemd
-from ..common.addresses import Endpoint
-from ..common.dropins import parse_timespan
+from ..common.addresses import Endpoint, host_port
 from . import check, flags, links, native
 from .connection import SockMuxConfig
 from .exits import ExitOpener
 from .flags import UsageError
 from .linkkinds import RECEPTOR, LinkContext
-from .session import ENTRANCE_BACKLOG, Hub, Session
+from .session import ENTRANCE_BACKLOG, Hub
 from .tunnel import SEARCH_PATH, Tunnel, TunnelConfigError, load_tunnel
 
 __all__ = ["main", "build_parser", "Daemon"]
@@ -60,8 +60,6 @@ STATUS_MIN_INTERVAL = 1.0
 STATUS_REFRESH = 5.0
 #: How often links tick when systemd asks for no watchdog (their own timers run anyway).
 TICK_INTERVAL = 5.0
-#: Default for --ready-timeout: READY=1 at the latest after this long (TimeoutStartSec=90s).
-DEFAULT_READY_TIMEOUT = 60.0
 #: How long shutdown waits for the links to close (and a command link's process to exit).
 SHUTDOWN_TIMEOUT = 6.0
 
@@ -73,18 +71,6 @@ EXIT_CONFIG = 78
 
 
 # ------------------------------------------------------------------------ the command line
-
-
-def _ready_timeout(text: str) -> float:
-    if text.strip() in ("0", "infinity"):
-        return 0.0
-    try:
-        value = parse_timespan(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be greater than zero")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,10 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tcpmuxd service directory for 'tcpmux' exits (repeatable; default: "
                         "tcpmuxd's conf.d search path)")
     flags.add_override_flags(g)
-    g.add_argument("--ready-timeout", metavar="TIME", type=_ready_timeout,
-                   default=DEFAULT_READY_TIMEOUT,
-                   help="tell systemd READY=1 after this long even without a link (default "
-                        "60s; 0: only once the link is up)")
     g.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                    help="event loop (default auto: uvloop when installed)")
     g.add_argument("--debug", action="store_true", help="log ignored frames and exit programs")
@@ -137,20 +119,44 @@ def protocol_config(t: Tunnel) -> SockMuxConfig:
 # ------------------------------------------------------------------------ entrances
 
 
-def open_entrances(t: Tunnel, passed: list[tuple[socket.socket, str]]
-                   ) -> list[tuple[socket.socket, str]]:
-    """Bind (or pick from systemd's sockets) every entrance; OSError/ValueError on failure."""
+def socket_unit_order(name: str | None) -> str:
+    """The commands that add a tunnel's socket unit (sockmuxd@NAME.socket) to a tunnel that
+    runs without it. systemd refuses to start a socket unit whose service is running ("already
+    active, refusing"), and a service started without its socket unit gets no sockets, so the
+    service must be stopped around it. ``name``: the tunnel's (None: not run from a file)."""
+    unit = f"sockmuxd@{name}" if name else "sockmuxd@NAME"
+    return (f"systemctl stop {unit}.service && systemctl enable --now {unit}.socket && "
+            f"systemctl start {unit}.service")
+
+
+def _missing_fd_entrance(fd_name: str, passed: list[tuple[socket.socket, str]],
+                         tunnel_file: str | None) -> TunnelConfigError:
+    """Why no socket named ``fd_name`` came, and what to do about it."""
+    names = sorted({name for _s, name in passed})
+    if names:  # the socket unit ran, but names its sockets otherwise
+        return TunnelConfigError(
+            f"entrance fd:{fd_name}: systemd passed sockets named {', '.join(names)}, none "
+            f"named {fd_name!r}: set FileDescriptorName={fd_name} in the socket unit (as "
+            f"sockmuxd@.socket does), or write Entrance=fd:{names[0]}")
+    return TunnelConfigError(
+        f"entrance fd:{fd_name}: systemd passed no sockets: the socket unit was not running "
+        "when this service started (a socket unit cannot start while its service runs: "
+        "'already active, refusing'). Stop the tunnel around it: "
+        f"{socket_unit_order(tunnel_file)} (sockmuxd(8), THE UNITS)")
+
+
+def open_entrances(t: Tunnel, passed: list[tuple[socket.socket, str]],
+                   tunnel_file: str | None = None) -> list[tuple[socket.socket, str]]:
+    """Bind (or pick from systemd's sockets) every entrance. OSError when one cannot be bound,
+    TunnelConfigError for an ``fd:`` entrance systemd did not pass (``tunnel_file``: the
+    tunnel's name when it runs from its file, for the units named in the message)."""
     result: list[tuple[socket.socket, str]] = []
     try:
         for entrance in t.entrances:
             if entrance.fd_name is not None:
                 socks = [s for s, name in passed if name == entrance.fd_name]
                 if not socks:
-                    names = sorted({name for _s, name in passed})
-                    raise ValueError(
-                        f"entrance fd:{entrance.fd_name}: systemd passed no socket named "
-                        f"{entrance.fd_name!r} (got: {', '.join(names) or 'none'}); set "
-                        f"FileDescriptorName={entrance.fd_name} in the socket unit")
+                    raise _missing_fd_entrance(entrance.fd_name, passed, tunnel_file)
                 result += [(s, str(entrance)) for s in socks]
                 continue
             bound_any = False
@@ -176,6 +182,18 @@ def open_entrances(t: Tunnel, passed: list[tuple[socket.socket, str]]
                 sock.close()
         raise
     return result
+
+
+def _entrances_text(entrances: list[tuple[socket.socket, str]]) -> str:
+    """The start-up record's entrances: each once, with the addresses it listens on (a bare
+    port has a socket on each loopback address, a socket unit may pass several)."""
+    grouped: dict[str, list[str]] = {}
+    for sock, label in entrances:
+        name = sock.getsockname()
+        where = (name or "(unnamed)") if sock.family == socket.AF_UNIX else host_port(*name[:2])
+        grouped.setdefault(label, []).append(str(where))
+    return ", ".join(f"{label} ({', '.join(where)})" for label, where in grouped.items()) \
+        or "none"
 
 
 # ------------------------------------------------------------------------ logging
@@ -217,6 +235,8 @@ class Daemon:
         self.log = systemd.EventLog(environ, PROG)
         self.notifier = systemd.Notifier(environ)
         self.ready_sent = False
+        #: The link's state while none is up (LinkContext.state): the idle part of STATUS=.
+        self.link_state = "starting"
         self.stop: asyncio.Future[str] = self.loop.create_future()
         self.exit_code = EXIT_OK
         self._last_status = ""
@@ -227,21 +247,19 @@ class Daemon:
 
     # -- systemd ---------------------------------------------------------------------------
 
-    def _on_ready(self, session: Session) -> None:
+    def _link_state(self, text: str) -> None:
+        """The upkeep says what the link is doing: the first time, it listens or dials, and
+        the tunnel is ready (its entrances are open already); later, STATUS= follows."""
+        self.link_state = text
         if not self.ready_sent:
             self.ready_sent = True
-            self.notifier.ready(self.hub.status())
-            self._last_status = self.hub.status()
-
-    def _ready_timeout(self) -> None:
-        if not self.ready_sent:
-            self.ready_sent = True
-            self.record(f"no link after {self.args.ready_timeout:g} s: telling systemd the "
-                        "service is ready anyway; still trying", priority=4)
-            self.notifier.ready(self.hub.status())
+            self._last_status = self.hub.status(self.link_state)
+            self.notifier.ready(self._last_status)
+        else:
+            self._push_status()
 
     def _push_status(self) -> None:
-        text = self.hub.status()
+        text = self.hub.status(self.link_state)
         if text != self._last_status:
             self._last_status = text
             self.notifier.status(text)
@@ -270,7 +288,7 @@ class Daemon:
             protocol_config(t), exits=t.exits, opener=opener, log=self.log, name=t.name,
             handshake_timeout=t.handshake_timeout, max_pending_links=t.max_pending_links,
             failure_delay=t.failure_delay if t.kind.upkeep is RECEPTOR else 0.0,
-            on_ready=self._on_ready, debug=args.debug,
+            on_ready=lambda session: self._push_status(), debug=args.debug,
             on_change=self._push_status if self.notifier.enabled else None,
             change_delay=STATUS_MIN_INTERVAL,
             hold_timeout=t.hold, first_data_wait=t.first_data_wait, reply_wait=t.reply_wait,
@@ -279,7 +297,8 @@ class Daemon:
 
     async def _start(self, opener: ExitOpener) -> None:
         """Entrances (bound here or passed by systemd), the tcpmux exit's dispatcher, the
-        start-up record. OSError or ValueError when the tunnel cannot start."""
+        start-up record. OSError when the tunnel cannot start now (a port in use),
+        TunnelConfigError when it cannot start as configured (restarting would not help)."""
         t = self.tunnel
         if not t.require_auth:
             self.record("authentication is OFF (--no-auth / Authentication=none): anyone who "
@@ -287,8 +306,8 @@ class Daemon:
         try:
             passed = systemd.passed_sockets(self.environ).listeners
         except (OSError, RuntimeError) as exc:
-            raise ValueError(f"cannot use the sockets systemd passed: {exc}") from None
-        entrances = open_entrances(t, passed)
+            raise TunnelConfigError(f"cannot use the sockets systemd passed: {exc}") from None
+        entrances = open_entrances(t, passed, self.args.name)
         for sock, label in passed:
             if all(sock is not s for s, _l in entrances):
                 self.record(f"socket {label!r} from systemd is not an entrance of this tunnel "
@@ -300,11 +319,9 @@ class Daemon:
             try:  # conf.d problems show at start-up, not at the first stream
                 opener.dispatcher()
             except (RuntimeError, OSError) as exc:
-                raise ValueError(f"tcpmux exit: cannot start tcpmuxd's dispatcher: {exc}") \
-                    from None
-        shown = ", ".join(
-            f"{label} ({'unix' if sock.family == socket.AF_UNIX else sock.getsockname()[1]})"
-            for sock, label in entrances) or "none"
+                raise TunnelConfigError(
+                    f"tcpmux exit: cannot start tcpmuxd's dispatcher: {exc}") from None
+        shown = _entrances_text(entrances)
         exits = ", ".join(str(e) for e in t.exits.values()) or "none"
         self.record(f"tunnel {t.name}: {t.link} link ({t.role}); entrances {shown}; exits "
                     f"{exits}", SOCKMUX_EVENT="start")
@@ -313,7 +330,8 @@ class Daemon:
         t = self.tunnel
         self.hub, opener = self._make_hub()
         link = LinkContext(factory=self.hub.new_session, admit=self.hub.admit_link,
-                           tls=t.kind.tls_context(t), environ=self.environ, record=self.record)
+                           tls=t.kind.tls_context(t), environ=self.environ, record=self.record,
+                           state=self._link_state)
         await self._start(opener)
         loop = self.loop
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -323,8 +341,6 @@ class Daemon:
         self._heartbeat(self.notifier.watchdog_interval or TICK_INTERVAL)
         if self.notifier.enabled:
             self._status_refresh()
-        if self.args.ready_timeout:
-            loop.call_later(self.args.ready_timeout, self._ready_timeout)
 
         upkeep = loop.create_task(t.kind.upkeep.run(t.kind, t, link))
         done, _ = await asyncio.wait({upkeep, self.stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -461,9 +477,12 @@ async def _run(t: Tunnel, args: argparse.Namespace, environ: dict[str, str],
         try:
             t.kind.tls_context(t)
         except ValueError as exc:  # files that do not load: a configuration error
-            daemon.record(f"cannot start tunnel {t.name}: {exc}", priority=3)
-            return EXIT_CONFIG
+            raise TunnelConfigError(str(exc)) from None
         return await daemon.run()
+    except TunnelConfigError as exc:  # restarting would not help (RestartPreventExitStatus=)
+        daemon.record(f"cannot start tunnel {t.name}: {exc}", priority=3,
+                      SOCKMUX_EVENT="config-error")
+        return EXIT_CONFIG
     except (OSError, ValueError) as exc:
         daemon.record(f"cannot start tunnel {t.name}: {exc}", priority=3)
         return EXIT_FAILURE

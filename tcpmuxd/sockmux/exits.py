@@ -39,6 +39,7 @@ from typing import Any, Final, Mapping, Sequence
 from ..common.addresses import SocketAddress
 from ..common.children import Child
 from ..common.systemd import EventLog, child_environment
+from ..common.words import counted
 from .tunnel import Exit
 
 __all__ = ["ExitOpener"]
@@ -169,7 +170,7 @@ class ExitOpener:
             log = self.log if self.log is not None else EventLog({}, "sockmuxd")
             self._dispatcher = Dispatcher(cfg, Limits(), log, self.environ)
             if self.log is not None:
-                self.log.record(f"tcpmux exit: {len(cfg.services)} services from "
+                self.log.record(f"tcpmux exit: {counted(len(cfg.services), 'service')} from "
                                 + ", ".join(str(p) for p in path), SOCKMUX_TUNNEL=self.tunnel)
         return self._dispatcher
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Callable
 
+from ..common.words import counted
 from .admission import MAX_HELD, WINDOW, Penalties, RecordWindows, Suppressed
 
 if TYPE_CHECKING:
@@ -51,7 +52,8 @@ class LinkGate:
             return "a failed link from this address is being held"
         if pending < self.max_pending_links:
             return None
-        return f"{pending} links are being set up already (the limit, --max-pending-links)"
+        return (f"links being set up already: {pending} (the limit, "
+                "--max-pending-links)")
 
     def refused(self, source: str | None, peer: str, why: str) -> None:
         """The record of a link refused at accept (or its count, for the summary)."""
@@ -99,11 +101,11 @@ class LinkGate:
         what = "down" if session.ever_ready else "closed before it was up"
         if hold:
             failures = self.penalties.failures(source or "", now)
-            extra = (f"; held {hold:g} s before the reset ({failures} failed link"
-                     f"{'s' if failures > 1 else ''} from {source} in a row; further "
-                     f"failures from it are summed up every {WINDOW:g} s)")
+            extra = (f"; held {hold:g} s before the reset ({counted(failures, 'failed link')}"
+                     f" from {source} in a row; further failures from it are summed up every "
+                     f"{WINDOW:g} s)")
         elif session.ever_ready:
-            extra = f" ({streams} streams reset, up {uptime:.0f} s)"
+            extra = f" ({counted(streams, 'stream')} reset, up {uptime:.0f} s)"
         else:
             extra = ""
         self.log_event(f"link {session.peer}: {what}: {reason}{extra}",
@@ -139,7 +141,7 @@ class LinkGate:
         self.log_event(
             f"links from {s.source}: {s.count} more refused or failed before they were up "
             f"in the last {seconds:.0f} s, without a record each (last: {s.last_reason})"
-            + (f"; {failures} failures in a row, each failed link is held up to "
+            + (f"; {counted(failures, 'failure')} in a row, each failed link is held up to "
                f"{self.penalties.maximum:g} s before the reset" if held else ""),
             priority=4, SOCKMUX_EVENT="links-unlogged", REMOTE_ADDR=s.source,
             SOCKMUX_LINKS=s.count, SOCKMUX_REASON=s.last_reason)

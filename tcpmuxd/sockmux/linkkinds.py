@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from ..common.addresses import Endpoint, parse_endpoint
 from ..common.dropins import parse_absolute_path, parse_bool, parse_exec, split_words
 from ..common.systemd import child_environment
+from ..common.words import counted
 from . import links, pipelink, tls
 
 if TYPE_CHECKING:
@@ -73,6 +74,10 @@ class LinkContext:
     environ: Mapping[str, str]
     #: The daemon's log: record(message, priority=6, **journal_fields).
     record: Callable[..., None]
+    #: The link's state in words while no link is up ("waiting for the peer on ...",
+    #: "re-dialling ..."), told as it changes: the daemon's STATUS=, and its READY=1 the first
+    #: time (the tunnel is up once it listens or dials, not once the peer is there).
+    state: Callable[[str], None] = lambda text: None
 
 
 # --------------------------------------------------------------------------- upkeep
@@ -90,8 +95,9 @@ class Receptor(Upkeep):
 
     async def run(self, kind: LinkKind, t: Tunnel, ctx: LinkContext) -> None:
         server = await kind.listen(t, ctx)
-        ctx.record(f"waiting for the peer on {kind.target(t)}" + (" (TLS)" if ctx.tls else ""),
-                   SOCKMUX_EVENT="listening")
+        text = f"waiting for the peer on {kind.target(t)}" + (" (TLS)" if ctx.tls else "")
+        ctx.record(text, SOCKMUX_EVENT="listening")
+        ctx.state(text)
         try:
             await asyncio.Future()
         finally:
@@ -108,6 +114,7 @@ class Redial(Upkeep):
         backoff = links.Backoff(initial=0.5, maximum=max(0.5, t.reconnect_max))
         what = kind.doing(t)
         failures = 0
+        ctx.state(what)
         while True:
             try:
                 session = await kind.open(t, ctx)
@@ -115,9 +122,11 @@ class Redial(Upkeep):
                 failures += 1
                 delay = backoff.next_delay()
                 text = str(exc) or type(exc).__name__
-                ctx.record(f"{what} failed: {text}; trying again in {delay:.1f} s",
+                failed = f"{what} failed {counted(failures, 'time')} in a row ({text})"
+                ctx.record(f"{failed}; trying again in {delay:.1f} s",
                            priority=4 if failures == 1 else 6, SOCKMUX_EVENT="link-failed",
-                           SOCKMUX_REASON=text)
+                           SOCKMUX_REASON=text, SOCKMUX_FAILURES=failures)
+                ctx.state(f"re-dialling: {failed}, again in {delay:.1f} s")
                 await asyncio.sleep(delay)
                 continue
             failures = 0
@@ -128,6 +137,7 @@ class Redial(Upkeep):
             backoff.link_closed(uptime)
             delay = backoff.next_delay()
             ctx.record(f"{what}: again in {delay:.1f} s", priority=6, SOCKMUX_EVENT="link-retry")
+            ctx.state(f"link down: re-dialling, {what} again in {delay:.1f} s")
             await asyncio.sleep(delay)
 
 
@@ -135,6 +145,7 @@ class Once(Upkeep):
     """Open the link; return when it ends."""
 
     async def run(self, kind: LinkKind, t: Tunnel, ctx: LinkContext) -> None:
+        ctx.state(kind.doing(t))
         session = await kind.open(t, ctx)
         await asyncio.shield(session.done)
 

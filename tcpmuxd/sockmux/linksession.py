@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Final
 
+from ..common.words import counted
 from .connection import (
     REASON_NO_SERVER,
     Authenticated,
@@ -357,7 +358,8 @@ class Session(asyncio.Protocol):
             self._kill_streams(ev.closed_stream_ids, "link reset: the peer restarted")
             was_ready, self.ready = self.ready, False
             hub.log_event(f"link {self.peer}: the peer restarted (new HELLO); "
-                          f"{len(ev.closed_stream_ids)} streams closed, handshake again",
+                          f"{counted(len(ev.closed_stream_ids), 'stream')} closed, handshake "
+                          "again",
                           priority=4, SOCKMUX_EVENT="peer-restarted", SOCKMUX_LINK=self.peer)
             if was_ready:
                 hub._link_unready(self)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Final, Mapping
 
 from ..common.addresses import host_port, ip_address_of, peer_host
 from ..common.systemd import EventLog
+from ..common.words import counted
 from .connection import SockMuxConfig
 from .holds import Holds
 from .linkgate import LinkGate
@@ -297,8 +298,9 @@ class Hub:
                 down += stream.down
         return up, down
 
-    def status(self) -> str:
-        """One line for STATUS=: link state, streams, bytes."""
+    def status(self, idle: str = "link down") -> str:
+        """One line for STATUS=: link state, streams, bytes. ``idle`` is the state while no
+        link is up or being set up (the daemon's "waiting for the peer on ...")."""
         s = self.current
         if s is not None and s.ready:
             rtt = f", rtt {s.rtt * 1000:.1f} ms" if s.rtt is not None else ""
@@ -307,10 +309,10 @@ class Hub:
         elif self.sessions:
             link = "link handshaking"
         else:
-            link = "link down"
+            link = idle
         up, down = self.bytes_totals()
-        return (f"{link}; {self.open_streams()} streams open, {self.stats.total} total; "
-                f"{human_bytes(up)} sent, {human_bytes(down)} received")
+        return (f"{link}; {counted(self.open_streams(), 'stream')} open, {self.stats.total} "
+                f"total; {human_bytes(up)} sent, {human_bytes(down)} received")
 
     # -- shutdown --------------------------------------------------------------------------
 

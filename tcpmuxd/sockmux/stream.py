@@ -78,6 +78,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any, Callable, Final, Protocol
 
+from ..common.words import counted
 from .connection import REASON_CLOSE
 from .frames import LocalProtocolError, concat
 
@@ -598,7 +599,7 @@ class Stream(asyncio.Protocol):
         elif size:
             if self.reason is not None and "unread" not in self.reason:
                 who = "client" if self.outbound else "server"
-                self.reason += f"; {size} bytes unread by the {who}"
+                self.reason += f"; {counted(size, 'byte')} unread by the {who}"
             reset_transport(t)
 
     def finish(self) -> None:

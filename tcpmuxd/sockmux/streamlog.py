@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..common.systemd import EventLog
+from ..common.words import counted
 
 if TYPE_CHECKING:
     from .stream import Stream
@@ -96,8 +97,8 @@ class StreamLog:
             route = (f"peer {stream.client} (entrance {stream.entrance}) -> exit "
                      f"{stream.target or '-'}")
         self.log.record(
-            f"stream {stream.number}: {route}: {stream.up} bytes sent, {stream.down} "
-            f"bytes received, {duration:.3f} s, {reason}",
+            f"stream {stream.number}: {route}: {counted(stream.up, 'byte')} sent, "
+            f"{counted(stream.down, 'byte')} received, {duration:.3f} s, {reason}",
             priority=5 if refused else 6,
             SOCKMUX_TUNNEL=self.tunnel,
             SOCKMUX_EVENT="stream",
@@ -142,9 +143,9 @@ class StreamLog:
         if not u.streams or self.log is None:
             return
         self.log.record(
-            f"{u.streams} streams ended without a record of their own (over "
-            f"{self.rate:g} records/s): {u.refused} of them refused, {u.up} bytes "
-            f"sent, {u.down} bytes received",
+            f"{counted(u.streams, 'stream')} ended without a record of their own (over "
+            f"{self.rate:g} records/s): {u.refused} of them refused, "
+            f"{counted(u.up, 'byte')} sent, {counted(u.down, 'byte')} received",
             priority=6, SOCKMUX_TUNNEL=self.tunnel, SOCKMUX_EVENT="streams-unlogged",
             SOCKMUX_STREAMS=u.streams, SOCKMUX_REFUSED=u.refused, SOCKMUX_BYTES_SENT=u.up,
             SOCKMUX_BYTES_RECEIVED=u.down)

@@ -62,6 +62,7 @@ from ..common.dropins import (
     read_settings,
     show_path,
 )
+from ..common.words import counted
 from .frames import MAX_FRAME_SIZE, MIN_FRAME_SIZE
 from .linkkinds import BY_NAME, KINDS, RECEPTOR, REDIAL, LinkKind, kinds_where
 from .tls import TLSSettings
@@ -706,9 +707,8 @@ def build_tunnel(s: Settings, name: str | None, *, secret_file: str,
     _check_carries_something(s)
     fields.update(_check_keepalive(s))
     if s.errors or kind is None:
-        n = len(s.errors)
         raise TunnelConfigError(
-            f"tunnel {name or 'on the command line'}: {'1 error' if n == 1 else f'{n} errors'}"
+            f"tunnel {name or 'on the command line'}: {counted(len(s.errors), 'error')}"
             f" in {show_path(s.path)}", s.sorted_errors())
     fields.update(kind.fields(s.values[kind.key]))
     for attribute, (key, default) in _PLAIN_FIELDS.items():

@@ -22,6 +22,8 @@ from typing import Callable, Mapping, TypeVar
 from tcpmuxd import __version__
 from tcpmuxd.common import systemd
 from tcpmuxd.common.children import reset_signals
+from tcpmuxd.common.dropins import show_path
+from tcpmuxd.common.words import counted
 from tcpmuxd.tcpmux import clienthello, config, inetd, protocol
 from tcpmuxd.common.addresses import host_port, parse_listen
 from tcpmuxd.tcpmux.dispatch import Dispatcher
@@ -270,7 +272,11 @@ async def _serve(listeners, cfg, search_path, limits: Limits, log: systemd.Event
         for error in new.errors:
             log.record(f"configuration: {error}", priority=3)
         dispatcher.config = new
-        log.record(f"reloaded: {len(new.services)} services, {len(new.errors)} errors")
+        kept = [f"{service.name} ({show_path(path)} has errors)" for service, path in new.kept()]
+        log.record(f"reloaded: {counted(len(new.services), 'service')}, "
+                   f"{counted(len(new.errors), 'error')}"
+                   + (f"; kept the previous definition of {', '.join(kept)}" if kept else ""),
+                   priority=4 if kept else 6)
         notifier.ready(dispatcher.status())
 
     hurry = asyncio.Event()
@@ -292,7 +298,7 @@ async def _serve(listeners, cfg, search_path, limits: Limits, log: systemd.Event
         feed_watchdog()
 
     names = ", ".join(name for _sock, name in listeners)
-    log.record(f"serving {len(cfg.services)} services on {names}")
+    log.record(f"serving {counted(len(cfg.services), 'service')} on {names}")
     notifier.ready(dispatcher.status())
     signum = await stopped
     notifier.stopping()

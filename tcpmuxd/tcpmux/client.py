@@ -68,6 +68,7 @@ __all__ = [
     "EXIT_NETWORK",
     "EXIT_TIMEOUT",
     "EXIT_PROTOCOL",
+    "EXIT_NO_SERVICES",
     "EXIT_INTERRUPTED",
     "EXIT_BROKEN_PIPE",
     "MAX_TIMEOUT",
@@ -94,6 +95,8 @@ EXIT_USAGE = 2
 EXIT_NETWORK = 3
 EXIT_TIMEOUT = 4
 EXIT_PROTOCOL = 5
+#: --list: the server answered HELP with no names (a server with no services, not a dead one).
+EXIT_NO_SERVICES = 6
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
@@ -121,6 +124,7 @@ exit status:
   {EXIT_TIMEOUT}    timeout: no connection, or no complete reply, within --timeout seconds
   {EXIT_PROTOCOL}    protocol error: the server closed without a reply, or did not answer
        with a TCPMUX reply line or listing
+  {EXIT_NO_SERVICES}    --list: the server lists no services (it answered HELP with no names)
   {EXIT_INTERRUPTED}  interrupted (SIGINT, Ctrl-C)
   {EXIT_BROKEN_PIPE}  standard output was closed by its reader (as if killed by SIGPIPE)
 """
@@ -584,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "-l", "--list", action="store_true",
-        help="print the services the server lists (HELP), one per line",
+        help="print the services the server lists (HELP), one per line (none: status 6)",
     )
     parser.add_argument(
         "-t", "--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -667,6 +671,9 @@ def _run(argv: Sequence[str] | None) -> int:
             raise ClientError(f"{what}: {_strerror(exc)}", EXIT_NETWORK) from None
 
         if isinstance(result, list):
+            if not result:
+                log.error(f"{what}: the server lists no services")
+                return EXIT_NO_SERVICES
             _write_all(1, "".join(name + "\n" for name in result).encode("ascii"))
             return EXIT_OK
         if not result.positive:

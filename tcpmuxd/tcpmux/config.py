@@ -213,6 +213,13 @@ class Configuration:
     def ok(self) -> bool:
         return not self.errors
 
+    def kept(self) -> list[tuple[Service, Path]]:
+        """After a reload: the services still served with their previous definition because
+        their file now has errors, with that file."""
+        by_file = {f.filename: f for f in self.files if f.state == "kept"}
+        return [(s, by_file[s.source.name].path) for s in self.services.values()
+                if s.source.name in by_file]
+
 
 def _parse_server_names(text: str) -> tuple[str, ...]:
     """ServerName=: host names, space-separated; a leading ``*.`` stands for any one label.
@@ -445,16 +452,12 @@ def _access(service: Service) -> str:
 def format_table(config: Configuration) -> str:
     """What ``tcpmuxd --check`` prints: services, then masked and overridden files, then errors
     as ``path:line: message`` (the form editors and CI logs link to)."""
-    status = {f.filename: f for f in config.files}
     rows = [("NAME", "KIND", "TARGET", "ACK", "LIMITS", "ACCESS", "FILE")]
     for service in sorted(config.services.values(), key=lambda s: (s.key, s.name)):
         name = service.name + (" (hidden)" if service.hidden else "")
         if service.server_names:
             name += f" (sni: {' '.join(service.server_names)})"
         source = _show(service.source)
-        file_state = status.get(service.source.name)
-        if file_state is not None and file_state.state == "kept":
-            source += " (kept: the file now has errors)"
         rows.append(
             (
                 name,

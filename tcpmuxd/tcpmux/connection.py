@@ -21,7 +21,8 @@ import time
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from tcpmuxd.common.addresses import Endpoint, SocketAddress, ip_address_of
-from tcpmuxd.tcpmux import clienthello, protocol, relay
+from tcpmuxd.common.children import exit_text
+from tcpmuxd.tcpmux import clienthello, protocol, records, relay
 from tcpmuxd.tcpmux.config import Service
 from tcpmuxd.tcpmux.handlers import oserror_text
 
@@ -53,7 +54,9 @@ class Connection:
     of a refusal, or the connect to a target. ``pending`` is the source it counts against
     while in the name phase (None after); ``counted``: it holds a slot of its service's limits.
     ``on_cut`` cuts what a handler kind keeps running for it (a relay); ``cut`` says why it was
-    reset. ``sock`` is None once the client's socket is no longer ours. ``via`` is how the
+    reset. ``sock`` is None once the client's socket is no longer ours. ``decision`` is a word
+    of :data:`records.DECISIONS`, ``reason`` the text that explains it; ``status`` how it
+    ended (exit status, bytes relayed), ``returncode`` its handler's. ``via`` is how the
     name arrived: ``"tcpmux"`` (a name line), ``"sni"`` (a TLS ClientHello, read by a
     :class:`~tcpmuxd.tcpmux.clienthello.HelloReader` that replaces the name reader; refusals
     are then TLS alerts, :attr:`alert` the one a refusal sends, and nothing else is answered),
@@ -61,8 +64,8 @@ class Connection:
     """
 
     __slots__ = ("server", "sock", "remote", "local", "started", "reader", "timer", "name",
-                 "service", "decision", "pid", "status", "listener", "ended", "upstream",
-                 "pending", "counted", "on_cut", "cut", "via", "alert")
+                 "service", "decision", "reason", "pid", "status", "returncode", "listener",
+                 "ended", "upstream", "pending", "counted", "on_cut", "cut", "via", "alert")
 
     def __init__(self, server: Dispatcher, sock: socket.socket, remote: SocketAddress,
                  local: SocketAddress, listener: str) -> None:
@@ -80,8 +83,10 @@ class Connection:
         self.name = ""
         self.service: Service | None = None
         self.decision = ""
+        self.reason = ""
         self.pid: int | None = None
         self.status = ""
+        self.returncode: int | None = None
         self.ended = False
         self.upstream: socket.socket | None = None  # while a connect to a target is under way
         self.pending: str | None = None
@@ -123,7 +128,7 @@ class Connection:
         try:
             self.sock.send(protocol.positive())
         except OSError as e:
-            self.decision = f"client gone: {oserror_text(e)}"
+            self.decision, self.reason = "gone", oserror_text(e)
             return False
         return True
 
@@ -138,18 +143,25 @@ class Connection:
         self.timer = self.loop.call_later(self.server.limits.linger, self.drained)
         self.loop.add_reader(self.sock.fileno(), self._drain)
 
-    def finish(self, status: str = "", decision: str | None = None) -> None:
+    def finish(self, status: str = "", decision: str | None = None, reason: str = "") -> None:
         if status:
             self.status = status
+        if reason:
+            self.reason = reason
         self.on_cut = None
         self._release_slot()
         self.end(decision)
 
-    def reset(self, decision: str) -> None:
+    def exited(self, returncode: int) -> None:
+        """Its Exec= handler has exited (``Popen.returncode``)."""
+        self.returncode = returncode
+        self.finish(exit_text(returncode))
+
+    def reset(self, reason: str) -> None:
         assert self.sock is not None
         relay.reset(self.sock)
         self.sock = None
-        self.decision = decision
+        self.decision, self.reason = "failed", reason
         self.cut = "connection reset"
         self.finish()
 
@@ -240,7 +252,7 @@ class Connection:
     def _send_refusal(self, reason: str) -> bool:
         """Send ``-reason`` (a TLS client: the alert, :attr:`alert`) and our EOF; False when
         the client is gone."""
-        self.decision = f"refused: {reason}"
+        self.decision, self.reason = "refused", reason
         assert self.sock is not None
         if not self.via:
             self._sniff()
@@ -299,8 +311,10 @@ class Connection:
         try:
             await asyncio.wait_for(self.loop.sock_sendall(self.sock, data),
                                    self.server.limits.linger)
-        except (OSError, asyncio.TimeoutError) as e:
-            self.decision += f" (send failed: {e})"
+        except asyncio.TimeoutError:
+            self.decision, self.reason = "gone", "the listing was not read in time"
+        except OSError as e:
+            self.decision, self.reason = "gone", f"the listing was not sent: {oserror_text(e)}"
         self.end()
 
     def stop(self, why: str) -> None:
@@ -309,7 +323,7 @@ class Connection:
             self.cut = why
             self.on_cut()  # resets both ends; finishes the connection
             return
-        if self.decision.startswith("refused") and self.sock is not None:
+        if self.decision == "refused" and self.sock is not None:
             self.drained()  # it has its "-" line already: a normal close
             return
         if self.timer is not None:
@@ -331,7 +345,7 @@ class Connection:
         self.cut = why
         self.end()
 
-    def end(self, decision: str | None = None, record: bool = True) -> None:
+    def end(self, decision: str | None = None, record: bool = True, reason: str = "") -> None:
         """Close what is left and write the one record of this connection (``record``: False
         for refusals that are logged in summaries instead)."""
         if self.ended:
@@ -344,9 +358,11 @@ class Connection:
         server.let_go(self)
         if decision:
             self.decision = decision
+        if reason:
+            self.reason = reason
         counters = server.counters
         counters.active -= 1
-        if self.decision.startswith("refused"):
+        if self.decision == "refused":
             counters.refused += 1
         elif self.decision in ("accepted", "passed"):
             counters.accepted += 1
@@ -355,35 +371,12 @@ class Connection:
         server.on_change()
 
     def _record(self) -> None:
-        duration = time.monotonic() - self.started
-        name = (self.name or "-") + (" (sni)" if self.via == "sni" else "")
-        parts = [f"{self.remote} {name}: {self.decision or 'closed'}"]
-        if self.pid is not None:
-            parts.append(f"pid {self.pid}")
-        if self.status:
-            parts.append(self.status)
-        if self.cut:
-            parts.append(self.cut)
-        parts.append(f"{duration:.3f}s")
-        if self.cut:
-            priority = 4
-        elif self.decision in ("accepted", "passed", "help"):
-            priority = 6
-        else:
-            priority = 5
-        self.server.log.record(
-            ", ".join(parts),
-            priority=priority,
-            TCPMUX_SERVICE=self.service.name if self.service else (self.name or None),
-            TCPMUX_REQUESTED=self.name or None,
-            TCPMUX_VIA=self.via or None,
-            TCPMUX_DECISION=self.decision,
-            TCPMUX_CUT=self.cut or None,
-            TCPMUX_LISTENER=self.listener,
-            TCPMUX_TUNNEL=self.remote.tunnel,
-            REMOTE_ADDR=self.remote.host or None,
-            REMOTE_PORT=self.remote.port or None,
-            TCPMUX_HANDLER_PID=self.pid,
-            TCPMUX_EXIT_STATUS=self.status or None,
-            TCPMUX_DURATION_USEC=int(duration * 1e6),
-        )
+        details = tuple(x for x in (f"pid {self.pid}" if self.pid is not None else "",
+                                    self.status) if x)
+        records.write(
+            self.server.log, self.remote, requested=self.name,
+            service=self.service.name if self.service else None,
+            decision=self.decision or "closed", reason=self.reason, details=details,
+            cut=self.cut, duration=time.monotonic() - self.started, via=self.via,
+            TCPMUX_LISTENER=self.listener, TCPMUX_HANDLER_PID=self.pid,
+            **records.exit_fields(self.returncode))

@@ -35,8 +35,9 @@ from collections import Counter
 from typing import Callable, Coroutine, Mapping
 
 from tcpmuxd.common.addresses import SocketAddress, addresses_of
-from tcpmuxd.common.children import Child, exit_text
+from tcpmuxd.common.children import Child
 from tcpmuxd.common.systemd import EventLog
+from tcpmuxd.common.words import counted
 from tcpmuxd.tcpmux import clienthello, peek, protocol
 from tcpmuxd.tcpmux.config import Configuration
 from tcpmuxd.tcpmux.connection import Connection
@@ -91,9 +92,10 @@ class _FloodLog:
                             in self._suppressed.most_common(FLOOD_LOG_SOURCES))
             more = len(self._suppressed) - FLOOD_LOG_SOURCES
             self._log.record(
-                f"refused {total} more connections in {PAUSE_LOG_INTERVAL:.0f}s from sources "
+                f"refused {counted(total, 'more connection')} in {PAUSE_LOG_INTERVAL:.0f}s "
+                "from sources "
                 f"with too many connections waiting to send a name: {top}"
-                + (f" and {more} more sources" if more > 0 else ""), priority=4,
+                + (f" and {counted(more, 'more source')}" if more > 0 else ""), priority=4,
                 TCPMUX_DECISION="refused")
             self._suppressed.clear()
         if self._logged:
@@ -166,8 +168,8 @@ class Dispatcher:
             conn.refuse("server shutting down")
         if self._open:
             n = len(self._open)
-            self.log.record(f"stopping: waiting up to {timeout:g}s for {n} connection"
-                            f"{'s' if n != 1 else ''} in flight", priority=5)
+            self.log.record(f"stopping: waiting up to {timeout:g}s for "
+                            f"{counted(n, 'connection')} in flight", priority=5)
             self._settled = asyncio.Event()
             waits = [self.loop.create_task(self._settled.wait())]
             if hurry is not None:
@@ -196,8 +198,9 @@ class Dispatcher:
         for task in list(self._tasks):
             task.cancel()
         if self._children:
-            self.log.record(f"{len(self._children)} Exec= handlers keep running in their own "
-                            "sessions (pids " + " ".join(map(str, self._children)) + ")")
+            self.log.record("Exec= handlers still running in their own sessions: "
+                            f"{counted(len(self._children), 'process', 'processes')} (pids "
+                            + " ".join(map(str, self._children)) + ")")
         for child in self._children.values():
             child.cancel()
         self._children.clear()
@@ -205,8 +208,9 @@ class Dispatcher:
 
     def status(self) -> str:
         c = self.counters
-        return (f"{len(self.config.services)} services; {c.active} connections active, "
-                f"{c.accepted} accepted, {c.refused} refused, {len(self._children)} handlers running")
+        return (f"{counted(len(self.config.services), 'service')}; "
+                f"{counted(c.active, 'connection')} active, {c.accepted} accepted, "
+                f"{c.refused} refused, {counted(len(self._children), 'handler')} running")
 
     @staticmethod
     def _open_spare() -> int | None:
@@ -396,7 +400,7 @@ class Dispatcher:
 
     def _name_read(self, conn: Connection, outcome: Event | OSError) -> None:
         if isinstance(outcome, OSError):
-            conn.end(f"error: {oserror_text(outcome)}")
+            conn.end("gone", reason=oserror_text(outcome))
             return
         if isinstance(outcome, (protocol.NameReceived, clienthello.ServerNameReceived)):
             conn.name = outcome.name
@@ -448,7 +452,7 @@ class Dispatcher:
         self._tasks.discard(task)
         if task.cancelled() or task.exception() is None or conn.ended:
             return
-        conn.finish(decision=f"internal error: {task.exception()!r}")
+        conn.finish(decision="failed", reason=f"internal error: {task.exception()!r}")
 
     def watch(self, proc: subprocess.Popen[bytes], conn: Connection) -> None:
         """An Exec= handler serves ``conn``: reaped as it exits, its status in the record."""
@@ -459,7 +463,7 @@ class Dispatcher:
     def _child_exited(self, child: Child, conn: Connection) -> None:
         del self._children[child.pid]
         assert child.returncode is not None
-        conn.finish(exit_text(child.returncode))
+        conn.exited(child.returncode)
 
     def let_go(self, conn: Connection) -> None:
         """The client socket is no longer ours (ended, or handed to an Exec= handler)."""

@@ -18,7 +18,7 @@ from typing import Mapping
 
 from tcpmuxd.common.addresses import Endpoint, SocketAddress, addresses_of
 from tcpmuxd.common.systemd import EventLog
-from tcpmuxd.tcpmux import clienthello, peek, protocol
+from tcpmuxd.tcpmux import clienthello, peek, protocol, records
 from tcpmuxd.tcpmux.config import Configuration, Service
 from tcpmuxd.tcpmux.policy import Event, Help, Limits, Refuse, decide
 
@@ -91,7 +91,7 @@ class _Connection:
         self.environ = environ
         self.stop_timeout = limits.stop_timeout
         self.started = time.monotonic()
-        self.name = "-"
+        self.name = ""
         self.via = ""  # how the name came: "tcpmux", "sni" (a TLS ClientHello), "" (none)
         self.alert = clienthello.HANDSHAKE_FAILURE  # what a refused TLS client is sent
         self.service: Service  # set once the decision is to accept
@@ -100,19 +100,15 @@ class _Connection:
     def acknowledges(self) -> bool:
         return self.service.acknowledge and self.via != "sni"
 
-    def record(self, outcome: str, status: str = "") -> None:
-        extra = f", {status}" if status else ""
-        name = self.name + (" (sni)" if self.via == "sni" else "")
-        service = getattr(self, "service", None)  # only once the decision is to accept
-        self.log.record(
-            f"{self.remote} {name}: {outcome}{extra}, {time.monotonic() - self.started:.3f}s",
-            priority=6 if outcome in ("accepted", "passed", "help") else 5,
-            TCPMUX_SERVICE=service.name if service else self.name,
-            TCPMUX_REQUESTED=self.name, TCPMUX_DECISION=outcome, TCPMUX_VIA=self.via or None,
-            REMOTE_ADDR=self.remote.host, REMOTE_PORT=self.remote.port)
+    def record(self, outcome: str, status: str = "", reason: str = "") -> None:
+        chosen: Service | None = getattr(self, "service", None)  # (unset before the decision)
+        records.write(self.log, self.remote, requested=self.name,
+                      service=chosen.name if chosen else None, decision=outcome,
+                      reason=reason, details=(status,) if status else (),
+                      duration=time.monotonic() - self.started, via=self.via)
 
     def refuse(self, reason: str, sock: socket.socket | None = None) -> None:
-        self.record(f"refused: {reason}")
+        self.record("refused", reason=reason)
         _reply(sock or self.sock, clienthello.alert_record(self.alert) if self.via == "sni"
                else protocol.negative(reason))
 

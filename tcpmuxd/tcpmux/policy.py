@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from tcpmuxd.common.addresses import SocketAddress, ip_address_of
+from tcpmuxd.common.words import counted
 from tcpmuxd.tcpmux import clienthello, protocol
 from tcpmuxd.tcpmux.config import Configuration, Service
 
@@ -109,7 +110,7 @@ def decide(config: Configuration, event: Event, remote: SocketAddress,
     source = remote.source
     if counters is not None:
         if service.max_connections and counters.per_service[service.key] >= service.max_connections:
-            return Refuse(f"service busy ({service.max_connections} connections)")
+            return Refuse(f"service busy ({counted(service.max_connections, 'connection')})")
         limit = service.max_connections_per_source
         if limit and counters.per_source[(service.key, source)] >= limit:
             return Refuse(f"too many connections from {source} ({limit})")

@@ -12,7 +12,8 @@ apply (``presets=None``), as on a real installation. Stages, each timed (``-s`` 
    is. README's ``cp my-service.conf /etc/tcpmuxd/conf.d/ && systemctl
    try-reload-or-restart tcpmuxd``, typed as README has it before anything has connected,
    succeeds (``systemctl reload`` fails there); the first connection starts tcpmuxd.service,
-   as its dynamic user, which serves that service. Commands an administrator types are taken
+   as its dynamic user, which serves that service; without it, ``tcpmux --list`` says the
+   server lists no services (exit status 6). Commands an administrator types are taken
    from README.md (``documented_command``), so a README that says otherwise fails here.
 2. office: services dropped into /etc/tcpmuxd/conf.d/, ``systemctl try-reload-or-restart
    tcpmuxd``, used
@@ -30,11 +31,17 @@ apply (``presets=None``), as on a real installation. Stages, each timed (``-s`` 
    ``tcpmuxd``; a package upgrade and a real reboot of the container (its root kept, as a
    machine's disk is) leave it so; then README's command back to the default.
 4. ``systemctl enable --now sockmuxd@link`` on both, a tunnel over the veth pair (branch connects to
-   office, with a shared secret): a 1 MiB stream from branch's entrance reaches office's
+   office, with a shared secret), branch first: it returns at once although office is not up
+   yet, and STATUS= and the journal say that branch is re-dialling, office that it waits for
+   the peer, then both that the link is up; a 1 MiB stream from branch's entrance reaches office's
    tcpmuxd through port 1 and comes back, and a second entrance reaches office's services
    through the in-process ``tcpmux`` exit. Two containers rather than one and the host, so
    that both ends are the installed package under systemd, as in real use; and rather than
    two tunnels over loopback in one container, so that the link really crosses hosts.
+   Then sockmuxd@link.socket is added to branch's running tunnel: the order that fails
+   (``enable --now`` the socket while the tunnel runs, a restart) ends in exit status 78
+   without a restart loop and a record that gives the order that works (units/README.md's
+   commands), which then does.
 5. ``dpkg --purge`` on both, with the tunnels and a spare tunnel's service and socket enabled:
    no tcpmuxd or sockmuxd process left (nor any of the dynamic user), no units loaded (not even
    ``not-found`` instances) or installed, no enablement links, port 1 and the tunnel's entrance
@@ -77,6 +84,9 @@ ENTRANCE_TO_PORT_1, ENTRANCE_TO_TCPMUX_EXIT = 7001, 7002
 #: systemd's range for DynamicUser=yes.
 DYNAMIC_UIDS = range(61184, 65520)
 ENV = {"DEBIAN_FRONTEND": "noninteractive"}
+#: How long ``systemctl enable --now sockmuxd@NAME`` may take with the peer away (it took 60 s
+#: when READY=1 waited for the link).
+ENABLE_BOUND = 10.0
 #: The command that applies changes to conf.d (README, tcpmuxd.conf(5)), in any state.
 RELOAD = "systemctl try-reload-or-restart tcpmuxd"
 #: units/README.md's one setting for handlers as other users.
@@ -306,6 +316,10 @@ def test_install_enables_and_starts_the_socket(site):
         c.remove_file(f"{CONF_D}/my-service.conf")
         run_documented(c, RELOAD)
         c.wait_until(lambda: help_names(c) == [], timeout=10, what="my-service gone from HELP")
+        # no services: tcpmux --list says so (issue 13, item 5), not silence and status 0
+        r = c.exec(["tcpmux", "--list", "127.0.0.1"])
+        assert (r.returncode, r.stdout) == (6, ""), r
+        assert r.stderr == "tcpmux: 127.0.0.1: the server lists no services\n", r
         main = show(c, "tcpmuxd.service", "ActiveState", "MainPID", "StatusText")
         report(f"tcpmuxd.service after the first connection: {main}")
         assert main["ActiveState"] == "active"
@@ -524,16 +538,30 @@ def test_sockmuxd_tunnel(site):
             r = c.exec(["sockmuxd", "--check", "link"])
             assert r.returncode == 0, f"{r.stdout}{r.stderr}"
 
-    with stage("systemctl enable --now sockmuxd@link (both; READY=1 once the link is up)"):
-        # As sockmuxd(8) says, enabled (the purge below must forget that). The receptor is
-        # ready only once the peer has connected: do not wait for it here.
-        office.systemctl("enable", "--now", "--no-block", "sockmuxd@link.service")
-        branch.systemctl("enable", "--now", "sockmuxd@link.service")
-        office.systemctl("start", "sockmuxd@link.service")  # waits for the pending start job
-        for c in site.both:
+    with stage("systemctl enable --now sockmuxd@link: branch first, office not up: at once"):
+        # READY=1 once listening or dialling (issue 13, item 1): enabling either end first
+        # returns at once, and systemctl status says what the link is doing.
+        for c, idle in ((branch, r"(connecting to|re-dialling: connecting to) "),
+                        (office, r"(waiting for the peer on |link )")):
+            t0 = time.monotonic()
+            c.systemctl("enable", "--now", "sockmuxd@link.service", timeout=ENABLE_BOUND + 30)
+            seconds = time.monotonic() - t0
             s = show(c, "sockmuxd@link.service", "ActiveState", "SubState", "StatusText")
-            report(f"{c.machine}: sockmuxd@link {s}")
+            report(f"{c.machine}: enable --now returned in {seconds:.2f} s: {s}")
+            assert seconds < ENABLE_BOUND, f"{c.machine}: enable --now took {seconds:.1f} s"
             assert (s["ActiveState"], s["SubState"]) == ("active", "running"), s
+            assert re.match(idle + re.escape(f"{OFFICE}:{LINK_PORT}") + "|link ",
+                            s["StatusText"]), s
+            if c is branch:  # no peer yet: the failures so far, in STATUS= and the journal
+                c.wait_until(lambda: re.match(
+                    rf"re-dialling: connecting to {re.escape(OFFICE)}:{LINK_PORT} failed "
+                    r"\d+ times? in a row", show(c, "sockmuxd@link.service", "StatusText")[
+                        "StatusText"]), timeout=10, what="branch's STATUS= says re-dialling")
+                failed = c.journal_since(cursors[1], "SOCKMUX_EVENT=link-failed")
+                assert failed and failed[0]["SOCKMUX_FAILURES"] == "1", failed
+        for c in site.both:
+            c.wait_until(lambda c=c: show(c, "sockmuxd@link.service", "StatusText")[
+                "StatusText"].startswith("link up to "), timeout=20, what="link up")
 
     with stage("a 1 MiB stream: branch entrance -> link -> office port 1 -> cat, and back"):
         payload = os.urandom(1 << 20)
@@ -560,6 +588,60 @@ def test_sockmuxd_tunnel(site):
             assert len(found) == 2, found
             big = max(int(e["SOCKMUX_BYTES_SENT"]) for e in found)
             assert big >= len(payload), found
+
+
+# --- 4b. the tunnel's socket unit, added to the running tunnel ---------------------------------
+
+#: units/README.md, where the order of commands that add sockmuxd@NAME.socket is written.
+UNITS_README = Path(__file__).resolve().parents[2] / "units" / "README.md"
+SOCKET_ENTRANCE = 7003
+
+
+def test_socket_unit_added_to_a_running_tunnel(site):
+    """Issue 13, item 2: sockmuxd@link.socket added the way that fails (enable --now while the
+    tunnel runs, then a restart) ends in one failed start with exit status 78, no restart loop,
+    and a journal record with the commands that work; those, from units/README.md, work."""
+    branch = site.branch
+    unit = "sockmuxd@link.service"
+    with stage("branch: Entrance=fd:entrance and a port for sockmuxd@link.socket"):
+        conf = branch.read_file(f"{SOCKMUX_D}/link.conf").decode()
+        branch.write_file(f"{SOCKMUX_D}/link.conf", conf + "Entrance=fd:entrance\n")
+        branch.write_file("/etc/systemd/system/sockmuxd@link.socket.d/ports.conf",
+                          f"[Socket]\nListenStream=127.0.0.1:{SOCKET_ENTRANCE}\n")
+        branch.systemctl("daemon-reload")
+        cursor = branch.journal_cursor()
+
+    with stage("the wrong order: enable --now the socket, restart the tunnel: 78, no loop"):
+        r = branch.systemctl("enable", "--now", "sockmuxd@link.socket", check=False)
+        report(f"enable --now sockmuxd@link.socket while the tunnel runs: {r.returncode}, "
+               f"{r.stderr.strip()!r}")
+        assert r.returncode != 0, "systemd started a socket unit whose service runs"
+        r = branch.systemctl("restart", unit, check=False)
+        s = show(branch, unit, "ActiveState", "SubState", "Result", "ExecMainStatus",
+                 "NRestarts")
+        report(f"systemctl restart {unit}: {r.returncode}; {s}")
+        # failed for good, not "activating (auto-restart)": RestartPreventExitStatus=78
+        assert (s["ActiveState"], s["ExecMainStatus"], s["NRestarts"]) == ("failed", "78", "0"), s
+        records = branch.journal_since(cursor, "SOCKMUX_EVENT=config-error")
+        assert len(records) == 1, records
+        message = records[0]["MESSAGE"]
+        report(f"journal: {message}")
+        assert "the socket unit was not running when this service started" in message
+        assert "FileDescriptorName" not in message, "it was set: the name was not the problem"
+
+    with stage("the order units/README.md and the record give: the new entrance works"):
+        documented = documented_command(r"^systemctl stop sockmuxd@NAME\.service && ",
+                                        doc=UNITS_README)
+        command = documented.replace("NAME", "link")
+        assert command in message, (command, message)
+        run_documented(branch, command)
+        s = show(branch, unit, "ActiveState", "SubState")
+        assert (s["ActiveState"], s["SubState"]) == ("active", "running"), s
+        assert state(branch, "is-active", "sockmuxd@link.socket") == "active"
+        branch.wait_until(lambda: show(branch, unit, "StatusText")["StatusText"].startswith(
+            "link up to "), timeout=20, what="the link up again")
+        line, rest = request(branch, SOCKET_ENTRANCE, b"hello\r\n")
+        assert (line[:1], rest) == (b"+", b"hello from conf.d\n"), (line, rest)
 
 
 # --- 5. purge -------------------------------------------------------------------------------

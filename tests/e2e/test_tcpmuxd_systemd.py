@@ -15,7 +15,9 @@ Phases (timings are printed; run with ``-s`` to see them):
 
 1. Accept=no (tcpmuxd.socket + tcpmuxd.service): HELP over IPv4 and IPv6, exec services,
    bytes sent right after the name reaching the handler, a forward, an unknown name, a service
-   added by ``systemctl reload``, one journal record per connection, READY and the watchdog;
+   added by ``systemctl reload``, one journal record per connection with its fields (a
+   refusal, a name matched case-insensitively, HELP, a relay, an exit status and a
+   signal), READY and the watchdog;
    then the relaxed drop-in and a restart, the same requests plus User=nobody; a clean stop.
 2. Accept=yes (tcpmuxd-inetd.socket + tcpmuxd-inetd@.service): the same requests, each served
    by an instance that execs the handler in place, as shipped and relaxed.
@@ -69,6 +71,7 @@ def services(forward_port: int) -> dict[str, str]:
         "uid.conf": "[Service]\nExec=/usr/bin/id -u\n",
         "fwd.conf": f"[Service]\nForward=127.0.0.1:{forward_port}\nServerName={SNI_NAME}\n",
         "secret.conf": "[Service]\nExec=/bin/echo secret\nHidden=yes\n",
+        "killed.conf": "[Service]\nExec=/bin/sh -c 'kill -KILL $$'\nHidden=yes\n",
     }
 
 
@@ -188,6 +191,37 @@ def check_records(c: Container, cursor: str, mode: str, *matches: str) -> None:
     report(f"{mode}: journal record of the TLS client: {sni[0].get('MESSAGE')}")
     assert (sni[0].get("TCPMUX_SERVICE"), sni[0].get("TCPMUX_REQUESTED")) == ("fwd", SNI_NAME), \
         sni[0]
+
+
+def check_fields(c: Container, cursor: str, mode: str) -> None:
+    """The records' journal fields (tcpmuxd(8), LOGGING), as journalctl matches them (issue
+    13, item 6): the decision one word, the reason apart, the name as requested and the
+    service it chose apart, an exit status a number and a signal its own field."""
+    def one(*matches: str) -> dict:
+        found = c.wait_until(lambda: c.journal_since(cursor, "SYSLOG_IDENTIFIER=tcpmuxd",
+                                                     *matches), timeout=10, what=str(matches))
+        return found[-1]
+    refused = one("TCPMUX_DECISION=refused", "TCPMUX_REQUESTED=no-such-service")
+    report(f"{mode}: refused: { {k: v for k, v in refused.items() if k.startswith('TCPMUX')} }")
+    assert refused["TCPMUX_REASON"] == "unknown service no-such-service", refused
+    assert "TCPMUX_SERVICE" not in refused and "TCPMUX_EXIT_STATUS" not in refused, refused
+    greet = one("TCPMUX_REQUESTED=GrEeT")
+    assert (greet["TCPMUX_SERVICE"], greet["TCPMUX_DECISION"]) == ("greet", "accepted"), greet
+    assert "TCPMUX_REASON" not in greet, greet
+    listing = one("TCPMUX_DECISION=help")
+    assert listing["TCPMUX_REQUESTED"] == "HELP" and "TCPMUX_SERVICE" not in listing, listing
+    forward = one("TCPMUX_SERVICE=fwd")
+    assert forward["TCPMUX_DECISION"] == "accepted", forward
+    assert "TCPMUX_EXIT_STATUS" not in forward, "a relay has no exit status"
+    echo = one("TCPMUX_SERVICE=echo")
+    if mode == "Accept=no":
+        assert echo["TCPMUX_EXIT_STATUS"] == "0" and echo["TCPMUX_HANDLER_PID"].isdigit(), echo
+        assert request(c, "127.0.0.1", b"killed\r\n") == (b"+", b"")
+        killed = one("TCPMUX_SERVICE=killed")
+        assert killed["TCPMUX_EXIT_SIGNAL"] == "SIGKILL", killed
+        assert "TCPMUX_EXIT_STATUS" not in killed, killed
+    else:  # the instance became the handler: its unit has the exit status
+        assert "TCPMUX_EXIT_STATUS" not in echo, echo
 
 
 def exercise(box: Box, mode: str, *, relaxed: bool) -> None:
@@ -343,6 +377,7 @@ def test_accept_no(box):
 
     with phase("Accept=no: journal"):
         check_records(c, cursor, "Accept=no", "_SYSTEMD_UNIT=tcpmuxd.service")
+        check_fields(c, cursor, "Accept=no")
 
     with phase("Accept=no: watchdog"):
         # Outlive two watchdog periods; the same process must still be there, pinging.
@@ -397,6 +432,7 @@ def test_accept_yes(box):
         # Matched by field, not by unit: an instance that exec'd /bin/echo may be gone before
         # journald looks up its unit.
         check_records(c, cursor, "Accept=yes")
+        check_fields(c, cursor, "Accept=yes")
         failed = c.systemctl("list-units", "--failed", "--plain", "--no-legend").stdout
         assert "tcpmuxd" not in failed, failed
 

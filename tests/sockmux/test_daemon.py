@@ -1,6 +1,6 @@
 """sockmuxd as processes: two real daemons (receptor and connector, or a pipe pair) on
 loopback, over TCP, TLS, a FIFO pair, a pty and a command's stdio; streams both ways checked
-by SHA-256; re-dialling; READY=1 on a notify socket; tcpmux and exec exits; --check; bad
+by SHA-256; re-dialling; READY=1 and STATUS= on a notify socket; tcpmux and exec exits; --check; bad
 flags; the systemd units (verify, security).
 
 Every process is started in its own session and killed (group) when its test ends; every wait
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tcpmuxd_harness import EchoServer
+from tcpmuxd_harness import EchoServer, Notify
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "units"
@@ -278,47 +278,71 @@ def test_connector_redials_after_the_receptor_restarts(procs, tmp_path, echo, se
     assert procs[1].text().count(": up (authenticated)") >= 2
 
 
-def test_ready_only_after_the_link_is_up(procs, tmp_path, echo, secret):
-    notify_path = str(tmp_path / "notify")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(notify_path)
-    sock.settimeout(0.2)
+def test_ready_once_listening_and_dialling(procs, tmp_path, echo, secret):
+    """READY=1 as soon as the entrances are open and the link is being kept up, whether or not
+    the peer is there (issue 13, item 1: ``systemctl enable --now`` must not wait for the
+    peer): a connector with no receptor is ready and says it is re-dialling, with the failures
+    so far; a receptor is ready waiting for the peer; STATUS= follows the link up and down."""
     link, entrance = free_port(), free_port()
-    env = {"NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "400000"}
-    conn = start(procs, tmp_path, "connector", [
-        "--connect", f"127.0.0.1:{link}", "--secret", secret, "--reconnect-max", "1s",
-        "--entrance", f"127.0.0.1:{entrance}"], env=env)
-    messages: list[str] = []
-
-    def collect(seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            try:
-                messages.append(sock.recv(4096).decode())
-            except TimeoutError:
-                pass
-
+    conn_notify = Notify(tmp_path / "connector.notify")
+    recv_notify = Notify(tmp_path / "receptor.notify")
     try:
-        collect(2.0)
-        assert not any("READY=1" in m for m in messages), messages
-        assert any("WATCHDOG=1" in m for m in messages), messages  # fed while waiting
-        start(procs, tmp_path, "receptor", ["--accept", f"127.0.0.1:{link}", "--secret",
-                                            secret, *both_ways(echo.port)])
-        deadline = time.monotonic() + 15
-        while not any("READY=1" in m for m in messages) and time.monotonic() < deadline:
-            collect(0.2)
-        ready = [m for m in messages if "READY=1" in m]
-        assert ready, messages
-        assert "link up" in ready[0] and f"MAINPID={conn.p.pid}" in ready[0]
-        assert echo_check(entrance, 1000)  # the link was up when READY came
-        collect(2.5)
-        status = [m for m in messages if m.startswith("STATUS=")]
-        assert any("1 total" in m for m in status), status
+        t0 = time.monotonic()
+        conn = start(procs, tmp_path, "connector", [
+            "--connect", f"127.0.0.1:{link}", "--secret", secret, "--reconnect-max", "1s",
+            "--entrance", f"127.0.0.1:{entrance}"],
+            env={"NOTIFY_SOCKET": conn_notify.path, "WATCHDOG_USEC": "400000"})
+        ready = conn_notify.wait("READY=1", t0, 15)
+        assert ready, (conn_notify.messages, conn.text())
+        assert f"MAINPID={conn.p.pid}" in ready[1]
+        assert f"STATUS=connecting to 127.0.0.1:{link}; 0 streams open" in ready[1], ready
+        socket.create_connection(("127.0.0.1", entrance), timeout=5).close()  # listening
+        assert conn_notify.wait(f"STATUS=re-dialling: connecting to 127.0.0.1:{link} failed "
+                                "2 times in a row (", t0, 15), conn_notify.messages
+        assert conn_notify.wait("WATCHDOG=1", ready[0], 5)  # fed while there is no link
+        assert "failed 1 time in a row" in conn.text()  # the journal says it too
+
+        t1 = time.monotonic()
+        recv = start(procs, tmp_path, "receptor", [
+            "--accept", f"127.0.0.1:{link}", "--secret", secret, *both_ways(echo.port)],
+            env={"NOTIFY_SOCKET": recv_notify.path})
+        ready = recv_notify.wait("READY=1", t1, 15)
+        assert ready, (recv_notify.messages, recv.text())
+        assert f"STATUS=waiting for the peer on 127.0.0.1:{link}; 0 streams open" in ready[1]
+        for notify in (conn_notify, recv_notify):
+            assert notify.wait("STATUS=link up to ", t1, 15), notify.messages
+        assert echo_check(entrance, 1000)
+        # (the connection made above, before the link, counts as a stream too)
+        done = conn_notify.wait("1000 B sent, 1000 B received", t1, 10)
+        assert done and "STATUS=link up to " in done[1] and "; 0 streams open, " in done[1], \
+            conn_notify.messages
+
+        t2 = time.monotonic()
+        recv.stop()
+        assert conn_notify.wait("STATUS=link down: re-dialling, connecting to ", t2, 15), \
+            conn_notify.messages
         conn.stop()
-        collect(0.5)
-        assert any("STOPPING=1" in m for m in messages), messages
+        assert conn_notify.wait("STOPPING=1", t2, 5)
     finally:
-        sock.close()
+        conn_notify.close()
+        recv_notify.close()
+
+
+def test_start_up_record_names_each_entrance_once(procs, tmp_path, secret):
+    """A bare PORT listens on both loopback addresses: the start-up record names the entrance
+    once, with both (issue 13, item 11: it listed it twice)."""
+    entrance, other = free_port(), free_port()
+    p = start(procs, tmp_path, "connector", [
+        "--connect", f"127.0.0.1:{free_port()}", "--secret", secret,
+        "--entrance", str(entrance), "--entrance", f"127.0.0.1:{other}"])
+    deadline = time.monotonic() + 15
+    while "; exits " not in p.text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(line for line in p.text().splitlines() if "; entrances " in line)
+    shown = line.split("; entrances ", 1)[1].split("; exits ", 1)[0]
+    has_v6 = socket.has_ipv6 and f"[::1]:{entrance}" in shown
+    both = f"127.0.0.1:{entrance}, [::1]:{entrance}" if has_v6 else f"127.0.0.1:{entrance}"
+    assert shown == f"{entrance} ({both}), 127.0.0.1:{other} (127.0.0.1:{other})", line
 
 
 def test_socket_activated_entrance(procs, tmp_path, echo, secret):
@@ -391,10 +415,12 @@ def test_tcpmux_and_exec_exits(procs, tmp_path, secret):
     env = talk(exec_in, b"").decode()
     assert "SOCKMUX_ENTRANCE=127.0.0.1:%d" % exec_in in env
     assert "REMOTE_ADDR=127.0.0.1" in env and "NOTIFY_SOCKET" not in env
-    time.sleep(0.5)
-    log = procs[0].text()
-    assert "tcpmux exit: 2 services" in log
-    assert re.search(r"-> exit exec:/usr/bin/env \(pid \d+\)", log)
+    # the exec exit's stream record comes once its program has exited: wait for it (bounded)
+    deadline = time.monotonic() + 15
+    while not re.search(r"-> exit exec:/usr/bin/env \(pid \d+\)", procs[0].text()):
+        assert time.monotonic() < deadline, procs[0].text()
+        time.sleep(0.05)
+    assert "tcpmux exit: 2 services" in procs[0].text()
 
 
 def test_tunnel_files_and_check(procs, tmp_path, echo, secret):
@@ -423,6 +449,43 @@ def test_tunnel_files_and_check(procs, tmp_path, echo, secret):
     out = subprocess.run(DAEMON + ["--config-dir", str(confdir), "bad"],
                          capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert out.returncode == 78 and "Traceback" not in out.stderr
+
+
+#: Runs argv[3:] with descriptor argv[1] as systemd's socket 3, named argv[2], as systemd does
+#: (LISTEN_PID is this process's, which exec keeps).
+AS_PASSED = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.execvpe(sys.argv[3], sys.argv[3:], "
+             "{**os.environ, 'LISTEN_PID': str(os.getpid()), 'LISTEN_FDS': '1', "
+             "'LISTEN_FDNAMES': sys.argv[2]})")
+
+
+@pytest.mark.parametrize("passed", [None, "other"], ids=["no-socket", "other-name"])
+def test_fd_entrance_without_its_socket_is_a_configuration_error(tmp_path, secret, passed):
+    """Entrance=fd:entrance with no such socket from systemd (issue 13, item 2): exit status 78,
+    which sockmuxd@.service does not restart on, and a message that says what happened: with
+    no socket at all, the socket unit was not running when the tunnel started, and the order
+    of the commands that add it to a running tunnel; with sockets of other names, the name."""
+    confdir = tmp_path / "sockmux.d"
+    confdir.mkdir()
+    (confdir / "office.conf").write_text(
+        f"[Tunnel]\nConnect=127.0.0.1:{free_port()}\nSecret={secret}\nEntrance=fd:entrance\n")
+    command = DAEMON + ["--config-dir", str(confdir), "office"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        if passed is not None:
+            command = [PYTHON, "-c", AS_PASSED, str(listener.fileno()), passed, *command]
+        out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=30,
+                             env=env, pass_fds=(listener.fileno(),))
+    assert out.returncode == 78, out.stderr
+    assert "Traceback" not in out.stderr
+    if passed is None:
+        assert "systemd passed no sockets: the socket unit was not running" in out.stderr
+        assert ("systemctl stop sockmuxd@office.service && systemctl enable --now "
+                "sockmuxd@office.socket && systemctl start sockmuxd@office.service"
+                in out.stderr), out.stderr
+        assert "FileDescriptorName" not in out.stderr  # it was not the name
+    else:
+        assert ("systemd passed sockets named other, none named 'entrance': set "
+                "FileDescriptorName=entrance in the socket unit" in out.stderr), out.stderr
 
 
 def _held_for(port: int, timeout: float = 15.0) -> float:
@@ -608,8 +671,7 @@ def test_unit_contract():
                  "CapabilityBoundingSet=\n", "WatchdogSec=", "RestartSec=",
                  "RestartPreventExitStatus=2 78", "PrivateDevices=yes"):
         assert line in service, line
-    timeout = re.search(r"TimeoutStartSec=(\d+)s", service)
-    assert timeout and int(timeout.group(1)) > 60  # sockmuxd's default --ready-timeout
+    assert "TimeoutStartSec=" not in service  # READY=1 does not wait for the peer
     socket_unit = (UNITS / "sockmuxd@.socket").read_text()
     for line in ("FileDescriptorName=entrance", "Service=sockmuxd@%i.service"):
         assert line in socket_unit, line

@@ -183,7 +183,7 @@ def test_links_being_set_up_are_capped(procs, tmp_path, secret):
             assert time.monotonic() < deadline, proc.text()
             time.sleep(0.02)
         assert_refused(port, 3.0)
-        wait_log(proc, "refused: 3 links are being set up already")
+        wait_log(proc, "refused: links being set up already: 3 (the limit")
         assert all(p.tcp_state() == 1 for p in pending + [good])
         pending.pop(0).close()  # (a reset: it left answers unread; the record is summed up)
         deadline = time.monotonic() + 5
@@ -213,7 +213,7 @@ def test_tls_handshakes_count_as_links_being_set_up(procs, tmp_path, secret, soc
             time.sleep(0.02)
         time.sleep(0.5)
         assert sorted(p.tcp_state() for p in silent) == [1, 1, 7]  # ...the others wait
-        wait_log(proc, "refused: 2 links are being set up already")
+        wait_log(proc, "refused: links being set up already: 2 (the limit")
     finally:
         for p in silent:
             p.close()

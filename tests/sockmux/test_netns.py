@@ -39,6 +39,7 @@ from netns_harness import (
     NETNS_DIR, NsProc, add_namespace, delete_namespace, enter_netns, in_netns, ip,
     namespace_name,
 )
+from tcpmuxd_harness import Notify
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -150,51 +151,6 @@ class DataServer(NsProc):
                     break
                 self.cond.wait(min(left, 0.2))
             return list(self.events)
-
-
-class Notify:
-    """A NOTIFY_SOCKET: every datagram, time-stamped (a path socket works across network
-    namespaces)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self.cond = threading.Condition()
-        self.closed = False
-        self.thread = threading.Thread(target=self._collect, daemon=True)
-        self.thread.start()
-
-    def _collect(self) -> None:
-        while not self.closed:
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self.cond:
-                self.messages.append((time.monotonic(), data.decode(errors="replace")))
-                self.cond.notify_all()
-
-    def wait(self, text: str, after: float, timeout: float):
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for t, m in self.messages:
-                    if t >= after and text in m:
-                        return t, m
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self.cond.wait(min(left, 0.2))
-
-    def close(self) -> None:
-        self.closed = True
-        self.thread.join(2)
-        self.sock.close()
 
 
 # --------------------------------------------------------------------------- clients
@@ -416,7 +372,8 @@ class Hosts:
                             ("receptor", receptor_notify)):
             ready = notify.wait("READY=1", 0, 20)
             assert ready, f"{who}: no READY=1 within 20 s\n{self.logs()}"
-            assert "link up" in ready[1], ready
+            up = notify.wait("STATUS=link up", 0, 20)  # READY=1 came before the link
+            assert up, f"{who}: no link up within 20 s\n{self.logs()}"
         self.timings["start to READY"] = time.monotonic() - t0
 
     # -- actions and checks ---------------------------------------------------------------
@@ -596,8 +553,8 @@ def test_killed_receptor_resets_every_stream_and_the_link_comes_back(hosts):
 
     t_restart = time.monotonic()
     receptor2, notify2 = h.start_receptor("receptor2")
-    ready = notify2.wait("READY=1", t_restart, RECONNECT_BOUND + 5)
-    assert ready and "link up" in ready[1], (ready, h.logs())
+    up = notify2.wait("STATUS=link up", t_restart, RECONNECT_BOUND + 5)
+    assert up, h.logs()
     t_up = h.link_up(h.connector, t_restart, RECONNECT_BOUND + 5)
     h.timings["receptor killed: link up again after the restart"] = t_up - t_restart
     run_streams(h.b, "after")

@@ -343,9 +343,23 @@ def test_list_accepts_bare_lf_and_missing_final_newline(serve):
 
 
 def test_list_empty(serve):
+    """An empty HELP listing is a server with no services, which the client says (issue 13,
+    item 5): not the silence and status 0 of a list that was printed."""
     server = serve(reply(b""))
     proc = run_client("--list", server.target)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
+    assert (proc.returncode, proc.stdout) == (client.EXIT_NO_SERVICES, b"")
+    assert proc.stderr == b"tcpmux: 127.0.0.1: the server lists no services\n"
+    assert client.EXIT_NO_SERVICES == 6
+
+
+def test_list_of_a_tcpmuxd_with_no_services(daemon_factory, tmp_path):
+    """The same against a real tcpmuxd whose conf.d is empty, as right after installation."""
+    empty = tmp_path / "conf.d"
+    empty.mkdir()
+    d = daemon_factory(empty)
+    proc = run_client("--list", f"127.0.0.1:{d.port}")
+    assert (proc.returncode, proc.stdout) == (6, b""), proc.stderr
+    assert proc.stderr == b"tcpmux: 127.0.0.1: the server lists no services\n"
 
 
 def test_list_refused(serve):
@@ -749,7 +763,7 @@ def test_help_agrees_with_man_page():
     assert _man_options() == help_options
     assert _man_exit_codes() == help_codes == {
         client.EXIT_OK, client.EXIT_REFUSED, client.EXIT_USAGE, client.EXIT_NETWORK,
-        client.EXIT_TIMEOUT, client.EXIT_PROTOCOL, client.EXIT_INTERRUPTED,
+        client.EXIT_TIMEOUT, client.EXIT_PROTOCOL, client.EXIT_NO_SERVICES, client.EXIT_INTERRUPTED,
         client.EXIT_BROKEN_PIPE,
     }
     assert "ProxyCommand tcpmux %h ssh" in help_text

@@ -1174,15 +1174,20 @@ def test_format_table(levels: list[Path]) -> None:
     )
 
 
-def test_format_table_empty_and_kept(tmp_path: Path) -> None:
+def test_format_table_empty(tmp_path: Path) -> None:
     assert format_table(load([tmp_path / "none"])) == "No services."
+
+
+def test_kept_names_the_services_and_their_files(tmp_path: Path) -> None:
+    """What a reload kept, with the file that now has errors (the reload's log record)."""
     d = tmp_path / "conf.d"
     write(d, "echo.conf", service_file())
+    write(d, "other.conf", "[Service]\nExec=/bin/true\n")
     first = load([d])
+    assert first.kept() == []
     write(d, "echo.conf", "[Service]\nExec=\n")
-    table = format_table(load([d], previous=first))
-    assert f"{d / 'echo.conf'} (kept: the file now has errors)" in table.splitlines()[1]
-    assert f"{d / 'echo.conf'}:1: no handler" in table
+    second = load([d], previous=first)
+    assert [(s.name, path) for s, path in second.kept()] == [("echo", d / "echo.conf")]
 
 
 def test_format_table_undecodable_file_name(tmp_path: Path) -> None:

@@ -128,7 +128,7 @@ def test_service_busy_at_limit_plus_one(services, daemon_factory):
     with d.connect() as first:
         first.sendall(b"one\r\n")
         assert first.recv(3) == b"+\r\n"
-        assert d.talk(b"one\r\n") == b"-service busy (1 connections)\r\n"
+        assert d.talk(b"one\r\n") == b"-service busy (1 connection)\r\n"
         first.shutdown(socket.SHUT_WR)
         read_all(first)
     deadline = time.monotonic() + 5

@@ -15,10 +15,10 @@ def test_ready_with_status_and_mainpid(services, daemon_factory):
     d = daemon_factory(services)
     lines = d.ready_message.split("\n")
     assert f"MAINPID={d.proc.pid}" in lines
-    assert "STATUS=1 services; 0 connections active, 0 accepted, 0 refused, " \
+    assert "STATUS=1 service; 0 connections active, 0 accepted, 0 refused, " \
            "0 handlers running" in lines
     d.talk(b"a\r\n")
-    d.notify.wait_for("STATUS=1 services; 0 connections active, 1 accepted, "
+    d.notify.wait_for("STATUS=1 service; 0 connections active, 1 accepted, "
                       "0 refused, 0 handlers running", timeout=5)
 
 
@@ -26,7 +26,7 @@ def test_status_counts_refusals(services, daemon_factory):
     write_service(services, "a.conf", "[Service]\nExec=/bin/echo a\n")
     d = daemon_factory(services)
     d.talk(b"nosuch\r\n")
-    d.notify.wait_for("STATUS=1 services; 0 connections active, 0 accepted, 1 refused, "
+    d.notify.wait_for("STATUS=1 service; 0 connections active, 0 accepted, 1 refused, "
                       "0 handlers running", timeout=5)
 
 
@@ -54,6 +54,9 @@ def test_broken_edit_keeps_the_old_definition_serving(services, daemon_factory):
     d.reload()
     assert d.talk(b"a\r\n") == b"+\r\nold\n"
     assert "a.conf:3:" in d.wait_for_log("a.conf:3:")
+    # the reload's record names what it kept, and from which file (issue 13, item 8)
+    d.wait_for_log(f"reloaded: 1 service, 1 error; kept the previous definition of a "
+                   f"({services / 'a.conf'} has errors)")
     write_service(services, "a.conf", "[Service]\nExec=/bin/echo fixed\n")
     d.reload()
     assert d.talk(b"a\r\n") == b"+\r\nfixed\n"
@@ -75,7 +78,7 @@ def test_watchdog_for_another_pid_is_ignored(services, daemon_factory):
     # The STATUS= update comes at least STATUS_INTERVAL (1 s, ten watchdog intervals) after
     # the connection, from the same loop that would send the pings, and the datagrams arrive
     # in order: every ping sent before it would be among the messages read by then.
-    d.notify.wait_for("STATUS=1 services; 0 connections active, 1 accepted, 0 refused, "
+    d.notify.wait_for("STATUS=1 service; 0 connections active, 1 accepted, 0 refused, "
                       "0 handlers running", timeout=5)
     assert not any("WATCHDOG=1" in m.split("\n") for m in d.notify.messages)
 

@@ -769,7 +769,7 @@ def test_max_pending_per_source_at_its_edge(services: Path, daemon_factory, clie
     # at the limit again: refused, summed up in the log instead of a record of its own
     with connect(daemon.port, "127.0.0.2") as over:
         assert recv_line(over) == refusal
-    summary = daemon.wait_for_log("refused 1 more connections in 10s", timeout=15)
+    summary = daemon.wait_for_log("refused 1 more connection in 10s", timeout=15)
     assert "127.0.0.2 (1)" in summary and summary.count("waiting to send a name (3)") == 1
 
 
@@ -804,7 +804,7 @@ def rest(s):
         data += chunk
     return data.decode()
 try:
-    assert " services on " in daemon.stderr.readline()
+    assert "tcpmuxd: serving " in daemon.stderr.readline()
     held = [silent("fd00:1::1"), silent("fd00:1::2")]
     with socket.create_connection(("::1", 2001), timeout=10,
                                   source_address=("fd00:1::3", 0)) as third:

@@ -287,7 +287,7 @@ class Activated:
                 [PYTHON, "-c", WITH_LISTEN_FD, str(listener.fileno()), "--config-dir",
                  str(config), *args], pass_fds=(listener.fileno(),), stdout=out, stderr=out,
                 env=env, cwd=ROOT, start_new_session=True)
-        self.wait_for_log(" services on ")
+        self.wait_for_log("tcpmuxd: serving ")
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

@@ -103,7 +103,8 @@ class DaemonConnection(Protocol):
     remote: SocketAddress
     local: SocketAddress
     service: Service
-    #: What the log record says happened ("accepted", "passed", ...), set by the kind.
+    #: What the log record says happened, a word of tcpmux.records.DECISIONS ("accepted",
+    #: "passed", ...), set by the kind.
     decision: str
     #: How the name arrived: "tcpmux" (a name line) or "sni" (a TLS ClientHello, which the
     #: handler must get untouched, with no "+" in front: see :attr:`acknowledges`).
@@ -150,11 +151,13 @@ class DaemonConnection(Protocol):
         """The handler process serving the connection: "accepted"; it is reaped the moment it
         exits and the connection finishes with its exit status."""
 
-    def reset(self, decision: str) -> None:
-        """End with a reset: the ``+`` went out but the handler did not start."""
+    def reset(self, reason: str) -> None:
+        """End with a reset: the ``+`` went out but the handler did not start ("failed",
+        ``reason`` says why)."""
 
-    def finish(self, status: str = "", decision: str | None = None) -> None:
-        """The connection is over: ``status`` says how (bytes, exit status) in its record."""
+    def finish(self, status: str = "", decision: str | None = None, reason: str = "") -> None:
+        """The connection is over: ``status`` says how (bytes, exit status) in its record;
+        ``decision`` and ``reason`` replace the kind's, for a failure at the end."""
 
 
 class InPlaceConnection(Protocol):
@@ -177,8 +180,9 @@ class InPlaceConnection(Protocol):
         """As :attr:`DaemonConnection.acknowledges`."""
         ...
 
-    def record(self, outcome: str, status: str = "") -> None:
-        """The connection's log record: ``outcome`` is "accepted", "passed", "refused: ..."."""
+    def record(self, outcome: str, status: str = "", reason: str = "") -> None:
+        """The connection's log record: ``outcome`` is a word of tcpmux.records.DECISIONS
+        ("accepted", "passed", "failed", ...), ``reason`` the text that explains it."""
 
     def refuse(self, reason: str, sock: socket.socket | None = None) -> None:
         """Record and answer ``-reason`` on ``sock`` (default: the connection), then our EOF."""

@@ -249,8 +249,8 @@ class Exec(Handler, key="Exec"):
             # sock's descriptor is closed by now: the connection is fds 0 and 1
             out = socket.socket(fileno=1)
             if e.replied:
-                conn.record(f"failed: handler failed to start after the + reply: {e.reason}",
-                            "connection reset")
+                conn.record("failed", "connection reset",
+                            reason=f"handler failed to start after the + reply: {e.reason}")
                 relay.reset(out)
             else:
                 conn.refuse(f"handler failed to start: {e.reason}", out)

@@ -11,6 +11,7 @@ import socket
 from dataclasses import dataclass
 
 from tcpmuxd.common.addresses import parse_endpoint
+from tcpmuxd.common.words import counted
 from tcpmuxd.tcpmux import relay
 from tcpmuxd.tcpmux.handlers.base import (
     DaemonConnection,
@@ -22,7 +23,7 @@ from tcpmuxd.tcpmux.handlers.base import (
 
 def relay_status(sent: int, received: int, error: OSError | None) -> str:
     """How a relay ended, for the connection's record."""
-    status = f"{sent} bytes in, {received} bytes out"
+    status = f"{counted(sent, 'byte')} in, {counted(received, 'byte')} out"
     return status if error is None else f"{status}, ended by {oserror_text(error)}"
 
 

@@ -41,10 +41,10 @@ class PassTo(TargetHandler, key="PassTo", parse=_parse_pass_to):
                 passfd.send_connection(sock, client,
                                        passfd.handover_info(conn.service, conn.remote,
                                                             conn.local, conn.via))
-                decision = "passed"
+                decision, reason = "passed", ""
             except OSError as e:
-                decision = f"hand-over failed: {oserror_text(e)}"
-        conn.finish(decision=decision)
+                decision, reason = "failed", f"hand-over failed: {oserror_text(e)}"
+        conn.finish(decision=decision, reason=reason)
 
     def connected_in_place(self, conn: InPlaceConnection, sock: socket.socket) -> int:
         with sock:
