@@ -334,7 +334,7 @@ def test_service_limits_apply(services: Path, daemon_factory, cert: Cert, tmp_pa
         assert first.recv(100) == b"started\n"  # no "+" in front: the handler's first bytes
         second = refused_with(d.port, real_hello("slow.test", "1.3"))
         assert second == alert_record(HANDSHAKE_FAILURE)
-        d.wait_for_log(" slow.test (sni): refused: service busy (1 connections)")
+        d.wait_for_log(" slow.test (sni): refused: service busy (1 connection)")
 
 
 def test_refusal_before_the_hello_is_read_is_an_alert_too(services: Path, daemon_factory):
