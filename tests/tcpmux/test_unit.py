@@ -316,3 +316,42 @@ def test_accept_yes_instance_hands_over_too(services: Path, units):
     assert proc.returncode == 0
     assert re.search(rf"unix echo: accepted, handler pid \d+ in unix:{unit.path}, ",
                      err.decode()), err
+
+
+def test_handover_timeout_at_its_edge(units):
+    """--handover-timeout: a peer that connects and sends nothing is closed after it, and
+    logged; one that sends the message in time is served."""
+    unit = units("slow", ["/bin/echo", "hi"], "--handover-timeout", "0.3")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(WAIT)
+        s.connect(str(unit.path))
+        started = time.monotonic()
+        assert s.recv(100) == b""
+        assert 0.3 <= time.monotonic() - started < WAIT
+    unit.wait_for_log(f"no hand-over from uid {os.getuid()}: timed out")
+    ours, theirs = socket.socketpair()
+    with ours, theirs, socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(WAIT)
+        s.connect(str(unit.path))
+        time.sleep(0.1)  # well within the timeout
+        passfd.send_connection(s, theirs, {"service": "slow", "remote": " 0", "local": " 0",
+                                           "acknowledged": "yes"})
+        theirs.close()
+        ours.settimeout(WAIT)
+        assert read_all(ours) == b"+\r\nhi\n"
+        assert passfd.AnswerReader().feed(read_all(s))[1] == ("=", "exit 0")
+
+
+@pytest.mark.parametrize("option", ["--max-handlers=0", "--handover-timeout=0",
+                                    "--handover-timeout=x"])
+def test_helper_refuses_bad_limits(option: str):
+    r = subprocess.run([*HELPER, option, "/bin/true"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=WAIT)
+    assert r.returncode == 2 and "tcpmuxd-handler: error: argument" in r.stderr, r.stderr
+
+
+def test_helper_without_a_listening_socket():
+    r = subprocess.run([*HELPER, "/bin/true"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=WAIT, stdin=subprocess.DEVNULL,
+                       env={k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")})
+    assert r.returncode == 2 and "expects one listening unix socket" in r.stderr, r.stderr
