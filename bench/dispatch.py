@@ -11,7 +11,11 @@ Targets, each measured with N sequential connections and with N connections spre
 * ``xinetd date``  xinetd 2.3.15 TCPMUXPLUS service running /bin/date (fork+exec per connection);
 * ``tcpmuxd date`` tcpmuxd ``Exec=/bin/date`` (fork+exec per connection);
 * ``tcpmuxd fwd``  tcpmuxd ``Forward=`` to a backend process that writes a fixed line and closes;
-* ``tcpmuxd pass`` tcpmuxd ``PassTo=unix:`` to a receiver process that writes the same line.
+* ``tcpmuxd pass`` tcpmuxd ``PassTo=unix:`` to a receiver process that writes the same line;
+* ``tcpmuxd unit`` tcpmuxd ``Unit=`` running /bin/date through tcpmuxd-handler, whose unix
+                   socket ``systemd-socket-activate -l`` holds (the stand-in of the socket unit
+                   tcpmuxd-handler@.socket: no systemd instance is needed; the helper and its
+                   handlers run as the benchmark's user, in no unit of their own).
 
 Then tcpmuxd's resident memory idle and with 1,000 connections that have not sent a name, and a
 last check that it still serves. Nothing is installed: xinetd is fetched with
@@ -64,12 +68,13 @@ DISTURBED = 0.20
 
 @dataclass
 class Target:
-    key: str            # raw | xinetd-date | tcpmuxd-date | tcpmuxd-fwd | tcpmuxd-pass
+    key: str            # raw | xinetd-date | tcpmuxd-date | tcpmuxd-fwd | tcpmuxd-pass | ...
     label: str
     port: int
     name: str
     kind: str           # "date" or "line"
     pid: int = 0        # the server process whose CPU time is reported
+    helper: int = 0     # Unit=: tcpmuxd-handler, whose CPU and its handlers' join +kids
     ok: bool = True     # False when its probe failed: measured anyway, shown with errors
 
 
@@ -124,6 +129,8 @@ class Bench:
         self.server_pids: list[int] = []      # long-running processes this run started
         self.tcpmuxd: subprocess.Popen | None = None
         self.tcpmuxd_log = os.path.join(tmp, "tcpmuxd.log")
+        self.unit_sock = os.path.join(tmp, "unit.sock")
+        self.unit: subprocess.Popen | None = None
         self.xinetd: subprocess.Popen | None = None
         self.xinetd_version = "?"
         self.mem: dict[str, object] = {}
@@ -234,14 +241,29 @@ class Bench:
         backend_port = int(read_line(backend, 30, "Forward= backend"))
         raw_port = int(read_line(raw, 30, "raw server"))
         read_line(recv, 30, "PassTo= receiver")
+        self.start_unit()
         return backend_port, raw_port, sock, raw.pid
+
+    def start_unit(self) -> None:
+        """The Unit= target's unit: systemd-socket-activate holds its socket, as
+        tcpmuxd-handler@.socket would, and starts tcpmuxd-handler /bin/date on the first
+        connection (the probe's)."""
+        argv = [which("systemd-socket-activate"), "-l", self.unit_sock, sys.executable, "-m",
+                "tcpmuxd.tcpmux.unit_helper", "/bin/date"]
+        self.commands.append("unit:    PYTHONPATH=" + shlex.quote(self.tree) + " "
+                             + shlex.join(argv))
+        self.unit = self.procs.start("unit", argv, env=self.env, cwd=self.tmp,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.server_pids.append(self.unit.pid)
+        wait_until(lambda: os.path.exists(self.unit_sock), 30)
 
     def start_tcpmuxd(self, backend_port: int, sock: str) -> int:
         confdir = os.path.join(self.tmp, "conf.d")
         os.makedirs(confdir)
         files = {"date.conf": "[Service]\nExec=/bin/date\n",
                  "fwd.conf": f"[Service]\nForward={HOST}:{backend_port}\n",
-                 "pass.conf": f"[Service]\nPassTo=unix:{sock}\n"}
+                 "pass.conf": f"[Service]\nPassTo=unix:{sock}\n",
+                 "unit.conf": f"[Service]\nUnit={self.unit_sock}\n"}
         for name, text in files.items():
             with open(os.path.join(confdir, name), "w") as f:
                 f.write(text)
@@ -313,7 +335,7 @@ class Bench:
             w.stdin.flush()
         starts, stops = [], []
         cpu0, busy0 = task_cpu(target.pid), machine_cpu()
-        tot0 = proc_cpu(target.pid)
+        tot0 = proc_cpu(target.pid) + proc_cpu(target.helper)
         ours0 = sum(proc_cpu(p) for p in self.server_pids) + self_cpu()
         budget = 60 + total * 0.05  # 20 conn/s at the very least, or the run is broken
         for w in workers:
@@ -336,7 +358,7 @@ class Bench:
         cpu1, busy1 = task_cpu(target.pid), machine_cpu()
         ours1 = sum(proc_cpu(p) for p in self.server_pids) + self_cpu()
         result.server_cpu = cpu1 - cpu0
-        result.server_total = proc_cpu(target.pid) - tot0
+        result.server_total = proc_cpu(target.pid) + proc_cpu(target.helper) - tot0
         jiffies = max(1, busy1[1] - busy0[1])
         result.busy = (busy1[0] - busy0[0]) / jiffies
         ours = (ours1 - ours0 + result.client_cpu) * TICK
@@ -468,7 +490,8 @@ class Bench:
     # --- the run ------------------------------------------------------------------------
 
     def run(self) -> int:
-        keys = ["raw", "xinetd-date", "tcpmuxd-date", "tcpmuxd-fwd", "tcpmuxd-pass"]
+        keys = ["raw", "xinetd-date", "tcpmuxd-date", "tcpmuxd-fwd", "tcpmuxd-pass",
+                "tcpmuxd-unit"]
         if self.args.only:
             wanted = set(self.args.only.split(","))
             keys = [k for k in keys if k in wanted or k.split("-")[-1] in wanted
@@ -479,6 +502,9 @@ class Bench:
         missing = self.check_tcpmuxd() if use_mux else []
         if not os.path.exists("/bin/date"):
             missing.append("/bin/date is missing: apt-get install coreutils")
+        if which("systemd-socket-activate") is None:
+            missing.append("systemd-socket-activate is missing (the Unit= row): apt-get "
+                           "install systemd")
         xinetd = None
         if use_xinetd:
             try:
@@ -541,7 +567,9 @@ class Bench:
                                    mux_pid),
             "tcpmuxd-fwd": Target("tcpmuxd-fwd", "tcpmuxd fwd", mux_port, "fwd", "line", mux_pid),
             "tcpmuxd-pass": Target("tcpmuxd-pass", "tcpmuxd pass", mux_port, "pass", "line",
-                                   mux_pid)}
+                                   mux_pid),
+            "tcpmuxd-unit": Target("tcpmuxd-unit", "tcpmuxd unit", mux_port, "unit", "date",
+                                   mux_pid, self.unit.pid if self.unit else 0)}
         return mux_port, all_targets
 
     def check_after_run(self, mux_port: int) -> None:
@@ -550,7 +578,8 @@ class Bench:
         self.final.append(("tcpmuxd process alive", alive,
                            "" if alive else f"exit status {self.tcpmuxd.returncode}"))
         if alive:
-            for name, kind in (("date", "date"), ("fwd", "line"), ("pass", "line")):
+            for name, kind in (("date", "date"), ("fwd", "line"), ("pass", "line"),
+                               ("unit", "date")):
                 problem = self.probe(Target(name, name, mux_port, name, kind))
                 self.final.append((f"tcpmuxd serves {name}", problem is None, problem or ""))
             idle_fds = self.mem.get("base_fds", self.start_fds)
@@ -628,6 +657,9 @@ class Bench:
                     w(f"  {label + ' (' + mode + ')':<40} {'n/a':>8}")
                     continue
                 value = rn.rate / rd.rate
+                if goal is None:  # a cost to know, not a target
+                    w(f"  {label + ' (' + mode + ')':<40} {value:>8.2f}   (a cost, no target)")
+                    continue
                 bad = rn.nerrors or rd.nerrors
                 verdict = "PASS" if value >= goal and not bad else "MISS"
                 self.misses += verdict == "MISS"
@@ -639,6 +671,7 @@ class Bench:
         ratio("tcpmuxd exec / xinetd exec", "tcpmuxd-date", "xinetd-date", TARGET_EXEC_RATIO)
         ratio("tcpmuxd fwd / tcpmuxd exec", "tcpmuxd-fwd", "tcpmuxd-date", TARGET_INPROC_RATIO)
         ratio("tcpmuxd pass / tcpmuxd exec", "tcpmuxd-pass", "tcpmuxd-date", TARGET_INPROC_RATIO)
+        ratio("tcpmuxd unit / tcpmuxd exec", "tcpmuxd-unit", "tcpmuxd-date", None)
 
     def _report_memory(self) -> None:
         a, w = self.args, self.w
@@ -763,7 +796,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="connections held open without a name for the memory figure (1000)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     p.add_argument("--only", metavar="LIST",
-                   help="comma-separated targets: raw, xinetd, date, fwd, pass "
+                   help="comma-separated targets: raw, xinetd, date, fwd, pass, unit "
                         "(e.g. --only fwd,pass)")
     p.add_argument("--xinetd", metavar="PATH", help="use this xinetd binary instead of fetching")
     p.add_argument("--tree", metavar="DIR",
