@@ -355,3 +355,96 @@ def test_helper_without_a_listening_socket():
                        timeout=WAIT, stdin=subprocess.DEVNULL,
                        env={k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")})
     assert r.returncode == 2 and "expects one listening unix socket" in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------------- a memory limit
+
+
+#: A handler that allocates 16 MiB at a time until the kernel stops it, and one that holds
+#: the connection (cat), chosen by the first line the client sends.
+HOG = ("read -r what; if [ \"$what\" = eat ]; then echo eating; exec " + sys.executable
+       + " -c 'b = []\nwhile True: b.append(bytearray(16 << 20))'; fi; exec cat")
+LIMIT = 96 << 20
+
+
+def _memory_cgroup(name: str) -> Path:
+    """A new memory cgroup below this process's own, limited to LIMIT without swap (cgroup
+    v1's memory hierarchy or v2's), where the test may make one; pytest.skip saying why not."""
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    v1 = [line.split(":", 2)[2] for line in lines if line.split(":", 2)[1] == "memory"]
+    v2 = [line.split(":", 2)[2] for line in lines if line.startswith("0::")]
+    try:
+        if v1:
+            group = Path("/sys/fs/cgroup/memory") / v1[0].lstrip("/") / name
+            group.mkdir()
+            (group / "memory.limit_in_bytes").write_text(str(LIMIT))
+            if (group / "memory.memsw.limit_in_bytes").exists():
+                (group / "memory.memsw.limit_in_bytes").write_text(str(LIMIT))
+            return group
+        if v2:
+            parent = Path("/sys/fs/cgroup") / v2[0].lstrip("/")
+            if "memory" not in (parent / "cgroup.subtree_control").read_text().split():
+                raise OSError("memory is not in the subtree_control of this process's cgroup")
+            group = parent / name
+            group.mkdir()
+            (group / "memory.max").write_text(str(LIMIT))
+            (group / "memory.swap.max").write_text("0")
+            return group
+    except OSError as e:
+        pytest.skip(f"no memory cgroup for the test to make: {e}")
+    pytest.skip("this process is in no memory cgroup")
+
+
+def test_a_handler_over_the_memory_limit_is_killed_alone(services: Path, daemon_factory,
+                                                         units, tmp_path: Path):
+    """The design's claim, with the kernel's own memory limit and no systemd (the unit's
+    MemoryMax= under systemd: tests/e2e/test_unit_systemd.py): the helper and every handler of
+    a unit share one memory cgroup, and a handler that goes over its limit is the one the
+    kernel kills; the helper, a handler beside it and tcpmuxd go on, and tcpmuxd's record says
+    how it ended."""
+    if os.geteuid() != 0:
+        pytest.skip("making a memory cgroup needs root")
+    group = _memory_cgroup(f"tcpmuxd-test-{os.getpid()}")
+    try:
+        unit = units("hog", ["/bin/sh", "-c", HOG])
+        (group / "cgroup.procs").write_text(str(unit.pid))  # the helper-to-be, its handlers
+        write_service(services, "hog.conf", f"[Service]\nUnit={unit.path}\n")
+        d = daemon_factory(services)
+        with socket.create_connection(("127.0.0.1", d.port), timeout=WAIT) as beside:
+            beside.sendall(b"hog\r\ncat\n")
+            assert beside.recv(3) == b"+\r\n"
+            with socket.create_connection(("127.0.0.1", d.port), timeout=WAIT) as eater:
+                eater.sendall(b"hog\r\neat\n")
+                got = b""
+                try:
+                    while chunk := eater.recv(1024):
+                        got += chunk
+                except ConnectionResetError:
+                    pass
+                assert got == b"+\r\neating\n", got
+            d.wait_for_log(" signal SIGKILL, ")
+            beside.sendall(b"still here\n")
+            assert beside.recv(100) == b"still here\n"
+        assert unit.proc.poll() is None, "the helper was killed"
+        assert tcp_reply(d.port, b"hog\r\ncat\nagain\n") == b"+\r\nagain\n"
+        assert d.proc.poll() is None
+    finally:
+        _remove_cgroup(group)
+
+
+def _remove_cgroup(group: Path) -> None:
+    """Remove the test's cgroup once its processes are gone (the fixtures end them)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        procs = (group / "cgroup.procs").read_text().split()
+        for pid in procs:
+            try:
+                os.kill(int(pid), 9)
+            except ProcessLookupError:
+                pass
+        try:
+            group.rmdir()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"{group} still has {procs}"
+            time.sleep(0.05)
