@@ -89,11 +89,15 @@ def box(nspawn_available):
         c.write_file("/etc/systemd/system/tcpmuxd-handler@hog.service.d/handler.conf",
                      handler_dropin("/srv/hog.sh", "User=tcpmux-hog",
                                     f"MemoryMax={MEMORY_MAX}", "MemorySwapMax=0"))
+        # a unit that cannot start: its program does not exist
+        c.write_file("/etc/systemd/system/tcpmuxd-handler@broken.service.d/handler.conf",
+                     "[Service]\nExecStart=\nExecStart=/nonexistent/tcpmuxd-handler /bin/true\n")
+        c.write_file(f"{CONF_D}/broken.conf", "[Service]\nUnit=broken\n")
         c.write_file(f"{CONF_D}/who.conf", "[Service]\nUnit=who\n")
         c.write_file(f"{CONF_D}/hog.conf", "[Service]\nUnit=hog\n")
         c.systemctl("daemon-reload")
         c.systemctl("enable", "--now", "tcpmuxd.socket", "tcpmuxd-handler@who.socket",
-                    "tcpmuxd-handler@hog.socket")
+                    "tcpmuxd-handler@hog.socket", "tcpmuxd-handler@broken.socket")
         yield c
 
 
@@ -173,3 +177,15 @@ def test_a_handler_over_memory_max_is_killed_alone(box):
     text = c.wait_until(lambda: "signal SIGKILL" in records(c) and records(c), timeout=WAIT,
                         what="tcpmuxd's record of the killed handler")
     report(f"tcpmuxd's records:\n{text}")
+
+
+def test_a_unit_that_cannot_start_is_a_refusal(box):
+    """systemd cannot start the unit (its program is missing): the client gets ``-`` with
+    the reason, never a ``+``; tcpmuxd and the other units go on."""
+    c = box
+    reply = request(c, b"broken\r\n")
+    report(f"broken -> {reply!r}; unit: "
+           f"{show(c, 'tcpmuxd-handler@broken.service', 'ActiveState', 'Result')}")
+    assert reply.startswith(b"-handler failed to start: tcpmuxd-handler@broken.service ") \
+        and reply.endswith(b"\r\n") and reply.count(b"\r\n") == 1, reply
+    assert request(c, b"who\r\n").startswith(b"+\r\nnobody\n")

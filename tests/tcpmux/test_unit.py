@@ -188,6 +188,16 @@ def test_unit_socket_missing(services: Path, daemon_factory, tmp_path: Path):
     d.wait_for_log("gone: refused: service unavailable: No such file or directory")
 
 
+def test_unit_socket_refusing(services: Path, daemon_factory, tmp_path: Path):
+    """A socket file nothing listens on (a socket unit that failed and left it)."""
+    path = tmp_path / "dead.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(path))  # bound, never listening: connect() is refused
+        write_service(services, "dead.conf", f"[Service]\nUnit={path}\n")
+        d = daemon_factory(services)
+        assert tcp_reply(d.port, b"dead\r\n") == b"-service unavailable: Connection refused\r\n"
+
+
 def test_helper_that_cannot_be_executed(services: Path, daemon_factory, units):
     """The unit's program fails to exec (a unit that cannot start): the connection closes
     without an answer, and the client gets ``-``, never a ``+``."""
