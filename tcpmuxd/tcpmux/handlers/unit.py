@@ -21,6 +21,7 @@ handler ended, so the service's limits count running handlers as for Exec=.
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 import select
 import socket
@@ -141,6 +142,15 @@ class Unit(TargetHandler, key="Unit", parse=_parse_unit):
             why = f"{self.describe()} closed the connection without starting it"
         return f"handler failed to start: {why}"
 
+    def send_refusal(self, e: OSError) -> str:
+        """The ``-`` reply when the hand-over itself could not be sent: a unit that failed
+        right after taking the connection (EPIPE, ECONNRESET) closed it, as above."""
+        if e.errno in (errno.EPIPE, errno.ECONNRESET):
+            wait = _Wait()
+            wait.closed = True
+            return self.refusal(wait)
+        return f"handler failed to start: {self.describe()}: {oserror_text(e)}"
+
     def status(self, wait: _Wait) -> str:
         """The record's status of a committed hand-over."""
         how = wait.ended or ("end not reported" if wait.gave_up
@@ -156,7 +166,7 @@ class Unit(TargetHandler, key="Unit", parse=_parse_unit):
                 conn.service, conn.remote, conn.local))
         except OSError as e:
             sock.close()
-            conn.refuse(f"handler failed to start: {self.describe()}: {oserror_text(e)}")
+            conn.refuse(self.send_refusal(e))
             return
         _DaemonWait(self, conn, sock)
 
@@ -168,7 +178,7 @@ class Unit(TargetHandler, key="Unit", parse=_parse_unit):
                 passfd.send_connection(sock, conn.sock, passfd.handover_info(
                     conn.service, conn.remote, conn.local))
             except OSError as e:
-                conn.refuse(f"handler failed to start: {self.describe()}: {oserror_text(e)}")
+                conn.refuse(self.send_refusal(e))
                 return 0
             wait = _Wait()
             deadline = time.monotonic() + self.connect_timeout
