@@ -12,7 +12,11 @@ Targets, each measured with N sequential connections and with N connections spre
 * ``tcpmuxd date`` tcpmuxd ``Exec=/bin/date`` (fork+exec per connection);
 * ``tcpmuxd fwd``  tcpmuxd ``Forward=`` to a backend process that writes a fixed line and closes;
 * ``tcpmuxd sni``  the same service found by the server name of a TLS ClientHello (ServerName=);
-* ``tcpmuxd pass`` tcpmuxd ``PassTo=unix:`` to a receiver process that writes the same line.
+* ``tcpmuxd pass`` tcpmuxd ``PassTo=unix:`` to a receiver process that writes the same line;
+* ``tcpmuxd unit`` tcpmuxd ``Unit=`` running /bin/date through tcpmuxd-handler, whose unix
+                   socket ``systemd-socket-activate -l`` holds (the stand-in of the socket unit
+                   tcpmuxd-handler@.socket: no systemd instance is needed; the helper and its
+                   handlers run as the benchmark's user, in no unit of their own).
 
 Then tcpmuxd's resident memory idle and with 1,000 connections that have not sent a name, and a
 last check that it still serves. Nothing is installed: xinetd is fetched with
@@ -66,12 +70,13 @@ DISTURBED = 0.20
 
 @dataclass
 class Target:
-    key: str            # raw | xinetd-date | tcpmuxd-date | tcpmuxd-fwd | tcpmuxd-pass
+    key: str            # raw | xinetd-date | tcpmuxd-date | tcpmuxd-fwd | tcpmuxd-pass | ...
     label: str
     port: int
     name: str
     kind: str           # "date" or "line"
     pid: int = 0        # the server process whose CPU time is reported
+    helper: int = 0     # Unit=: tcpmuxd-handler, whose CPU and its handlers' join +kids
     ok: bool = True     # False when its probe failed: measured anyway, shown with errors
 
 
@@ -126,6 +131,8 @@ class Bench:
         self.server_pids: list[int] = []      # long-running processes this run started
         self.tcpmuxd: subprocess.Popen | None = None
         self.tcpmuxd_log = os.path.join(tmp, "tcpmuxd.log")
+        self.unit_sock = os.path.join(tmp, "unit.sock")
+        self.unit: subprocess.Popen | None = None
         self.xinetd: subprocess.Popen | None = None
         self.xinetd_version = "?"
         self.mem: dict[str, object] = {}
@@ -238,15 +245,31 @@ class Bench:
         read_line(recv, 30, "PassTo= receiver")
         return backend_port, raw_port, sock, raw.pid
 
-    def start_tcpmuxd(self, backend_port: int, sock: str, sni: bool) -> int:
-        """tcpmuxd serving date, fwd (also by its server name, where the sni target is
-        measured: a --tree from before ServerName= would refuse the key) and pass."""
+    def start_unit(self) -> None:
+        """The Unit= target's unit: systemd-socket-activate holds its socket, as
+        tcpmuxd-handler@.socket would, and starts tcpmuxd-handler /bin/date on the first
+        connection (the probe's)."""
+        argv = [which("systemd-socket-activate"), "-l", self.unit_sock, sys.executable, "-m",
+                "tcpmuxd.tcpmux.unit_helper", "/bin/date"]
+        self.commands.append("unit:    PYTHONPATH=" + shlex.quote(self.tree) + " "
+                             + shlex.join(argv))
+        self.unit = self.procs.start("unit", argv, env=self.env, cwd=self.tmp,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.server_pids.append(self.unit.pid)
+        wait_until(lambda: os.path.exists(self.unit_sock), 30)
+
+    def start_tcpmuxd(self, backend_port: int, sock: str, sni: bool, unit: bool) -> int:
+        """tcpmuxd serving date, fwd (also by its server name where the sni target is
+        measured), pass, and unit where that target is: a --tree from before ServerName= or
+        Unit= would refuse those keys."""
         confdir = os.path.join(self.tmp, "conf.d")
         os.makedirs(confdir)
         server_name = f"ServerName={SNI_NAME}\n" if sni else ""
         files = {"date.conf": "[Service]\nExec=/bin/date\n",
                  "fwd.conf": f"[Service]\nForward={HOST}:{backend_port}\n{server_name}",
                  "pass.conf": f"[Service]\nPassTo=unix:{sock}\n"}
+        if unit:
+            files["unit.conf"] = f"[Service]\nUnit={self.unit_sock}\n"
         for name, text in files.items():
             with open(os.path.join(confdir, name), "w") as f:
                 f.write(text)
@@ -318,7 +341,7 @@ class Bench:
             w.stdin.flush()
         starts, stops = [], []
         cpu0, busy0 = task_cpu(target.pid), machine_cpu()
-        tot0 = proc_cpu(target.pid)
+        tot0 = proc_cpu(target.pid) + proc_cpu(target.helper)
         ours0 = sum(proc_cpu(p) for p in self.server_pids) + self_cpu()
         budget = 60 + total * 0.05  # 20 conn/s at the very least, or the run is broken
         for w in workers:
@@ -341,7 +364,7 @@ class Bench:
         cpu1, busy1 = task_cpu(target.pid), machine_cpu()
         ours1 = sum(proc_cpu(p) for p in self.server_pids) + self_cpu()
         result.server_cpu = cpu1 - cpu0
-        result.server_total = proc_cpu(target.pid) - tot0
+        result.server_total = proc_cpu(target.pid) + proc_cpu(target.helper) - tot0
         jiffies = max(1, busy1[1] - busy0[1])
         result.busy = (busy1[0] - busy0[0]) / jiffies
         ours = (ours1 - ours0 + result.client_cpu) * TICK
@@ -473,7 +496,8 @@ class Bench:
     # --- the run ------------------------------------------------------------------------
 
     def run(self) -> int:
-        keys = ["raw", "xinetd-date", "tcpmuxd-date", "tcpmuxd-fwd", "tcpmuxd-sni", "tcpmuxd-pass"]
+        keys = ["raw", "xinetd-date", "tcpmuxd-date", "tcpmuxd-fwd", "tcpmuxd-sni", "tcpmuxd-pass",
+                "tcpmuxd-unit"]
         if self.args.only:
             wanted = set(self.args.only.split(","))
             keys = [k for k in keys if k in wanted or k.split("-")[-1] in wanted
@@ -484,6 +508,9 @@ class Bench:
         missing = self.check_tcpmuxd() if use_mux else []
         if not os.path.exists("/bin/date"):
             missing.append("/bin/date is missing: apt-get install coreutils")
+        if which("systemd-socket-activate") is None:
+            missing.append("systemd-socket-activate is missing (the Unit= row): apt-get "
+                           "install systemd")
         xinetd = None
         if use_xinetd:
             try:
@@ -498,7 +525,8 @@ class Bench:
         self.say(f"RLIMIT_NOFILE soft limit {nofile} (tcpmuxd inherits it)")
 
         mux_port, all_targets = self.start_targets(use_mux, use_xinetd, xinetd,
-                                                   sni="tcpmuxd-sni" in keys)
+                                                   sni="tcpmuxd-sni" in keys,
+                                                   unit="tcpmuxd-unit" in keys)
         targets = [all_targets[k] for k in keys]
         for t in targets:
             problem = self.probe(t)
@@ -524,15 +552,17 @@ class Bench:
         return self.report()
 
     def start_targets(self, use_mux: bool, use_xinetd: bool, xinetd: str | None, *,
-                      sni: bool) -> tuple[int, dict[str, Target]]:
+                      sni: bool, unit: bool) -> tuple[int, dict[str, Target]]:
         """Start the helpers, tcpmuxd and xinetd; tcpmuxd's port and every target."""
         backend_port, raw_port, sock, raw_pid = self.start_helpers()
+        if unit:
+            self.start_unit()
         self.say(f"helpers: Forward= backend on {HOST}:{backend_port}, raw server on "
                  f"{HOST}:{raw_port}, PassTo= receiver on {sock}")
         ports = {"raw": raw_port}
         mux_port = mux_pid = 0
         if use_mux:
-            mux_port = self.start_tcpmuxd(backend_port, sock, sni)
+            mux_port = self.start_tcpmuxd(backend_port, sock, sni, unit)
             mux_pid = self.tcpmuxd.pid
             self.say(f"tcpmuxd pid {mux_pid} listening on {HOST}:{mux_port}")
         if use_xinetd:
@@ -548,7 +578,9 @@ class Bench:
             "tcpmuxd-fwd": Target("tcpmuxd-fwd", "tcpmuxd fwd", mux_port, "fwd", "line", mux_pid),
             "tcpmuxd-sni": Target("tcpmuxd-sni", "tcpmuxd sni", mux_port, SNI_NAME, "sni", mux_pid),
             "tcpmuxd-pass": Target("tcpmuxd-pass", "tcpmuxd pass", mux_port, "pass", "line",
-                                   mux_pid)}
+                                   mux_pid),
+            "tcpmuxd-unit": Target("tcpmuxd-unit", "tcpmuxd unit", mux_port, "unit", "date",
+                                   mux_pid, self.unit.pid if self.unit else 0)}
         return mux_port, all_targets
 
     def check_after_run(self, mux_port: int) -> None:
@@ -557,7 +589,10 @@ class Bench:
         self.final.append(("tcpmuxd process alive", alive,
                            "" if alive else f"exit status {self.tcpmuxd.returncode}"))
         if alive:
-            for name, kind in (("date", "date"), ("fwd", "line"), ("pass", "line")):
+            services = [("date", "date"), ("fwd", "line"), ("pass", "line")]
+            if self.unit is not None:
+                services.append(("unit", "date"))
+            for name, kind in services:
                 problem = self.probe(Target(name, name, mux_port, name, kind))
                 self.final.append((f"tcpmuxd serves {name}", problem is None, problem or ""))
             idle_fds = self.mem.get("base_fds", self.start_fds)
@@ -635,6 +670,9 @@ class Bench:
                     w(f"  {label + ' (' + mode + ')':<40} {'n/a':>8}")
                     continue
                 value = rn.rate / rd.rate
+                if goal is None:  # a cost to know, not a target
+                    w(f"  {label + ' (' + mode + ')':<40} {value:>8.2f}   (a cost, no target)")
+                    continue
                 bad = rn.nerrors or rd.nerrors
                 verdict = "PASS" if value >= goal and not bad else "MISS"
                 self.misses += verdict == "MISS"
@@ -647,6 +685,7 @@ class Bench:
         ratio("tcpmuxd fwd / tcpmuxd exec", "tcpmuxd-fwd", "tcpmuxd-date", TARGET_INPROC_RATIO)
         ratio("tcpmuxd pass / tcpmuxd exec", "tcpmuxd-pass", "tcpmuxd-date", TARGET_INPROC_RATIO)
         ratio("tcpmuxd sni fwd / tcpmuxd fwd", "tcpmuxd-sni", "tcpmuxd-fwd", TARGET_SNI_RATIO)
+        ratio("tcpmuxd unit / tcpmuxd exec", "tcpmuxd-unit", "tcpmuxd-date", None)
 
     def _report_memory(self) -> None:
         a, w = self.args, self.w
@@ -771,7 +810,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="connections held open without a name for the memory figure (1000)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     p.add_argument("--only", metavar="LIST",
-                   help="comma-separated targets: raw, xinetd, date, fwd, sni, pass "
+                   help="comma-separated targets: raw, xinetd, date, fwd, sni, pass, unit "
                         "(e.g. --only fwd,pass)")
     p.add_argument("--xinetd", metavar="PATH", help="use this xinetd binary instead of fetching")
     p.add_argument("--tree", metavar="DIR",

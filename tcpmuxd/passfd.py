@@ -18,6 +18,15 @@ the client sent after the name are still unread in the socket: they are the daem
 which is still unread in the socket, whole; nothing was answered and nothing must be
 (``acknowledged=yes``). This module holds both ends, so Python daemons (and the tests) can
 receive with :func:`receive_connection`.
+
+A ``Unit=`` service's helper (tcpmuxd-handler(8)) gets the same message and answers on the same
+connection, one line each, so that tcpmuxd knows whether the ``+`` may still become a ``-``:
+
+    +PID\n       committed: written by the handler's process (PID) before its "+" and exec
+    -REASON\n    not started, nothing was sent to the client: tcpmuxd refuses it
+    =STATUS\n    after "+PID": the handler ended ("exit 0", "signal SIGKILL", ...)
+
+:class:`AnswerReader` reads them (sans I/O).
 """
 
 from __future__ import annotations
@@ -34,6 +43,10 @@ if TYPE_CHECKING:
 MAGIC = b"TCPMUX/1\n"
 #: A hand-over message larger than this is not one of ours.
 MAX_MESSAGE = 4096
+#: The longest answer line of a Unit= helper, newline included; longer ones are cut to it.
+MAX_ANSWER = 512
+#: What an answer line starts with: committed (the pid), refused (why), ended (how).
+COMMITTED, REFUSED, ENDED = "+", "-", "="
 
 
 def encode(info: Mapping[str, str]) -> bytes:
@@ -104,3 +117,42 @@ def receive_connection(channel: socket.socket) -> tuple[socket.socket, dict[str,
         key, _, value = line.partition("=")
         info[key] = value
     return conn, info
+
+
+def answer(kind: str, text: str) -> bytes:
+    """One answer line of a Unit= helper (:data:`COMMITTED` and a pid, :data:`REFUSED` and a
+    reason, :data:`ENDED` and an exit status), cut to :data:`MAX_ANSWER` bytes."""
+    line = (kind + " ".join(text.split())).encode("utf-8", "replace")[: MAX_ANSWER - 1]
+    return line.decode("utf-8", "ignore").encode() + b"\n"
+
+
+class AnswerReader:
+    """The answers of a Unit= helper from the bytes tcpmuxd reads (no I/O here).
+
+    :meth:`feed` returns the complete lines as ``(kind, text)``; a line longer than
+    :data:`MAX_ANSWER` or of another kind is a :class:`HandoverError` (the peer is not a
+    helper of ours, and nothing it says can be trusted). A committed answer must carry a pid.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[tuple[str, str]]:
+        self._buffer += data
+        answers = []
+        while b"\n" in self._buffer:
+            line, _, self._buffer = self._buffer.partition(b"\n")
+            answers.append(self._parse(line))
+        if len(self._buffer) >= MAX_ANSWER:
+            raise HandoverError("answer line too long")
+        return answers
+
+    @staticmethod
+    def _parse(line: bytes) -> tuple[str, str]:
+        text = line.decode("utf-8", "replace")
+        kind, rest = text[:1], text[1:]
+        if kind not in (COMMITTED, REFUSED, ENDED):
+            raise HandoverError(f"not an answer of tcpmuxd-handler: {text[:40]!r}")
+        if kind == COMMITTED and not (rest.isascii() and rest.isdigit()):
+            raise HandoverError(f"committed answer without a pid: {text[:40]!r}")
+        return kind, rest

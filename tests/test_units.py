@@ -31,8 +31,15 @@ UNIT_NAMES = (
     "tcpmuxd.service",
     "tcpmuxd-inetd.socket",
     "tcpmuxd-inetd@.service",
+    "tcpmuxd-handler@.socket",
+    "tcpmuxd-handler@.service",
 )
 DAEMON = "/usr/bin/tcpmuxd"
+#: The program of a Unit= service's unit (tcpmuxd-handler(8)).
+HELPER = "/usr/bin/tcpmuxd-handler"
+#: tcpmuxd.service as shipped: 1.8, also with Unit= services running under other users,
+#: which need no change to it.
+MAX_EXPOSURE_TCPMUXD = 18
 #: systemd-analyze security's 0-100 scale: 20 is "2.0". The shipped services, no User= needed.
 MAX_EXPOSURE = 20
 #: With the drop-in for handlers as other users (units/README.md): root with CAP_SETUID/SETGID.
@@ -113,9 +120,12 @@ def _copy_units(tmp: Path, dropin: str | None = None) -> Path:
     stand_in = tmp / "tcpmuxd"
     stand_in.write_text(f'#!/bin/sh\nexec {sys.executable} -m tcpmuxd "$@"\n')
     stand_in.chmod(0o755)
+    helper = tmp / "tcpmuxd-handler"
+    helper.write_text(f'#!/bin/sh\nexec {sys.executable} -m tcpmuxd.tcpmux.unit_helper "$@"\n')
+    helper.chmod(0o755)
     for name in UNIT_NAMES:
         text = (UNITS / name).read_text()
-        (tmp / name).write_text(text.replace(DAEMON, str(stand_in)))
+        (tmp / name).write_text(text.replace(DAEMON, str(stand_in)).replace(HELPER, str(helper)))
     if dropin is not None:
         # ./NAME.service.d/ next to ./NAME.service: systemd-analyze reads it as a drop-in.
         for name in SERVICES:
@@ -325,3 +335,33 @@ def test_readme_names_every_unit():
     for name in UNIT_NAMES:
         assert name in text
     assert "notify-reload" in text
+
+
+# --- Unit=: the handler unit pair -------------------------------------------------------------
+
+
+def test_tcpmuxd_service_exposure_is_unchanged_by_unit_services(unit_copies):
+    """Unit= services run under other users without touching tcpmuxd.service: still 1.8."""
+    r, overall = exposure(unit_copies, MAX_EXPOSURE_TCPMUXD)
+    print("exposure as shipped:", ", ".join(f"{u} {level}" for u, level in overall.items()))
+    assert r.returncode == 0 and float(overall["tcpmuxd.service"]) <= 1.8, _explain(r)
+
+
+def test_handler_unit_pair(units, unit_copies):
+    """Accept=no (an Accept=yes socket would name its connections' units after the socket's
+    prefix and lose the instance, so no drop-in per service), the socket path Unit= derives,
+    a mode tcpmuxd's dynamic user can connect with, and a handler OOM-killed ending alone."""
+    from tcpmuxd.tcpmux.handlers.unit import SOCKET_DIR
+    sock, service = "tcpmuxd-handler@.socket", "tcpmuxd-handler@.service"
+    assert one(units, sock, "Socket", "ListenStream") == f"{SOCKET_DIR}/%i.sock"
+    assert one(units, sock, "Socket", "Accept") == "no"
+    assert one(units, sock, "Socket", "SocketMode") == "0666"
+    assert one(units, service, "Service", "ExecStart") == HELPER
+    assert one(units, service, "Service", "OOMPolicy") == "continue"
+    assert one(units, service, "Service", "Type") == "notify"
+    assert "PrivateUsers" not in units[service]["Service"], "it would hide tcpmuxd's uid"
+    r = subprocess.run(
+        [analyze(), "security", "--offline=true", "--no-pager", "--threshold=20",
+         f"./{service}"], cwd=unit_copies, capture_output=True, text=True, timeout=60)
+    print(r.stdout.splitlines()[-1] if r.stdout else r.stderr)
+    assert r.returncode == 0, _explain(r)

@@ -548,12 +548,12 @@ def test_passto_service(tmp_path: Path) -> None:
 
 def test_no_handler(tmp_path: Path) -> None:
     error = only_error(load_text(tmp_path, "# x\n[Service]\nHidden=yes\n"))
-    assert (error.line, error.message) == (2, "no handler: set one of Exec=, Forward= or PassTo=")
+    assert (error.line, error.message) == (2, "no handler: set one of Exec=, Forward=, PassTo= or Unit=")
 
 
 def test_handler_reset_by_empty_assignment(tmp_path: Path) -> None:
     error = only_error(load_text(tmp_path, f"[Service]\nExec={TRUE}\nExec=\n"))
-    assert error.message == "no handler: set one of Exec=, Forward= or PassTo="
+    assert error.message == "no handler: set one of Exec=, Forward=, PassTo= or Unit="
 
 
 def test_two_handlers(tmp_path: Path) -> None:
@@ -563,7 +563,7 @@ def test_two_handlers(tmp_path: Path) -> None:
     assert (error.line, error.message) == (
         4,
         "Exec= conflicts with Forward= on line 2:"
-        " a service has exactly one of Exec=, Forward=, PassTo=",
+        " a service has exactly one of Exec=, Forward=, PassTo=, Unit=",
     )
 
 
@@ -817,7 +817,7 @@ def test_bad_value_is_reported_on_its_line(
 def test_options_that_do_not_fit_the_kind(tmp_path: Path, handler: str, line: str) -> None:
     key = line.split("=")[0]
     kind_key = handler.split("=")[0]
-    wanted = "Forward= or PassTo=" if key == "ConnectTimeoutSec" else "Exec="
+    wanted = "Forward=, PassTo= or Unit=" if key == "ConnectTimeoutSec" else "Exec="
     error = only_error(load_text(tmp_path, f"[Service]\n{handler}\n\n{line}\n"))
     assert (error.line, error.message) == (
         4,

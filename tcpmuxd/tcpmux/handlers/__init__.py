@@ -19,12 +19,13 @@ from tcpmuxd.tcpmux.handlers.base import Handler, StartError, oserror_text
 from tcpmuxd.tcpmux.handlers.exec import Exec
 from tcpmuxd.tcpmux.handlers.forward import Forward
 from tcpmuxd.tcpmux.handlers.passto import PassTo
+from tcpmuxd.tcpmux.handlers.unit import Unit
 
 __all__ = ["KEYS", "KINDS", "SELECTORS", "Exec", "Forward", "Handler", "PassTo", "StartError",
-           "oserror_text"]
+           "Unit", "oserror_text"]
 
 #: Every handler kind, in the order messages list them.
-KINDS: tuple[type[Handler], ...] = (Exec, Forward, PassTo)
+KINDS: tuple[type[Handler], ...] = (Exec, Forward, PassTo, Unit)
 
 #: The key that selects each kind -> the kind's name (``{"Exec": "exec", ...}``).
 SELECTORS: Mapping[str, str] = MappingProxyType({cls.key: cls.kind for cls in KINDS})

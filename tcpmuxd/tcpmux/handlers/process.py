@@ -14,6 +14,12 @@ runs, and the client's bytes behind the name stay unread in the socket for the p
 exec itself can still fail after the ``+`` (the program was checked to be executable; what is
 left is, for instance, a script whose interpreter is missing): such a connection is reset and
 logged (:class:`~tcpmuxd.tcpmux.handlers.base.StartError` with ``replied``).
+
+tcpmuxd-handler(8), which runs a ``Unit=`` service's handlers in their own unit, also passes a
+``commit`` channel to :func:`spawn`: the same process writes ``+PID`` there (tcpmuxd.passfd)
+right before its ``+``, and gives up before the ``+`` when that write fails (tcpmuxd no longer
+waits, and may have answered ``-`` already), so tcpmuxd knows for certain whether a ``+`` can
+have gone out.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import socket
 import subprocess
 from typing import TYPE_CHECKING, Callable, Mapping, NoReturn
 
+from tcpmuxd import passfd
 from tcpmuxd.common.children import reset_signals
 from tcpmuxd.tcpmux.handlers.base import StartError, oserror_text
 from tcpmuxd.tcpmux.protocol import positive
@@ -60,19 +67,31 @@ def _process_limit_reason(handler: Exec) -> str:
     return f"user {handler.user} is at its process limit (RLIMIT_NPROC)"
 
 
-def _acknowledge_in_child(handler: Exec) -> Callable[[], None]:
+def _acknowledge_in_child(handler: Exec, acknowledge: bool,
+                          commit: int | None) -> Callable[[], None]:
     """The ``preexec_fn`` that answers ``+`` from the child: subprocess runs it after the fork,
-    the new session and the user switch, right before closing descriptors and exec'ing.
+    the new session and the user switch, right before closing descriptors and exec'ing. With
+    ``commit`` (a channel to tcpmuxd), it first writes ``+PID`` there.
 
-    It raises (and subprocess reports that to the parent as SubprocessError) only when the new
-    user is over its process limit, before anything is sent. A client that is gone already is
-    not its concern: the handler finds that out by itself, as it would a moment later.
+    It raises (and subprocess reports that to the parent as SubprocessError) only before
+    anything is sent to the client: when the new user is over its process limit, or when the
+    commit cannot be written. A client that is gone already is not its concern: the handler
+    finds that out by itself, as it would a moment later.
     """
     switches_user = handler.uid is not None
 
-    def acknowledge() -> None:
+    def before_exec() -> None:
         if switches_user and _over_process_limit():
             raise OSError("process limit")
+        if commit is not None:
+            line = passfd.answer(passfd.COMMITTED, str(os.getpid()))
+            channel = socket.socket(fileno=commit)
+            try:
+                channel.send(line, socket.MSG_NOSIGNAL)  # raises: no "+" for this client
+            finally:
+                channel.detach()
+        if not acknowledge:
+            return
         out = socket.socket(fileno=1)  # the connection; MSG_NOSIGNAL: SIGPIPE is default here
         try:
             out.send(positive(), socket.MSG_NOSIGNAL)
@@ -81,13 +100,15 @@ def _acknowledge_in_child(handler: Exec) -> Callable[[], None]:
         finally:
             out.detach()
 
-    return acknowledge
+    return before_exec
 
 
 def spawn(handler: Exec, acknowledge: bool, sock: socket.socket,
-          env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+          env: Mapping[str, str], commit: int | None = None) -> subprocess.Popen[bytes]:
     """Start the handler of an Exec= service with ``sock`` (blocking) as fds 0 and 1; with
-    ``Acknowledge=yes`` the child sends the ``+`` just before its exec (module docstring).
+    ``Acknowledge=yes`` the child sends the ``+`` just before its exec (module docstring), and
+    with ``commit`` writes ``+PID`` to that descriptor before (``replied`` then also means
+    "committed").
 
     Raises :class:`StartError`. With Acknowledge=no and no user switch, subprocess uses vfork
     (measured: ~360 us a spawn, as fast as os.posix_spawn); the ``+`` from the child needs a
@@ -98,7 +119,8 @@ def spawn(handler: Exec, acknowledge: bool, sock: socket.socket,
     exit status it reaps (Exec.start: the connection watches it).
     """
     fd = sock.fileno()
-    preexec = _acknowledge_in_child(handler) if acknowledge else None
+    preexec = (_acknowledge_in_child(handler, acknowledge, commit)
+               if acknowledge or commit is not None else None)
     try:
         return subprocess.Popen(
             handler.argv,
@@ -116,6 +138,8 @@ def spawn(handler: Exec, acknowledge: bool, sock: socket.socket,
             preexec_fn=preexec,
         )
     except subprocess.SubprocessError:  # only our preexec_fn raises, before sending anything
+        if handler.uid is None:  # no user switch, so no process limit: the commit failed
+            raise StartError("tcpmuxd stopped waiting before the handler started") from None
         raise StartError(_process_limit_reason(handler)) from None
     except OSError as e:
         # subprocess names the program in the error only when the exec itself failed, which is
