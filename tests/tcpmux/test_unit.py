@@ -22,6 +22,7 @@ import pytest
 
 from privileges import as_nobody
 from tcpmuxd_harness import ROOT, read_all, write_service
+from test_sni import EXEC_HANDLER, Cert, cert, client_context, https_get  # noqa: F401
 
 from tcpmuxd import passfd
 
@@ -142,6 +143,22 @@ def test_acknowledge_no_leaves_the_reply_to_the_handler(services: Path, daemon_f
     write_service(services, "own.conf", f"[Service]\nUnit={unit.path}\nAcknowledge=no\n")
     d = daemon_factory(services)
     assert tcp_reply(d.port, b"own\r\nx") == b"+mine\r\nx"
+
+
+def test_a_tls_client_routed_by_its_server_name_gets_no_plus_line(
+        services: Path, daemon_factory, units, cert: Cert, tmp_path: Path):
+    """ServerName= with Unit=: the helper's handler gets the ClientHello untouched and speaks
+    TLS from its first byte, so nobody may write a "+" line before it (the helper is told
+    via=sni); the client's TLS handshake would fail on one."""
+    script = tmp_path / "tls_handler.py"
+    script.write_text(EXEC_HANDLER)
+    unit = units("tls", [sys.executable, str(script), str(cert.cert), str(cert.key)])
+    write_service(services, "tls.conf",
+                  f"[Service]\nUnit={unit.path}\nServerName=unit.example.test\n")
+    d = daemon_factory(services)
+    body = https_get(d.port, "unit.example.test", client_context(cert))
+    assert body == b"exec unit.example.test\n"
+    d.wait_for_log(" unit.example.test (sni): accepted, handler pid ")
 
 
 def test_max_connections_counts_running_handlers(services: Path, daemon_factory, units):
