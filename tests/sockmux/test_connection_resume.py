@@ -588,3 +588,20 @@ def test_any_cut_loses_nothing_and_duplicates_nothing(keep_cr, keep_rc, chunk, o
     assert bytes(t.r.data[r1]) == up and r1 in t.r.ended
     assert bytes(t.c.data[c2]) == down
     assert not t.c.closed and not t.r.closed
+
+
+def test_both_sides_redialling_resume_each_other():
+    """A FIFO pair or a command link: both sides open the link again, both reattach and send
+    RESUME R; each takes the other's R as the answer."""
+    t = Tunnel()
+    c_sid, r_sid = t.open(t.c)
+    t.c.conn.send_data(c_sid, payload(30_000, 13))
+    t.r.conn.send_data(r_sid, payload(20_000, 14))
+    t.cut(keep_cr=9000, keep_rc=100)
+    t.c.conn.reattach(t.now, HELLO_TIME)
+    t.r.conn.reattach(t.now, HELLO_TIME)
+    t.pump()
+    assert of_type(t.c.events, LinkResumed) and of_type(t.r.events, LinkResumed)
+    assert not of_type(t.r.events, ResumeRequested)
+    assert bytes(t.r.data[r_sid]) == payload(30_000, 13)
+    assert bytes(t.c.data[c_sid]) == payload(20_000, 14)
