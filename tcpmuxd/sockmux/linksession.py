@@ -468,10 +468,10 @@ class Session(asyncio.Protocol):
     def _retire(self, reason: str) -> None:
         """This Session's session goes on in another one (_adopt): end it without touching
         the streams or the connection; its link, if it still has one, is reset."""
-        for timer in (self._timer, self._handshake_timer, self._stall_timer, self._lazy_timer):
-            if timer is not None:
-                timer.cancel()
-        self._timer = self._handshake_timer = self._stall_timer = self._lazy_timer = None
+        self._cancel_timers()
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
         self.closed = True
         self.suspended = self.ready = False
         self.reason = reason
@@ -487,15 +487,19 @@ class Session(asyncio.Protocol):
         if not self.done.done():
             self.done.set_result(reason)
 
+    def _cancel_timers(self) -> None:
+        """The link's timers: keep-alive (or the resume deadline), handshake, stall."""
+        for timer in (self._timer, self._handshake_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._handshake_timer = self._stall_timer = None
+
     def _suspend(self, reason: str) -> None:
         """The link is lost: keep the session for a new link (see the module docstring)."""
         self.conn.suspend(reason, self.loop.time())
         self.suspended = True
         self.ready = False
-        for timer in (self._timer, self._handshake_timer, self._stall_timer):
-            if timer is not None:
-                timer.cancel()
-        self._timer = self._handshake_timer = self._stall_timer = None
+        self._cancel_timers()
         self.link_paused = self.read_paused = False
         transport, self.transport = self.transport, None
         if transport is not None and not transport.is_closing():
@@ -625,10 +629,7 @@ class Session(asyncio.Protocol):
         self.closed = True
         self.reason = reason
         self.ready = False
-        for timer in (self._timer, self._handshake_timer, self._stall_timer):
-            if timer is not None:
-                timer.cancel()
-        self._timer = self._handshake_timer = self._stall_timer = None
+        self._cancel_timers()
         self.conn.close_link(reason)
         streams = list(self.streams.values())
         for stream in streams:

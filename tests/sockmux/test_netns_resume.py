@@ -191,13 +191,16 @@ def start_clients(h: ResumeHosts, label: str) -> list[Client]:
     return clients
 
 
-def wait_in_flight(h: ResumeHosts, clients: list[Client], timeout: float = 20.0) -> None:
-    """Until every stream has moved some data and none has finished (mid-transfer)."""
+def mid_transfer(h: ResumeHosts, label: str, timeout: float = 20.0
+                 ) -> tuple[list[Client], float]:
+    """The clients, once every stream has moved some data and none has finished; and that
+    time (the test cuts the link then)."""
+    clients = start_clients(h, label)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if all(c.received > (256 << 10) for c in clients):
             assert not any(c.ended for c in clients), clients
-            return
+            return clients, time.monotonic()
         time.sleep(0.02)
     raise AssertionError(f"the streams did not get going: {clients}\n{h.logs()}")
 
@@ -213,9 +216,7 @@ def finish(h: ResumeHosts, clients: list[Client]) -> None:
 def test_streams_survive_a_killed_relay(hosts):
     h = hosts
     h.start()
-    clients = start_clients(h, "k")
-    wait_in_flight(h, clients)
-    t_cut = time.monotonic()
+    clients, t_cut = mid_transfer(h, "k")
     h.relay.kill()
     assert h.connector.wait_line(r"streams suspended", t_cut, 5), h.logs()
     assert h.receptor.wait_line(r"streams suspended", t_cut, 5), h.logs()
@@ -230,9 +231,7 @@ def test_streams_survive_a_killed_relay(hosts):
 def test_streams_survive_a_silent_cut_longer_than_the_dead_peer_time(hosts):
     h = hosts
     h.start()
-    clients = start_clients(h, "s")
-    wait_in_flight(h, clients)
-    t_cut = time.monotonic()
+    clients, t_cut = mid_transfer(h, "s")
     ip("-n", h.b, "link", "set", VETH_B, "down")
     try:
         assert h.connector.wait_line(r"peer dead.*streams suspended", t_cut,
@@ -249,9 +248,7 @@ def test_an_outage_longer_than_the_resume_timeout_resets_the_streams_then(hosts)
     h = hosts
     h.resume = 4.0
     h.start()
-    clients = start_clients(h, "x")
-    wait_in_flight(h, clients)
-    t_cut = time.monotonic()
+    clients, t_cut = mid_transfer(h, "x")
     h.relay.kill()
     for who in (h.connector, h.receptor):
         hit = who.wait_line(r"no link resumed the session within 4 s", t_cut, 4.0 + 4)
@@ -270,9 +267,7 @@ def test_an_outage_longer_than_the_resume_timeout_resets_the_streams_then(hosts)
 def test_a_receptor_restarted_during_the_outage_resets_the_streams_at_once(hosts):
     h = hosts
     h.start()
-    clients = start_clients(h, "r")
-    wait_in_flight(h, clients)
-    t_cut = time.monotonic()
+    clients, t_cut = mid_transfer(h, "r")
     h.relay.kill()
     h.receptor.kill()  # its streams die with it: the data server sees them reset
     h.start_receptor("receptor2")
@@ -291,9 +286,7 @@ def test_a_receptor_restarted_during_the_outage_resets_the_streams_at_once(hosts
 def test_a_connector_restarted_during_the_outage_has_the_receptor_reset_at_once(hosts):
     h = hosts
     h.start()
-    clients = start_clients(h, "c")
-    wait_in_flight(h, clients)
-    t_cut = time.monotonic()
+    clients, t_cut = mid_transfer(h, "c")
     h.relay.kill()
     assert h.receptor.wait_line(r"streams suspended", t_cut, 5), h.logs()
     h.connector.kill()  # its clients' streams die with it
@@ -317,9 +310,7 @@ def test_a_replayed_or_racing_link_is_refused_and_the_streams_stay_intact(hosts)
     h.start()
     recorded = bytes(h.relay.recorded)
     assert recorded, "the relay recorded the connector's first link"
-    clients = start_clients(h, "a")
-    wait_in_flight(h, clients)
-    t_cut = time.monotonic()
+    clients, t_cut = mid_transfer(h, "a")
     h.relay.kill()
     assert h.receptor.wait_line(r"streams suspended", t_cut, 5), h.logs()
 
@@ -346,9 +337,7 @@ def test_without_resumption_a_lost_link_resets_the_streams_at_once(hosts):
     h = hosts
     h.resume = 0
     h.start()
-    clients = start_clients(h, "o")
-    wait_in_flight(h, clients)
-    t_cut = time.monotonic()
+    clients, t_cut = mid_transfer(h, "o")
     h.relay.kill()
     for c in clients:
         c.join(CLIENT_TIMEOUT)
