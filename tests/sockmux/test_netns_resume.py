@@ -220,9 +220,13 @@ def test_streams_survive_a_killed_relay(hosts):
     h.relay.kill()
     assert h.connector.wait_line(r"streams suspended", t_cut, 5), h.logs()
     assert h.receptor.wait_line(r"streams suspended", t_cut, 5), h.logs()
+    status = h.connector_notify.wait("STATUS=link lost, 16 streams suspended", t_cut, 5)
+    assert status, h.connector_notify.messages
     time.sleep(OUTAGE)  # the outage itself: nothing to wait for
     h.start_relay()
-    assert h.connector.wait_line(r"session resumed, 16 streams", t_cut, 15), h.logs()
+    hit = h.connector.wait_line(r"session resumed, 16 streams", t_cut, 15)
+    assert hit, h.logs()
+    assert h.connector_notify.wait("STATUS=link up", hit[0], 5), h.connector_notify.messages
     finish(h, clients)
     for who in (h.connector, h.receptor):
         assert not who.matches(r"streams reset|, reset|: down:", t_cut), h.logs()
