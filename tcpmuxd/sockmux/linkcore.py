@@ -41,6 +41,17 @@ __all__ = ["LinkCore"]
 
 _pack_header: Final = HEADER.pack
 _MAX_PINGS: Final = 16
+#: Resumption: acknowledge (RESUME K) at least every this many bytes decoded. The peer keeps
+#: what it sent until then: acknowledging often keeps what it holds, on a fast link, to about
+#: this much (and its buffers reused while still in the CPU's caches), for a 17-byte frame.
+ACK_INTERVAL_MAX: Final = 256 << 10
+
+
+def ack_interval(peer_buffer: int) -> int:
+    """How often we acknowledge: a quarter of the peer's bound, at most ACK_INTERVAL_MAX."""
+    return max(1, min(peer_buffer // 4, ACK_INTERVAL_MAX))
+
+
 _OPEN: Final = ConnectionState.OPEN
 _RESUME: Final = ConnectionState.RESUME
 _SUSPENDED: Final = ConnectionState.SUSPENDED
@@ -576,7 +587,7 @@ class LinkCore:
         f = self._features
         assert f is not None
         self._replay_limit = self.config.resume_buffer
-        self._ack_every = max(1, f.peer_resume_buffer // 4)
+        self._ack_every = ack_interval(f.peer_resume_buffer)
         self._rx_offset = self._rx_acked = rx_offset
         self._rx_link_start = self._rx_mark
         self._capture = True
@@ -714,7 +725,7 @@ class LinkCore:
         assert f is not None
         self._decoder.limit = f.max_frame_size
         self._replay_limit = self.config.resume_buffer
-        self._ack_every = max(1, f.peer_resume_buffer // 4)
+        self._ack_every = ack_interval(f.peer_resume_buffer)
         self._rx_acked = self._rx_offset
         self._rx_link_start = self._rx_mark
         self._capture = True

@@ -605,3 +605,18 @@ def test_both_sides_redialling_resume_each_other():
     assert not of_type(t.r.events, ResumeRequested)
     assert bytes(t.r.data[r_sid]) == payload(30_000, 13)
     assert bytes(t.c.data[c_sid]) == payload(20_000, 14)
+
+
+def test_acknowledgements_keep_what_a_fast_link_holds_small():
+    """RESUME K every quarter of the peer's bound or 256 KiB, whichever is less: with the
+    default 16 MiB bound the sender holds under 256 KiB (plus a frame) once the link is
+    quiet, not 4 MiB."""
+    from tcpmuxd.sockmux.linkcore import ACK_INTERVAL_MAX, ack_interval
+    assert ack_interval(16 << 20) == ACK_INTERVAL_MAX == 256 << 10
+    assert ack_interval(1 << 16) == 1 << 14
+    cfg = rconfig(stream_window=1 << 20, max_frame_size=16384)
+    t = Tunnel(cfg, cfg)
+    c_sid, r_sid = t.open(t.c)
+    send_all(t.c, c_sid, payload(3 << 20, 15), t)
+    assert bytes(t.r.data[r_sid]) == payload(3 << 20, 15)
+    assert t.c.conn.replay_bytes < ACK_INTERVAL_MAX + 16384
