@@ -20,6 +20,10 @@ X sent and ``ext_X`` the extension announcement X sent (the raw SETOPT data, emp
   man in the middle that alters the negotiation (strips half-close, lowers limits) breaks the
   proofs.
 
+Resumption (docs/sockmux-protocol.md, section 12) derives a session's id and key from the
+secret and the nonces of the link that started it (:func:`session_keys`), and each side proves
+it holds that key on a new link with :func:`resume_mac`, over the new link's fresh nonces.
+
 This module only computes; the exchange itself (frame type AUTH, ops ``N``/``P``/``F``) is
 driven by :class:`tcpmuxd.sockmux.connection.SockMuxConnection`.
 """
@@ -30,7 +34,8 @@ import hashlib
 import hmac
 
 __all__ = ["NONCE_SIZE", "PROOF_SIZE", "OP_NONCE", "OP_PROOF", "OP_FAIL", "transcript",
-           "make_proof", "check_proof", "check_peer_nonce"]
+           "make_proof", "check_proof", "check_peer_nonce", "session_keys", "resume_mac",
+           "check_resume_mac"]
 
 NONCE_SIZE = 32
 PROOF_SIZE = hashlib.sha256().digest_size  # 32
@@ -78,3 +83,35 @@ def check_peer_nonce(own_nonce: bytes, peer_nonce: bytes) -> str | None:
     if hmac.compare_digest(own_nonce, peer_nonce):
         return "peer sent our own nonce back (reflection)"
     return None
+
+
+_RESUME_DOMAIN = b"sockmuxd-resume-v1\0"
+
+
+def session_keys(secret: bytes, nonce_a: bytes, nonce_b: bytes) -> tuple[bytes, bytes]:
+    """``(session id, resume key)`` of a session whose first link had these two nonces.
+
+    The nonces are taken in byte order, so both peers derive the same. The id (16 bytes) is a
+    public handle; the key never travels."""
+    lo, hi = sorted((nonce_a, nonce_b))
+    tail = _lp(lo) + _lp(hi)
+    key = hmac.new(secret, _RESUME_DOMAIN + b"key\0" + tail, hashlib.sha256).digest()
+    sid = hmac.new(secret, _RESUME_DOMAIN + b"id\0" + tail, hashlib.sha256).digest()[:16]
+    return sid, key
+
+
+def resume_mac(key: bytes, op: int, session_id: bytes, count: int, prover_nonce: bytes,
+               verifier_nonce: bytes) -> bytes:
+    """The prover's mac in RESUME ``R``/``A``: bound to the session's key, to what it claims
+    (op, id, count) and to this link's fresh nonces (no replay), in the prover's order (no
+    reflection)."""
+    message = b"".join((_RESUME_DOMAIN, b"resume\0", bytes((op,)), _lp(session_id),
+                        count.to_bytes(8, "big"), _lp(prover_nonce), _lp(verifier_nonce)))
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def check_resume_mac(key: bytes, mac: bytes, op: int, session_id: bytes, count: int,
+                     prover_nonce: bytes, verifier_nonce: bytes) -> bool:
+    """Constant-time check of a RESUME mac received from the prover."""
+    expected = resume_mac(key, op, session_id, count, prover_nonce, verifier_nonce)
+    return hmac.compare_digest(expected, mac)

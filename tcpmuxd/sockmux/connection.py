@@ -113,12 +113,13 @@ from typing import Callable, Final
 from ..common.words import counted
 from .events import (
     Authenticated, AuthenticationFailed, DataReceived, DeadPeer, Event, FrameIgnored,
-    HandshakeComplete, LinkClosed, LinkReady, LinkStats, PeerRestarted, Pong, StreamAccepted,
+    HandshakeComplete, LinkClosed, LinkReady, LinkResumed, LinkStats, LinkSuspended,
+    PeerRestarted, Pong, ResumeExpired, ResumeRefused, ResumeRequested, StreamAccepted,
     StreamClosed, StreamEnded, StreamRefused, StreamRequested, WindowUpdated,
 )
 from .frames import (
     AUTH, CLOSE, CLOSED, CONNECT, CONNECTED, CRYPTON, ECHO, ECHOOK, HEADER_SIZE, HELLO,
-    HELLOOK, NO_STREAM, NOOP, SEND, SENDOOB, SENT, SENTOOB, SETOPT, SHUT, Frame,
+    HELLOOK, NO_STREAM, NOOP, RESUME, SEND, SENDOOB, SENT, SENTOOB, SETOPT, SHUT, Frame,
     LocalProtocolError, RemoteProtocolError, connect_text, count_payload, parse_connect,
     parse_count, parse_reason, reason_payload, type_name,
 )
@@ -138,7 +139,8 @@ __all__ = [
     "Event", "HandshakeComplete", "Authenticated", "LinkReady", "AuthenticationFailed",
     "StreamRequested", "StreamAccepted", "StreamRefused", "DataReceived", "WindowUpdated",
     "StreamEnded", "StreamClosed", "PeerRestarted", "Pong", "DeadPeer", "LinkClosed",
-    "FrameIgnored",
+    "FrameIgnored", "LinkSuspended", "ResumeRequested", "LinkResumed", "ResumeRefused",
+    "ResumeExpired",
     "REASON_CLOSE", "REASON_CLOSED", "REASON_NO_SERVER", "REASON_NOT_AUTHENTICATED",
     "REASON_TOO_MANY_STREAMS",
 ]
@@ -210,6 +212,7 @@ _HELLO_STATE: Final = ConnectionState.HELLO
 _SETUP_STATE: Final = ConnectionState.SETUP
 _OPEN_STATE: Final = ConnectionState.OPEN
 _CLOSED_STATE: Final = ConnectionState.CLOSED
+_RESUME_STATE: Final = ConnectionState.RESUME
 
 
 class SockMuxConnection(LinkCore):
@@ -230,13 +233,32 @@ class SockMuxConnection(LinkCore):
         self._by_peer: dict[int, int] = {}
         self._next_id = first_stream_id
         self._streams_opened = self._streams_requested = self._streams_refused = 0
+        #: Streams that send_data() gave less because of the replay bound (resumption).
+        self._room_waiters: set[int] = set()
         super().__init__(config, random_bytes=random_bytes, wall_clock=wall_clock)
 
     def _drop_streams(self) -> tuple[int, ...]:
         closed = tuple(sorted(self._streams))
         self._streams.clear()
         self._by_peer.clear()
+        self._room_waiters.clear()
         return closed
+
+    def _live_stream_ids(self) -> tuple[int, ...]:
+        return tuple(sorted(self._streams))
+
+    def _room_freed(self, events: list[Event]) -> None:
+        waiters = self._room_waiters
+        if not waiters:
+            return
+        room = self._replay_room()
+        if room <= 0:
+            return
+        self._room_waiters = set()
+        for sid in sorted(waiters):
+            s = self._streams.get(sid)
+            if s is not None and s.state in SENDING:
+                events.append(WindowUpdated(sid, min(s.send.available, room)))
 
     # -- public state of the streams ------------------------------------------------------------
 
@@ -330,6 +352,8 @@ class SockMuxConnection(LinkCore):
             self._on_setopt(frame, events)
         elif t == AUTH and self._extension_ok(t):
             self._on_auth(frame, events)
+        elif t == RESUME and self._extension_ok(t):
+            self._on_resume(frame, events)
         elif t == CRYPTON:
             raise RemoteProtocolError("peer started DeleGate's cipher (CRYPTON); not supported, "
                                       "use TLS around the link")
@@ -344,6 +368,14 @@ class SockMuxConnection(LinkCore):
         from the start; the rest waits for the HELLO exchange (they are ignored before it)."""
         if t == HELLO or t == HELLOOK or t == SETOPT or t == CRYPTON:
             return True
+        if self._state is _RESUME_STATE:
+            # Nothing but the RESUME exchange now: positions in the session streams count
+            # from its last frame (docs/sockmux-protocol.md, section 12).
+            if t == RESUME or t == AUTH:
+                return True
+            if t == NOOP or t == ECHO or t == ECHOOK:
+                return False
+            raise RemoteProtocolError(f"{type_name(t)} before the RESUME exchange finished")
         if self._state is _SETUP_STATE:
             self._finish_setup(events)
             if self._state is _CLOSED_STATE:
@@ -536,7 +568,7 @@ class SockMuxConnection(LinkCore):
     # -- streams: calls from the driver ---------------------------------------------------------
 
     def _require_open(self) -> Features:
-        if self._state is not ConnectionState.OPEN:
+        if self._state is not ConnectionState.OPEN and not self._detached:
             raise LocalProtocolError(f"streams need an open link (state {self._state.value})")
         assert self._features is not None
         return self._features
@@ -654,6 +686,11 @@ class SockMuxConnection(LinkCore):
         if s.state not in SENDING:
             raise LocalProtocolError(f"cannot send on stream {stream_id} ({s.state.value})")
         n = min(len(data), s.send.available)
+        if self._replay_limit:  # resumption: what is kept for resending is bounded too
+            room = self._replay_room()
+            if room < n:
+                self._room_waiters.add(s.id)
+                n = room
         if n <= 0:
             return 0
         body: bytes | memoryview

@@ -48,7 +48,7 @@ from . import check, flags, links, native
 from .connection import SockMuxConfig
 from .exits import ExitOpener
 from .flags import UsageError
-from .linkkinds import RECEPTOR, LinkContext
+from .linkkinds import RECEPTOR, REDIAL, LinkContext
 from .session import ENTRANCE_BACKLOG, Hub
 from .tunnel import SEARCH_PATH, Tunnel, TunnelConfigError, load_tunnel
 
@@ -113,7 +113,8 @@ def protocol_config(t: Tunnel) -> SockMuxConfig:
         secret=t.secret, require_auth=t.require_auth, hostname=host, extensions=t.extensions,
         max_streams=t.max_streams, plain_max_streams=min(60, t.max_streams),
         max_frame_size=t.max_frame_size, stream_window=t.stream_window,
-        keepalive_interval=t.keepalive_interval, dead_peer_timeout=t.dead_peer_timeout)
+        keepalive_interval=t.keepalive_interval, dead_peer_timeout=t.dead_peer_timeout,
+        resume_timeout=t.resume_timeout, resume_buffer=t.resume_buffer)
 
 
 # ------------------------------------------------------------------------ entrances
@@ -292,7 +293,8 @@ class Daemon:
             on_change=self._push_status if self.notifier.enabled else None,
             change_delay=STATUS_MIN_INTERVAL,
             hold_timeout=t.hold, first_data_wait=t.first_data_wait, reply_wait=t.reply_wait,
-            stream_log_rate=t.stream_log_rate, send_timeout=t.send_timeout)
+            stream_log_rate=t.stream_log_rate, send_timeout=t.send_timeout,
+            redials=t.kind.upkeep is REDIAL)
         return hub, opener
 
     async def _start(self, opener: ExitOpener) -> None:

@@ -13,7 +13,9 @@ local_addr)``, ``StreamRefused(peer_stream_id, client_addr, entrance_addr, reaso
 ``StreamEnded(stream_id)``, ``StreamClosed(stream_id, reason)``,
 ``PeerRestarted(closed_stream_ids)``, ``Pong(rtt)``, ``DeadPeer(idle, closed_stream_ids)``,
 ``LinkClosed(reason, closed_stream_ids)``, ``FrameIgnored(frame_type, sender, receiver,
-reason)``; and :class:`LinkStats`, what ``SockMuxConnection.stats()`` returns.
+reason)``; with resumption (docs/sockmux-protocol.md, section 12) ``LinkSuspended(reason,
+stream_ids)``, ``ResumeRequested(session_id)``, ``LinkResumed(stream_ids, resent)``,
+``ResumeRefused(reason, closed_stream_ids)``, ``ResumeExpired(closed_stream_ids)``; and :class:`LinkStats`, what ``SockMuxConnection.stats()`` returns.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ __all__ = [
     "Event", "HandshakeComplete", "Authenticated", "LinkReady", "AuthenticationFailed",
     "StreamRequested", "StreamAccepted", "StreamRefused", "DataReceived", "WindowUpdated",
     "StreamEnded", "StreamClosed", "PeerRestarted", "Pong", "DeadPeer", "LinkClosed",
-    "FrameIgnored", "LinkStats",
+    "FrameIgnored", "LinkStats", "LinkSuspended", "ResumeRequested", "LinkResumed",
+    "ResumeRefused", "ResumeExpired",
 ]
 
 
@@ -190,6 +193,49 @@ class LinkClosed(Event):
     """Returned by close_link(): these streams died with the link."""
 
     reason: str
+    closed_stream_ids: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class LinkSuspended(Event):
+    """Resumption: the link is lost (``reason``), its streams are kept for a new link. Close
+    the link transport; keep the streams; the connector re-dials and calls reattach()."""
+
+    reason: str
+    stream_ids: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class ResumeRequested(Event):
+    """Resumption, on a new link: the peer asks to resume session ``session_id``. Call
+    take_over(this connection) on the connection of that session, or refuse_resume()."""
+
+    session_id: bytes
+
+
+@dataclass(slots=True)
+class LinkResumed(Event):
+    """Resumption: the session goes on over the new link; ``resent`` bytes of frames were
+    sent again. Every stream may send again (their windows are as before the loss)."""
+
+    stream_ids: tuple[int, ...]
+    resent: int
+
+
+@dataclass(slots=True)
+class ResumeRefused(Event):
+    """Resumption: the peer no longer has our session (it restarted, or the session expired
+    or changed): these streams are gone; the link goes on as a fresh session (LinkReady)."""
+
+    reason: str
+    closed_stream_ids: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class ResumeExpired(Event):
+    """Resumption: no link resumed the session within resume_timeout: these streams died
+    (reset them, as for a lost link). Terminal."""
+
     closed_stream_ids: tuple[int, ...] = ()
 
 

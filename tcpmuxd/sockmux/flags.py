@@ -147,6 +147,13 @@ FLAGS: tuple[Flag, ...] = (
          f"--accept: links being set up at once, TLS handshakes included, 1 to "
          f"{MAX_PENDING_LINKS_LIMIT}; more are reset when accepted (default "
          f"{DEFAULT_MAX_PENDING_LINKS})", "N"),
+    Flag("resume-timeout", "ResumeTimeoutSec", LIMITS,
+         "between authenticated sockmuxd peers: a lost link's streams wait this long for a new "
+         "link to carry them on, byte-exact (default 60s; 0: off, they are reset at once; up "
+         "to 1d)", "TIME"),
+    Flag("resume-buffer", "ResumeBuffer", LIMITS,
+         "with --resume-timeout: frames kept for resending until the peer confirms them, per "
+         "link; stream data waits above it (default 16M, 64K to 1G)", "SIZE"),
     Flag("failure-delay", "FailureDelaySec", LIMITS,
          "--accept: hold a link that failed before it was up (authentication, handshake "
          "deadline, protocol error) before the reset: 1s after its address's first failure, "

@@ -52,7 +52,7 @@ __all__ = [
     # types
     "NOOP", "HELLO", "HELLOOK", "CONNECT", "CONNECTED", "BIND", "BINDOK", "SEND", "SENT",
     "SENDOOB", "SENTOOB", "CLOSE", "CLOSED", "ECHO", "ECHOOK", "SETOPT", "CRYPTON",
-    "SHUT", "AUTH", "DELEGATE_TYPES", "EXTENSION_TYPES", "TYPE_NAMES", "type_name", "reply_type",
+    "SHUT", "AUTH", "RESUME", "DELEGATE_TYPES", "EXTENSION_TYPES", "TYPE_NAMES", "type_name", "reply_type",
     # options
     "OPT_CONNDATA", "OPT_PACKSIZE", "OPT_AUTH", "OPT_EXTENSIONS", "OPTION_NAMES", "CONNDATA_ON",
     # frames
@@ -62,6 +62,9 @@ __all__ = [
     "Addresses", "connect_text", "parse_connect", "count_payload", "parse_count",
     "reason_payload", "parse_reason", "echo_payload", "parse_echo",
     "setopt_payload", "parse_setopt", "packsize_data", "parse_packsize", "parse_conndata",
+    # resumption
+    "RESUME_NEW", "RESUME_REQUEST", "RESUME_ACCEPT", "RESUME_UNKNOWN", "RESUME_ACK",
+    "SESSION_ID_SIZE", "RESUME_MAC_SIZE", "ResumeMessage", "resume_payload", "parse_resume",
 ]
 
 
@@ -149,22 +152,24 @@ CRYPTON: Final = 0x0C
 
 # Extension types (tcpmuxd). Chosen so that a DeleGate peer can never mistake them for one of
 # its own: bit 0x40 (reply) and 0x80 clear; neither the type, nor type|0x40, nor its low nibble
-# (0x0D, 0x0E) is a DeleGate type. They are only ever sent to a peer that announced the
+# (0x0D, 0x0E, 0x0F) is a DeleGate type. They are only ever sent to a peer that announced the
 # extensions (see connection.py), so a plain peer never even sees them.
 SHUT: Final = 0x3D  # half-close: the sender sends no more data on this stream
 AUTH: Final = 0x3E  # mutual authentication: op byte 'N' nonce / 'P' proof / 'F' failure + data
+RESUME: Final = 0x3F  # resumption: op byte 'N' / 'R' / 'A' / 'U' / 'K' + data (ResumeMessage)
 
 DELEGATE_TYPES: Final = frozenset(
     {NOOP, HELLO, HELLOOK, CONNECT, CONNECTED, BIND, BINDOK, SEND, SENT, SENDOOB, SENTOOB,
      CLOSE, CLOSED, ECHO, ECHOOK, SETOPT, CRYPTON}
 )
-EXTENSION_TYPES: Final = frozenset({SHUT, AUTH})
+EXTENSION_TYPES: Final = frozenset({SHUT, AUTH, RESUME})
 
 TYPE_NAMES: Final = {
     NOOP: "NOOP", HELLO: "HELLO", HELLOOK: "HELLOOK", CONNECT: "CONNECT",
     CONNECTED: "CONNECTED", BIND: "BIND", BINDOK: "BINDOK", SEND: "SEND", SENT: "SENT",
     SENDOOB: "SENDOOB", SENTOOB: "SENTOOB", CLOSE: "CLOSE", CLOSED: "CLOSED", ECHO: "ECHO",
     ECHOOK: "ECHOOK", SETOPT: "SETOPT", CRYPTON: "CRYPTON", SHUT: "SHUT", AUTH: "AUTH",
+    RESUME: "RESUME",
 }
 
 
@@ -533,3 +538,73 @@ def parse_packsize(data: bytes) -> int:
 def parse_conndata(data: bytes) -> bool:
     """CONNDATA option data: DeleGate sends ``01 00``; a first byte of 0 would mean off."""
     return bool(data[:1]) and data[0] != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# RESUME (resumption extension, docs/sockmux-protocol.md section 12)
+
+#: Op bytes of a RESUME frame.
+RESUME_NEW: Final = ord("N")  # no session to resume: a fresh one
+RESUME_REQUEST: Final = ord("R")  # resume session id; I decoded count bytes of yours; mac
+RESUME_ACCEPT: Final = ord("A")  # the answer to R: resumed (same fields)
+RESUME_UNKNOWN: Final = ord("U")  # the answer to R: no such session here; reason text
+RESUME_ACK: Final = ord("K")  # I decoded count bytes of your session stream
+SESSION_ID_SIZE: Final = 16
+RESUME_MAC_SIZE: Final = 32
+_COUNT_LIMIT: Final = 1 << 64
+
+
+@dataclass(slots=True)
+class ResumeMessage:
+    """One RESUME frame's content: ``op``, and the fields that op has (the others empty)."""
+
+    op: int
+    session_id: bytes = b""
+    count: int = 0
+    mac: bytes = b""
+    reason: str = ""
+
+
+def resume_payload(message: ResumeMessage) -> bytes:
+    """The payload of a RESUME frame. Raises :class:`LocalProtocolError` for bad fields."""
+    op = message.op
+    if op == RESUME_NEW:
+        return bytes((op,))
+    if not 0 <= message.count < _COUNT_LIMIT:
+        raise LocalProtocolError(f"RESUME count {message.count} out of range")
+    if op == RESUME_ACK:
+        return bytes((op,)) + message.count.to_bytes(8, "big")
+    if op == RESUME_UNKNOWN:
+        return bytes((op,)) + c_string(message.reason[:200])
+    if op in (RESUME_REQUEST, RESUME_ACCEPT):
+        if len(message.session_id) != SESSION_ID_SIZE or len(message.mac) != RESUME_MAC_SIZE:
+            raise LocalProtocolError("RESUME session id or mac of the wrong size")
+        return (bytes((op,)) + message.session_id + message.count.to_bytes(8, "big")
+                + message.mac)
+    raise LocalProtocolError(f"unknown RESUME op 0x{op:02x}")
+
+
+def parse_resume(payload: bytes, max_length: int) -> ResumeMessage:
+    """A RESUME frame's content; :class:`RemoteProtocolError` for anything malformed."""
+    if not payload:
+        raise RemoteProtocolError("empty RESUME frame")
+    op, body = payload[0], payload[1:]
+    if op == RESUME_NEW:
+        if body:
+            raise RemoteProtocolError("RESUME N with data")
+        return ResumeMessage(op)
+    if op == RESUME_ACK:
+        if len(body) != 8:
+            raise RemoteProtocolError(f"RESUME K of {len(body)} bytes, expected 8")
+        return ResumeMessage(op, count=int.from_bytes(body, "big"))
+    if op == RESUME_UNKNOWN:
+        return ResumeMessage(op, reason=split_c_string(body, max_length, "RESUME reason")[0])
+    if op == RESUME_REQUEST or op == RESUME_ACCEPT:
+        if len(body) != SESSION_ID_SIZE + 8 + RESUME_MAC_SIZE:
+            raise RemoteProtocolError(f"RESUME {chr(op)} of {len(body)} bytes, expected "
+                                      f"{SESSION_ID_SIZE + 8 + RESUME_MAC_SIZE}")
+        return ResumeMessage(op, session_id=body[:SESSION_ID_SIZE],
+                             count=int.from_bytes(body[SESSION_ID_SIZE:SESSION_ID_SIZE + 8],
+                                                  "big"),
+                             mac=body[SESSION_ID_SIZE + 8:])
+    raise RemoteProtocolError(f"unknown RESUME op 0x{op:02x}")

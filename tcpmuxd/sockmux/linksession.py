@@ -17,6 +17,19 @@ a complete transfer), and nothing waits for a peer that is gone. A new link make
 Session (and a new connection object). A link this side cuts before it was up may be held
 before its reset (:mod:`tcpmuxd.sockmux.linkgate`).
 
+Resumption (between authenticated sockmuxd peers, ``SockMuxConfig.resume_timeout``; see
+docs/sockmux-protocol.md, section 12): a link that is lost rather than failed (EOF, a reset,
+a dead peer, a new link that failed before it resumed) *suspends* its session instead: the
+transport is reset, the connection and every stream are kept (the streams go on reading
+and writing their local sockets within their windows), the hub records it
+(``Hub.suspended``) and a timer runs to the resume deadline. The next link's Session adopts
+the suspended one: a side that re-dials (``Hub.redials``) reattaches the connection to its
+new link; a receptor's new link starts with a fresh connection, and when the peer asks to
+resume (``ResumeRequested``) the session it names takes that link over. Then the streams go
+on where they were (``LinkResumed``). A peer that no longer has the session, or a deadline
+that passes, resets the streams as a lost link did before. A protocol error, a failed
+authentication of an established link, and shutdown end the session as before.
+
 Output and memory
 -----------------
 Everything the callbacks of one poll round queued goes out in one ``writelines`` (one writev)
@@ -52,14 +65,20 @@ from .connection import (
     REASON_NO_SERVER,
     Authenticated,
     AuthenticationFailed,
+    ConnectionState,
     DataReceived,
     DeadPeer,
     FrameIgnored,
     HandshakeComplete,
     LinkClosed,
     LinkReady,
+    LinkResumed,
+    LinkSuspended,
     PeerRestarted,
     Pong,
+    ResumeExpired,
+    ResumeRefused,
+    ResumeRequested,
     SockMuxConnection,
     StreamAccepted,
     StreamClosed,
@@ -132,6 +151,8 @@ class Session(asyncio.Protocol):
         self.ever_ready = False
         self.authenticated = False
         self.closed = False
+        #: Resumption: the link is lost, the session (connection, streams) waits for another.
+        self.suspended = False
         self.reason: str | None = None
         self.rtt: float | None = None
         self.started = self.loop.time()
@@ -153,9 +174,19 @@ class Session(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=self.hub.link_high,  # type: ignore[attr-defined]
                                           low=self.hub.link_low)
-        if not self.hub._link_made(self):  # (it names the link: peer, source)
+        hub = self.hub
+        if not hub._link_made(self):  # (it names the link: peer, source)
             return
-        self.conn.initiate_connection(now=self.loop.time())
+        held = hub.suspended if hub.redials else None
+        if held is not None and held.conn.state is ConnectionState.SUSPENDED:
+            self._adopt(held)
+            held._retire("its session goes on over a new link")
+            hub.log_event(f"link {self.peer}: resuming the lost link's session "
+                          f"({len(self.streams)} streams)", SOCKMUX_EVENT="link-resuming",
+                          SOCKMUX_LINK=self.peer)
+            self.conn.reattach(now=self.loop.time())
+        else:
+            self.conn.initiate_connection(now=self.loop.time())
         self.flush_now()
         self._arm_timer()
         self._handshake_timer = self.loop.call_later(self.hub.handshake_timeout,
@@ -189,6 +220,8 @@ class Session(asyncio.Protocol):
             self._abort_timer.cancel()
             self._abort_timer = None
         self.hub.gate.unheld(self)
+        if self.suspended:  # (the transport _suspend reset)
+            return
         if not self.closed:
             self._fail(f"link lost: {exc}" if exc else "link closed")
         if not self.done.done():
@@ -373,7 +406,20 @@ class Session(asyncio.Protocol):
                               SOCKMUX_ENTRANCE=ev.entrance_addr, SOCKMUX_REASON=ev.reason)
         elif isinstance(ev, FrameIgnored):
             hub.debug(f"link {self.peer}: ignored: {ev.reason}")
-        elif isinstance(ev, LinkClosed):
+        elif isinstance(ev, ResumeRequested):
+            self._resume_requested(ev.session_id)
+        elif isinstance(ev, LinkResumed):
+            self._resumed(ev)
+        elif isinstance(ev, ResumeRefused):
+            self._kill_streams(ev.closed_stream_ids, f"link reset: {ev.reason}")
+            hub.log_event(f"link {self.peer}: session not resumed ({ev.reason}): "
+                          f"{len(ev.closed_stream_ids)} suspended streams reset, a fresh "
+                          "session starts", priority=4, SOCKMUX_EVENT="resume-refused",
+                          SOCKMUX_LINK=self.peer, SOCKMUX_REASON=ev.reason)
+        elif isinstance(ev, ResumeExpired):
+            self._fail(f"no link resumed the session within "
+                       f"{hub.config.resume_timeout:g} s (resume timeout)", final=True)
+        elif isinstance(ev, (LinkClosed, LinkSuspended)):
             pass
 
     def _requested(self, ev: StreamRequested) -> None:
@@ -407,6 +453,95 @@ class Session(asyncio.Protocol):
         opening = hub.opener.open(exit_, stream)
         if opening is not None and not opening.done():  # else it failed already, at once
             stream.task = opening
+
+    # -- resumption --------------------------------------------------------------------------
+
+    def _adopt(self, old: Session) -> None:
+        """Carry on ``old``'s session over this link: its connection and its streams. ``old``
+        gets an unused connection: a flush it still has scheduled must not take this one's
+        output."""
+        self.conn, old.conn = old.conn, SockMuxConnection(self.hub.config)
+        self.streams, old.streams = old.streams, {}
+        self.link_blocked, old.link_blocked = old.link_blocked, set()
+        for stream in self.streams.values():
+            stream.session = self
+        self._control_mark = self.conn.control_bytes_queued
+
+    def _retire(self, reason: str) -> None:
+        """This Session's session goes on in another one (_adopt): end it without touching
+        the streams or the connection; its link, if it still has one, is reset."""
+        self._cancel_timers()
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        self.closed = True
+        self.suspended = self.ready = False
+        self.reason = reason
+        hub = self.hub
+        hub.sessions.discard(self)
+        if hub.current is self:
+            hub.current = None
+        if hub.suspended is self:
+            hub.suspended = None
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            reset_transport(transport)
+        if not self.done.done():
+            self.done.set_result(reason)
+
+    def _cancel_timers(self) -> None:
+        """The link's timers: keep-alive (or the resume deadline), handshake, stall."""
+        for timer in (self._timer, self._handshake_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._handshake_timer = self._stall_timer = None
+
+    def _suspend(self, reason: str) -> None:
+        """The link is lost: keep the session for a new link (see the module docstring)."""
+        self.conn.suspend(reason, self.loop.time())
+        self.suspended = True
+        self.ready = False
+        self._cancel_timers()
+        self.link_paused = self.read_paused = False
+        transport, self.transport = self.transport, None
+        if transport is not None and not transport.is_closing():
+            reset_transport(transport)
+        self.hub._link_suspended(self, reason)
+        if not self.done.done():
+            self.done.set_result(reason)
+        self._arm_timer()  # the resume deadline
+
+    def _resume_requested(self, session_id: bytes) -> None:
+        """Receptor: the peer asks this new link to carry on one of our sessions."""
+        hub = self.hub
+        old = hub.session_for(session_id, self)
+        if old is None:
+            hub.log_event(f"link {self.peer}: the peer asks to resume a session this side does "
+                          "not have (restarted, or expired): a fresh session starts",
+                          priority=4, SOCKMUX_EVENT="resume-unknown", SOCKMUX_LINK=self.peer)
+            self._handle(self.conn.refuse_resume("no such session (restarted, or expired)"))
+            return
+        new = self.conn
+        events = old.conn.take_over(new)
+        if new.state is ConnectionState.CLOSED and any(
+                isinstance(ev, AuthenticationFailed) for ev in events):
+            self._handle(events)  # the new link fails; the session stays where it was
+            return
+        self._adopt(old)
+        old._retire("its session goes on over a newer link")
+        self._handle(events)
+
+    def _resumed(self, ev: LinkResumed) -> None:
+        self.hub.log_event(f"link {self.peer}: session resumed, {len(ev.stream_ids)} streams "
+                           f"carried on ({human_bytes(ev.resent)} resent)",
+                           SOCKMUX_EVENT="link-resumed", SOCKMUX_LINK=self.peer,
+                           SOCKMUX_STREAMS=len(ev.stream_ids))
+        self._ready(True)
+        blocked, self.link_blocked = self.link_blocked, set()
+        for stream in list(self.streams.values()):
+            if stream in blocked or stream.pending is not None:
+                stream.kick()
+        self._flush()
 
     def _ready(self, authenticated: bool) -> None:
         self.ready = True
@@ -466,16 +601,27 @@ class Session(asyncio.Protocol):
                 stream.close_local(abort=True)
 
     def close(self, reason: str) -> None:
-        """Close the link (shutdown, replaced by a newer link): every stream is reset."""
-        self._fail(reason)
+        """Close the link (shutdown, replaced by a newer link): every stream is reset, a
+        suspended session's too."""
+        self._fail(reason, final=True)
 
     def _fail(self, reason: str, priority: int = 4, reset: bool = False,
-              penalise: bool = False) -> None:
+              penalise: bool = False, final: bool = False) -> None:
         """Close the link: ``reset`` at once (RST: the peer does not read, there is nothing
         it would get), else after flushing what is queued (at most LINK_CLOSE_LINGER).
         ``penalise``: this side cuts the link for the peer's fault; if it never was up, the
-        hub may hold it for a while before the reset (see admission.py)."""
+        hub may hold it for a while before the reset (see admission.py). With resumption a
+        link that is lost (not ``penalise``d, or one carrying a suspended session) suspends
+        the session instead, unless ``final`` (shutdown, expiry, replaced)."""
         if self.closed:
+            return
+        conn = self.conn
+        if self.suspended:
+            if not final:
+                return
+            self.suspended = False
+        elif not final and conn.resumable and (not penalise or conn.suspended):
+            self._suspend(reason)
             return
         if not reset:
             try:
@@ -485,10 +631,7 @@ class Session(asyncio.Protocol):
         self.closed = True
         self.reason = reason
         self.ready = False
-        for timer in (self._timer, self._handshake_timer, self._stall_timer):
-            if timer is not None:
-                timer.cancel()
-        self._timer = self._handshake_timer = self._stall_timer = None
+        self._cancel_timers()
         self.conn.close_link(reason)
         streams = list(self.streams.values())
         for stream in streams:

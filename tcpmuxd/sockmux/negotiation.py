@@ -18,7 +18,8 @@ from .frames import (
 )
 from .windows import plain_receive_window
 
-__all__ = ["SockMuxConfig", "ExtensionOffer", "Features", "EXTENSIONS_MAGIC", "negotiate"]
+__all__ = ["SockMuxConfig", "ExtensionOffer", "Features", "EXTENSIONS_MAGIC", "negotiate",
+           "RESUME_BUFFER_RANGE"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,6 +61,12 @@ class SockMuxConfig:
     dead_peer_timeout: float = 60.0
     #: SEND frames awaiting their SENT per stream before their counts are merged.
     max_sent_records: int = 64
+    #: Resumption (with authentication, between sockmuxd peers): keep a lost link's streams
+    #: suspended this many seconds for a new link to carry them on; 0 turns it off.
+    resume_timeout: float = 0.0
+    #: Resumption: the unacknowledged frames we keep for resending (stream data waits above
+    #: it; a peer leaving twice as much unacknowledged is a protocol error).
+    resume_buffer: int = 16 << 20
 
     def __post_init__(self) -> None:
         if self.require_auth and not self.secret:
@@ -83,9 +90,19 @@ class SockMuxConfig:
             raise ValueError("need 0 < keepalive_interval < dead_peer_timeout")
         if self.max_sent_records < 1:
             raise ValueError("max_sent_records must be positive")
+        if not 0 <= self.resume_timeout <= 86400:
+            raise ValueError("resume_timeout must be within 0..86400 seconds")
+        if not RESUME_BUFFER_RANGE[0] <= self.resume_buffer <= RESUME_BUFFER_RANGE[1]:
+            raise ValueError(f"resume_buffer must be within {RESUME_BUFFER_RANGE[0]}.."
+                             f"{RESUME_BUFFER_RANGE[1]}")
         c_string(self.hostname)  # ASCII, no NUL
         if not self.hostname or " " in self.hostname:
             raise ValueError("hostname must be a non-empty word")
+
+    @property
+    def resumable(self) -> bool:
+        """We offer resumption (it also needs authentication on the link)."""
+        return self.extensions and self.resume_timeout > 0 and self.secret is not None
 
     @property
     def packsize(self) -> int:
@@ -97,9 +114,11 @@ class SockMuxConfig:
 EXTENSIONS_MAGIC: Final = "sockmuxd/1"
 
 
+#: Accepted values of ``resume_buffer`` (and of the ``resume=`` word).
+RESUME_BUFFER_RANGE: Final = (1 << 16, 1 << 30)
 #: The numeric words of an extension announcement, and their accepted ranges.
 _OFFER_RANGES: Final = {"frame": (MIN_FRAME_SIZE, MAX_FRAME_SIZE), "window": (4096, 1 << 30),
-                 "streams": (1, 0xFFFF - 2)}
+                 "streams": (1, 0xFFFF - 2), "resume": RESUME_BUFFER_RANGE}
 
 
 @dataclass  # read-only by convention (mypyc: no frozen dataclasses)
@@ -107,7 +126,7 @@ class ExtensionOffer:
     """What one side announced in its SETOPT EXTENSIONS text.
 
     Wire form (NUL-terminated ASCII): ``sockmuxd/1 [halfclose] [auth] frame=N window=N
-    streams=N``; unknown words are ignored so that later versions can add more.
+    streams=N [resume=N]``; unknown words are ignored so that later versions can add more.
     """
 
     half_close: bool = False
@@ -115,6 +134,8 @@ class ExtensionOffer:
     frame_size: int | None = None
     window: int | None = None
     max_streams: int | None = None
+    #: Resumption offered, with this replay bound (None: not offered).
+    resume: int | None = None
 
     def encode(self) -> bytes:
         words = [EXTENSIONS_MAGIC]
@@ -123,7 +144,7 @@ class ExtensionOffer:
         if self.auth:
             words.append("auth")
         for key, value in (("frame", self.frame_size), ("window", self.window),
-                           ("streams", self.max_streams)):
+                           ("streams", self.max_streams), ("resume", self.resume)):
             if value is not None:
                 words.append(f"{key}={value}")
         return c_string(" ".join(words))
@@ -150,7 +171,7 @@ class ExtensionOffer:
             values[key] = int(value)
         return cls(half_close="halfclose" in flags, auth="auth" in flags,
                    frame_size=values.get("frame"), window=values.get("window"),
-                   max_streams=values.get("streams"))
+                   max_streams=values.get("streams"), resume=values.get("resume"))
 
 
 @dataclass  # read-only by convention (mypyc: no frozen dataclasses)
@@ -175,10 +196,24 @@ class Features:
     max_streams: int
     #: The peer's extension announcement as text ("" for a plain peer), for logs.
     peer_extensions: str = ""
+    #: Resumption in use (both offered it, and authentication is on).
+    resumption: bool = False
+    #: The peer's replay bound (``resume=``): we acknowledge every quarter of it.
+    peer_resume_buffer: int = 0
 
     @property
     def max_payload(self) -> int:
         return self.max_frame_size - HEADER_SIZE
+
+    def carries(self, other: Features) -> bool:
+        """Whether a link with these features can carry on a session that had ``other``:
+        every frame and window of the session must fit as before."""
+        return (self.resumption and other.resumption and self.half_close == other.half_close
+                and self.conndata == other.conndata
+                and self.max_frame_size == other.max_frame_size
+                and self.send_window == other.send_window
+                and self.receive_window == other.receive_window
+                and self.max_streams == other.max_streams)
 
 
 
@@ -198,14 +233,19 @@ def negotiate(config: SockMuxConfig, offer: ExtensionOffer | None, conndata: boo
         max_streams = min(config.max_streams, offer.max_streams)
     else:
         max_streams = min(config.max_streams, config.plain_max_streams)
+    authentication = offer is not None and config.secret is not None and offer.auth
+    peer_buffer = offer.resume if offer is not None and offer.resume is not None else 0
+    resumption = authentication and peer_buffer > 0 and config.resumable
     return Features(
         extensions=offer is not None,
         half_close=offer is not None and config.half_close and offer.half_close,
-        authentication=offer is not None and config.secret is not None and offer.auth,
+        authentication=authentication,
         conndata=conndata,
         max_frame_size=frame_size,
         send_window=send_window,
         receive_window=recv_window,
         max_streams=max_streams,
         peer_extensions=peer_ext.split(b"\0", 1)[0].decode("ascii", "replace"),
+        resumption=resumption,
+        peer_resume_buffer=peer_buffer if resumption else 0,
     )

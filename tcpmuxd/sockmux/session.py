@@ -10,7 +10,8 @@ local sockets. Its parts, each in its own module:
                    one only once it has authenticated, so a stray connection to a receptor
                    cannot cut a working link), the exits, the daemon's hooks, STATUS=
 ``linksession.py`` :class:`Session`: one link (its transport's protocol), its output batching
-                   and the bound on control frames a peer leaves unread
+                   and the bound on control frames a peer leaves unread; with resumption,
+                   a lost link's session is suspended and a new link's Session adopts it
 ``stream.py``      :class:`Stream`: one forwarded connection, its data path and its phases
 ``holds.py``       streams held before they open (no link yet, first bytes awaited) and EOFs
                    held until a server goes quiet; ``waits.py``, the waits they use
@@ -96,7 +97,8 @@ class Hub:
                  hold_timeout: float = 0.0,
                  first_data_wait: float = FIRST_DATA_WAIT,
                  reply_wait: float = REPLY_WAIT,
-                 send_timeout: float = SEND_TIMEOUT, failure_delay: float = 0.0) -> None:
+                 send_timeout: float = SEND_TIMEOUT, failure_delay: float = 0.0,
+                 redials: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
         self.config = config
         self.exits = dict(exits or {})
@@ -121,6 +123,12 @@ class Hub:
         self.debug_enabled = debug
         self.sessions: set[Session] = set()
         self.current: Session | None = None
+        #: This side opens the links again when they are lost (a connector, a FIFO pair...):
+        #: its new link carries on the suspended session (resumption). A receptor's new link
+        #: starts fresh and is taken over by the session it names.
+        self.redials = redials
+        #: The session whose link was lost and that waits for a new one (resumption).
+        self.suspended: Session | None = None
         self.stats = HubStats()
         self.servers: list[asyncio.AbstractServer] = []
         self.closing = False
@@ -199,6 +207,26 @@ class Hub:
             self.on_ready(session)
         self._changed()
 
+    def _link_suspended(self, session: Session, reason: str) -> None:
+        """A link is lost, its session (and streams) kept for a new link (resumption)."""
+        if self.current is session:
+            self.current = None
+        self.suspended = session
+        timeout = self.config.resume_timeout
+        self.log_event(f"link {session.peer} lost ({reason}): {len(session.streams)} streams "
+                       f"suspended, for a new link to resume within {timeout:g} s",
+                       priority=4, SOCKMUX_EVENT="link-suspended", SOCKMUX_LINK=session.peer,
+                       SOCKMUX_REASON=reason, SOCKMUX_STREAMS=len(session.streams))
+        self._changed()
+
+    def session_for(self, session_id: bytes, asking: Session) -> Session | None:
+        """Resumption: the session (other than ``asking``) whose id a new link names."""
+        for other in self.sessions:
+            if other is not asking and other.conn.resumable and \
+                    other.conn.session_id == session_id:
+                return other
+        return None
+
     def _link_unready(self, session: Session) -> None:
         if self.current is session:
             self.current = None
@@ -211,6 +239,8 @@ class Hub:
         self.sessions.discard(session)
         if self.current is session:
             self.current = None
+        if self.suspended is session:
+            self.suspended = None
         if session.ever_ready:
             self.stats.links_down += 1
         hold = self.gate.link_down(session, reason, streams, priority, penalise, may_hold)
@@ -302,10 +332,13 @@ class Hub:
         """One line for STATUS=: link state, streams, bytes. ``idle`` is the state while no
         link is up or being set up (the daemon's "waiting for the peer on ...")."""
         s = self.current
+        held = self.suspended
         if s is not None and s.ready:
             rtt = f", rtt {s.rtt * 1000:.1f} ms" if s.rtt is not None else ""
             auth = "" if s.authenticated else ", unauthenticated"
             link = f"link up to {s.peer_hello.split()[-1] if s.peer_hello else s.peer}{auth}{rtt}"
+        elif held is not None:
+            link = f"link lost, {len(held.streams)} streams suspended until it is resumed"
         elif self.sessions:
             link = "link handshaking"
         else:

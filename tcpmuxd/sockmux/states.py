@@ -28,7 +28,9 @@ class ConnectionState(FastEnum):
     HELLO = "HELLO"
     SETUP = "SETUP"
     AUTH = "AUTH"
+    RESUME = "RESUME"  # resumption: the RESUME exchange after authentication
     OPEN = "OPEN"
+    SUSPENDED = "SUSPENDED"  # resumption: the link is lost, the streams wait for a new one
     CLOSED = "CLOSED"
 
 
@@ -53,15 +55,23 @@ class AuthState(FastEnum):
 
 _C: Final = ConnectionState
 #: Link transitions: state -> {input: next state}. "fail" covers authentication failure,
-#: dead peer, a remote protocol error and close_link().
+#: dead peer, a remote protocol error, close_link() and an expired resumption. "suspend" (the
+#: link is lost, the session is kept) is only taken by a session with resumption; the states
+#: before OPEN have it once the session is reattached to a new link.
 CONNECTION_TRANSITIONS: Final[dict[ConnectionState, dict[str, ConnectionState]]] = {
     _C.IDLE: {"initiate": _C.HELLO, "fail": _C.CLOSED},
-    _C.HELLO: {"HELLO": _C.HELLO, "first HELLOOK": _C.SETUP, "fail": _C.CLOSED},
+    _C.HELLO: {"HELLO": _C.HELLO, "first HELLOOK": _C.SETUP, "fail": _C.CLOSED,
+               "suspend": _C.SUSPENDED},
     _C.SETUP: {"peer setup done": _C.OPEN, "peer setup done, auth": _C.AUTH,
-               "HELLO (peer restarted)": _C.HELLO, "fail": _C.CLOSED},
-    _C.AUTH: {"peer proof good": _C.OPEN, "HELLO (peer restarted)": _C.HELLO,
-              "fail": _C.CLOSED},
-    _C.OPEN: {"HELLO (peer restarted)": _C.HELLO, "fail": _C.CLOSED},
+               "HELLO (peer restarted)": _C.HELLO, "fail": _C.CLOSED,
+               "suspend": _C.SUSPENDED},
+    _C.AUTH: {"peer proof good": _C.OPEN, "peer proof good, resume": _C.RESUME,
+              "HELLO (peer restarted)": _C.HELLO, "fail": _C.CLOSED, "suspend": _C.SUSPENDED},
+    _C.RESUME: {"fresh session": _C.OPEN, "resumed": _C.OPEN, "taken over": _C.CLOSED,
+                "HELLO (peer restarted)": _C.HELLO, "fail": _C.CLOSED,
+                "suspend": _C.SUSPENDED},
+    _C.OPEN: {"HELLO (peer restarted)": _C.HELLO, "fail": _C.CLOSED, "suspend": _C.SUSPENDED},
+    _C.SUSPENDED: {"reattach": _C.HELLO, "resumed": _C.OPEN, "fail": _C.CLOSED},
     _C.CLOSED: {},
 }
 

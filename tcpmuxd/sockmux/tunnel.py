@@ -64,6 +64,7 @@ from ..common.dropins import (
 )
 from ..common.words import counted
 from .frames import MAX_FRAME_SIZE, MIN_FRAME_SIZE
+from .negotiation import RESUME_BUFFER_RANGE
 from .linkkinds import BY_NAME, KINDS, RECEPTOR, REDIAL, LinkKind, kinds_where
 from .tls import TLSSettings
 
@@ -128,6 +129,12 @@ DEFAULT_HOLD = 3.0
 #: session.FIRST_DATA_WAIT and session.REPLY_WAIT (the Hub's defaults, the same values).
 DEFAULT_FIRST_DATA_WAIT = 0.001
 DEFAULT_REPLY_WAIT = 0.05
+#: ResumeTimeoutSec=: how long a lost link's streams wait for a new link (resumption, between
+#: authenticated sockmuxd peers; docs/sockmux-protocol.md section 12). 0 turns it off.
+DEFAULT_RESUME_TIMEOUT = 60.0
+RESUME_TIMEOUT_LIMIT = 86400.0
+#: ResumeBuffer=: the frames kept for resending, per session (SockMuxConfig.resume_buffer).
+DEFAULT_RESUME_BUFFER = 16 << 20
 STREAM_LOG_RATE_LIMIT = 1_000_000
 # The protocol layer's limits (SockMuxConfig): stream ids are 16 bit with two reserved.
 MAX_STREAMS_LIMIT = 0xFFFF - 2
@@ -400,6 +407,8 @@ class Tunnel:
     hold: float = DEFAULT_HOLD
     first_data_wait: float = DEFAULT_FIRST_DATA_WAIT
     reply_wait: float = DEFAULT_REPLY_WAIT
+    resume_timeout: float = DEFAULT_RESUME_TIMEOUT
+    resume_buffer: int = DEFAULT_RESUME_BUFFER
     description: str = ""
 
     @property
@@ -484,6 +493,8 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType({
     "HoldSec": KeySpec(parse_timespan),
     "FirstDataWaitSec": KeySpec(parse_timespan),
     "ReplyWaitSec": KeySpec(parse_timespan),
+    "ResumeTimeoutSec": KeySpec(bounded(parse_timespan, 0, RESUME_TIMEOUT_LIMIT)),
+    "ResumeBuffer": KeySpec(bounded(parse_size, *RESUME_BUFFER_RANGE)),
 })
 _TLS_DETAIL_KEYS = (
     "TLSCertificate",
@@ -507,6 +518,8 @@ _PLAIN_FIELDS: Mapping[str, tuple[str, Any]] = MappingProxyType({
     "hold": ("HoldSec", DEFAULT_HOLD),
     "first_data_wait": ("FirstDataWaitSec", DEFAULT_FIRST_DATA_WAIT),
     "reply_wait": ("ReplyWaitSec", DEFAULT_REPLY_WAIT),
+    "resume_timeout": ("ResumeTimeoutSec", DEFAULT_RESUME_TIMEOUT),
+    "resume_buffer": ("ResumeBuffer", DEFAULT_RESUME_BUFFER),
     "extensions": ("Extensions", True),
     "description": ("Description", ""),
 })

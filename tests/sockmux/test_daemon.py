@@ -256,9 +256,10 @@ def test_connector_redials_after_the_receptor_restarts(procs, tmp_path, echo, se
     receptor = start(procs, tmp_path, "receptor", receptor_args)
     start(procs, tmp_path, "connector", [
         "--connect", f"127.0.0.1:{link}", "--secret", secret, "--reconnect-max", "1s",
-        "--entrance", f"127.0.0.1:{entrance}", "--hold", "0"])
+        "--entrance", f"127.0.0.1:{entrance}", "--hold", "0", "--resume-timeout", "0"])
     wait_until_works(entrance)
-    # a stream open while the receptor dies is reset, not left hanging
+    # a stream open while the receptor dies is reset, not left hanging (without resumption;
+    # with it, see test_netns_resume.py)
     s = socket.create_connection(("127.0.0.1", entrance), timeout=10)
     s.sendall(b"hello")
     assert s.recv(5) == b"hello"

@@ -158,8 +158,10 @@ class DataServer(NsProc):
 
 class Client(threading.Thread):
     """One stream from host B: enters B, connects to the entrance, sends a 16-byte tag then
-    ``size`` random bytes (None: without end, paced, until the stream dies or ``halt()``),
-    half-closes, and reads what comes back meanwhile.
+    ``size`` random bytes (None: without end, paced, until the stream dies or ``halt()``;
+    with ``paced``, a finite size goes in 64 KiB blocks ``pace`` seconds apart too, so that
+    it is still in flight a known while later), half-closes, and reads what comes back
+    meanwhile.
 
     Once the thread has ended, ``kind`` is how the stream ended as the client saw it: reset
     (a reset on either the reading or the sending side: a socket reports its reset only once,
@@ -167,10 +169,10 @@ class Client(threading.Thread):
     ..., error: ...; ``ended`` is when (monotonic) the first sign of the end came."""
 
     def __init__(self, ns: str, mode: str, label: str, size: int | None,
-                 pace: float = 0.005) -> None:
+                 pace: float = 0.005, paced: bool = False) -> None:
         super().__init__(daemon=True, name=f"client-{label}")
         assert mode in ("H", "E")
-        self.ns, self.mode, self.size, self.pace = ns, mode, size, pace
+        self.ns, self.mode, self.size, self.pace, self.paced = ns, mode, size, pace, paced
         self.tag = (mode + label + "." * 16)[:16]
         self.kind: str | None = None
         self.ended: float | None = None
@@ -244,7 +246,11 @@ class Client(threading.Thread):
             self._send(self.tag.encode())
             if self.size is not None:
                 data = os.urandom(self.size)
-                self._send(data)
+                step = 1 << 16 if self.paced else len(data) or 1
+                for start in range(0, len(data), step):
+                    self._send(data[start:start + step])
+                    if self.paced:
+                        time.sleep(self.pace)
                 self.sock.shutdown(socket.SHUT_WR)
             else:
                 block = os.urandom(1 << 16)
@@ -337,9 +343,11 @@ class Hosts:
         return None
 
     def daemon_args(self, role: str) -> list[str]:
+        # Without resumption: these tests are about a lost link ending its streams
+        # (test_netns_resume.py has them outlive it).
         common = ["--secret", str(self.secret), "--keepalive", f"{KEEPALIVE:g}",
                   "--dead-peer", f"{DEAD_PEER:g}", "--connect-timeout", "2s",
-                  "--name", role]
+                  "--resume-timeout", "0", "--name", role]
         if role == "receptor":
             return [*DAEMON, "--accept", f"{ADDR_A}:{LINK_PORT}",
                     "--exit", f"127.0.0.1:{DATA_PORT}", *common]

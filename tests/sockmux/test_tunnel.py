@@ -375,6 +375,11 @@ _BAD_VALUES = [
     ("HandshakeTimeoutSec", "0",
      "HandshakeTimeoutSec=: '0': the timeout must be greater than zero"),
     ("HoldSec", "-1", "HoldSec=: '-1' is not a time span"),
+    ("ResumeTimeoutSec", "1d 1s", "ResumeTimeoutSec=: '1d 1s' is out of range 0-86400"),
+    ("ResumeTimeoutSec", "-1", "ResumeTimeoutSec=: '-1' is not a time span"),
+    ("ResumeBuffer", "65535", "ResumeBuffer=: '65535' is out of range 65536-1073741824"),
+    ("ResumeBuffer", "1073741825",
+     "ResumeBuffer=: '1073741825' is out of range 65536-1073741824"),
     ("FirstDataWaitSec", "soon", "FirstDataWaitSec=: 'soon' is not a time span"),
     ("ReplyWaitSec", "infinity", "ReplyWaitSec=: 'infinity' is not allowed here"),
     ("Acept", "[::]:1", "unknown key Acept= (did you mean 'Accept'?)"),
@@ -561,6 +566,25 @@ def test_reconnect_only_for_dialing_links(tmp_path: Path, secret: Path) -> None:
     assert only_problem(tmp_path, text)[1].endswith("not to Stdio= ones")
     tunnel = load_body(tmp_path, f"FIFO=/a /b\nSecret={secret}\nExit=tcpmux\nReconnectMaxSec=1\n")
     assert tunnel.reconnect_max == 1
+
+
+def test_resumption_keys_at_their_edges(tmp_path: Path) -> None:
+    """ResumeTimeoutSec= (0: off, up to 1d) and ResumeBuffer= (64K-1G) reach the protocol
+    configuration; one past either end is refused (test_bad_value_is_reported_on_its_line)."""
+    from tcpmuxd.sockmux.daemon import protocol_config
+    secret = tmp_path / "secret"
+    secret.write_text("0123456789abcdef0123456789abcdef\n")
+    secret.chmod(0o600)
+    base = f"Connect=gw:7000\nSecret={secret}\nExit=tcpmux\n"
+    tunnel = load_body(tmp_path, base)
+    assert (tunnel.resume_timeout, tunnel.resume_buffer) == (60.0, 16 << 20)
+    assert protocol_config(tunnel).resumable
+    off = load_body(tmp_path, f"{base}ResumeTimeoutSec=0\n")
+    assert off.resume_timeout == 0 and not protocol_config(off).resumable
+    edge = load_body(tmp_path, f"{base}ResumeTimeoutSec=1d\nResumeBuffer=64K\n")
+    config = protocol_config(edge)
+    assert (config.resume_timeout, config.resume_buffer) == (86400, 65536)
+    assert load_body(tmp_path, f"{base}ResumeBuffer=1G\n").resume_buffer == 1 << 30
 
 
 def test_receptor_limits(tmp_path: Path) -> None:
