@@ -776,7 +776,7 @@ class LinkCore:
         self._reset_link()
         when = hello_time if hello_time is not None else self._wall_clock()
         self._local_hello = hello_text(when, self.config.hostname).encode("ascii")
-        self._queue_link(HELLO, 0, 0, self._local_hello + b"\0")
+        self._queue_link(HELLO, 0, 0, concat(self._local_hello, b"\0"))
         self._transition("reattach")
 
     def take_over(self, new: LinkCore) -> list[Event]:
