@@ -338,7 +338,9 @@ class Hub:
             auth = "" if s.authenticated else ", unauthenticated"
             link = f"link up to {s.peer_hello.split()[-1] if s.peer_hello else s.peer}{auth}{rtt}"
         elif held is not None:
-            link = f"link lost, {len(held.streams)} streams suspended until it is resumed"
+            # (``idle`` says what the link's upkeep does meanwhile: re-dialling, waiting)
+            link = (f"{idle}; {counted(len(held.streams), 'stream')} suspended until the link "
+                    "is resumed")
         elif self.sessions:
             link = "link handshaking"
         else:

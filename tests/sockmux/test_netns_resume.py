@@ -220,7 +220,9 @@ def test_streams_survive_a_killed_relay(hosts):
     h.relay.kill()
     assert h.connector.wait_line(r"streams suspended", t_cut, 5), h.logs()
     assert h.receptor.wait_line(r"streams suspended", t_cut, 5), h.logs()
-    status = h.connector_notify.wait("STATUS=link lost, 16 streams suspended", t_cut, 5)
+    status = h.connector_notify.wait("STATUS=link down: re-dialling, ", t_cut, 5)
+    assert status and "; 16 streams suspended until the link is resumed;" in status[1], \
+        h.connector_notify.messages
     assert status, h.connector_notify.messages
     time.sleep(OUTAGE)  # the outage itself: nothing to wait for
     h.start_relay()
