@@ -135,6 +135,19 @@ class FloodPeer:
             sock.setblocking(True)
         return FloodResult(sent, time.monotonic() - start, stalled, reset, peak)
 
+    def probe(self, value: int, timeout: float = 20.0) -> None:
+        """Send an ECHO carrying ``value`` and read every answer there is (the receptor reads
+        the rest of a flood meanwhile and answers it too) until its ECHOOK comes back."""
+        self.sock.sendall(F.encode_frame(F.ECHO, F.NO_STREAM, F.NO_STREAM, F.echo_payload(value)))
+        decoder = F.FrameDecoder(F.MAX_FRAME_SIZE)
+        deadline = time.monotonic() + timeout
+        while True:
+            assert time.monotonic() < deadline, "no answer to the probe"
+            decoder.feed(self.sock.recv(1 << 20))
+            while (frame := decoder.next_frame()) is not None:
+                if frame.type == F.ECHOOK and F.parse_echo(frame.payload) == value:
+                    return
+
     def tcp_state(self) -> int:
         """The kernel's TCP state of our socket (TCP_INFO's first byte), read without
         touching the receive queue: reading would let the receptor go on."""

@@ -14,7 +14,6 @@ In the pure-Python pass they hold trivially; the compiled pass is the one they g
 from __future__ import annotations
 
 import gc
-import time
 import tracemalloc
 from collections.abc import Callable
 
@@ -102,17 +101,7 @@ def test_a_receptor_flooded_again_and_again_does_not_grow(procs, tmp_path, secre
         after: list[int] = []
         for rnd in range(4):
             assert peer.flood(FLOOD_FRAMES["echo"], proc.p.pid, max_rise_kib=1 << 20).stalled
-            probe = F.encode_frame(F.ECHO, F.NO_STREAM, F.NO_STREAM, F.echo_payload(9000 + rnd))
-            peer.sock.sendall(probe)
-            decoder = F.FrameDecoder(F.MAX_FRAME_SIZE)
-            deadline = time.monotonic() + 30
-            answered = False
-            while not answered:
-                assert time.monotonic() < deadline, "no answer to the probe"
-                decoder.feed(peer.sock.recv(1 << 20))
-                while (frame := decoder.next_frame()) is not None:
-                    answered = answered or (frame.type == F.ECHOOK
-                                            and F.parse_echo(frame.payload) == 9000 + rnd)
+            peer.probe(9000 + rnd, timeout=30)
             after.append(vm_kib(proc.p.pid))
         assert after[-1] - after[0] < 16 << 10, f"VmRSS after each round (KiB): {after}"
     finally:

@@ -117,19 +117,7 @@ def test_a_peer_that_reads_within_the_send_timeout_keeps_its_link(procs, tmp_pat
         peer.reach("up", SECRET)
         assert peer.flood(FLOOD_FRAMES["echo"], proc.p.pid).stalled
         time.sleep(timeout / 2)
-        # Read every answer there is (the receptor reads the rest of the flood meanwhile and
-        # answers it too), until a fresh ECHO of ours comes back.
-        probe = F.encode_frame(F.ECHO, F.NO_STREAM, F.NO_STREAM, F.echo_payload(424242))
-        peer.sock.sendall(probe)
-        decoder = F.FrameDecoder(F.MAX_FRAME_SIZE)
-        deadline = time.monotonic() + 20
-        answered = False
-        while not answered:
-            assert time.monotonic() < deadline, "no answer to the probe"
-            decoder.feed(peer.sock.recv(1 << 20))
-            while (frame := decoder.next_frame()) is not None:
-                answered = answered or (frame.type == F.ECHOOK
-                                        and F.parse_echo(frame.payload) == 424242)
+        peer.probe(424242)  # every answer read, until a fresh ECHO of ours comes back
         assert peer.tcp_state() == 1  # ESTABLISHED
         assert "does not read" not in proc.text()
         # Past the timeout, unread: cut, and not before the timeout has passed.
