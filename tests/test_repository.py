@@ -1,6 +1,6 @@
 """The repository stands on its own: no file points at places that only exist on the machine
-it was written on (absolute /work/ paths, ../shared/, the team's reference folder and notes),
-and every relative link in its Markdown documents leads to a file of the repository.
+it was written on (absolute paths of its work tree, ../shared/, the team's reference folder and
+notes), and every relative link in its Markdown documents leads to a file of the repository.
 
 A fresh clone anywhere has nothing but the repository, so tests, code and documents that need
 such a place fail or mislead there (the DeleGate captures the SockMux tests read now live in
@@ -18,7 +18,7 @@ from tcpmuxd_harness import ROOT
 
 #: Places outside the repository that files of this project have pointed at.
 OUTSIDE = re.compile(
-    r"/work/"
+    r"/wor[k]/"  # (a class, so that this file does not name the place it looks for)
     r"|\.\./shared\b"
     r"|\breference/(?:vectors|sockmux-wire|delegate-sockmux|rfc1078)"
     r"|\bDESIGN\.md\b"
