@@ -167,7 +167,25 @@ class Notify:
         self.sock.close()
 
 
-class Daemon:
+class LogFile:
+    """What a process under test wrote to ``log_path`` (its standard error), and a bounded
+    wait for a text in it."""
+
+    log_path: Path
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged within {timeout}s:\n{self.output()}")
+            time.sleep(0.02)
+        return self.output()
+
+
+class Daemon(LogFile):
     """tcpmuxd running standalone on loopback.
 
     Without ``port`` it binds port 0 and reads the port the kernel chose from its start-up line,
@@ -213,17 +231,6 @@ class Daemon:
 
     def connect(self, timeout: float = 5.0) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
-        deadline = time.monotonic() + timeout
-        while text not in self.output():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not logged within {timeout}s:\n{self.output()}")
-            time.sleep(0.02)
-        return self.output()
 
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)

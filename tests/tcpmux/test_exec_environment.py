@@ -46,7 +46,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,8 @@ from typing import Iterator
 
 import pytest
 
-from tcpmuxd_harness import ROOT, PYTHON, NotifySocket, free_port, read_all, write_service
+from tcpmuxd_harness import (ROOT, PYTHON, LogFile, NotifySocket, free_port, read_all,
+                             write_service)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -227,24 +227,13 @@ def config(services: Path, probes: Probes) -> Path:
 
 
 @dataclass
-class Server:
+class Server(LogFile):
     """tcpmuxd in one of its modes: where to connect and where its stderr goes."""
 
     mode: str
     port: int
     log_path: Path
     proc: subprocess.Popen
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
-        deadline = time.monotonic() + timeout
-        while text not in self.output():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not logged within {timeout}s:\n{self.output()}")
-            time.sleep(0.02)
-        return self.output()
 
 
 def _stop(proc: subprocess.Popen) -> None:
