@@ -32,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -156,12 +157,29 @@ class DataServer(NsProc):
 # --------------------------------------------------------------------------- clients
 
 
+#: The random block a finite stream repeats: a prime number of bytes, so no frame or window
+#: size divides it, and a loss or repetition in the stream shows in its length or its SHA-256
+#: (which the check compares) unless it were exactly a multiple of this, twice over.
+PATTERN_BLOCK = (1 << 20) + 7
+
+
+def pattern(size: int, step: int) -> Iterator[memoryview]:
+    """``size`` bytes in pieces of at most ``step``: one fresh random block repeated, so a
+    stream of 32 MiB holds 1 MiB of memory rather than 32."""
+    block = os.urandom(PATTERN_BLOCK)
+    doubled = memoryview(block + block)
+    at = 0
+    while size > 0:
+        n = min(step, size, PATTERN_BLOCK)
+        yield doubled[at:at + n]
+        at = (at + n) % PATTERN_BLOCK
+        size -= n
+
+
 class Client(threading.Thread):
     """One stream from host B: enters B, connects to the entrance, sends a 16-byte tag then
-    ``size`` random bytes (None: without end, paced, until the stream dies or ``halt()``;
-    with ``paced``, a finite size goes in 64 KiB blocks ``pace`` seconds apart too, so that
-    it is still in flight a known while later), half-closes, and reads what comes back
-    meanwhile.
+    ``size`` random bytes (None: without end, 64 KiB every ``pace`` seconds, until the stream
+    dies or ``halt()``), half-closes, and reads what comes back meanwhile.
 
     Once the thread has ended, ``kind`` is how the stream ended as the client saw it: reset
     (a reset on either the reading or the sending side: a socket reports its reset only once,
@@ -169,10 +187,10 @@ class Client(threading.Thread):
     ..., error: ...; ``ended`` is when (monotonic) the first sign of the end came."""
 
     def __init__(self, ns: str, mode: str, label: str, size: int | None,
-                 pace: float = 0.005, paced: bool = False) -> None:
+                 pace: float = 0.005) -> None:
         super().__init__(daemon=True, name=f"client-{label}")
         assert mode in ("H", "E")
-        self.ns, self.mode, self.size, self.pace, self.paced = ns, mode, size, pace, paced
+        self.ns, self.mode, self.size, self.pace = ns, mode, size, pace
         self.tag = (mode + label + "." * 16)[:16]
         self.kind: str | None = None
         self.ended: float | None = None
@@ -245,12 +263,8 @@ class Client(threading.Thread):
         try:
             self._send(self.tag.encode())
             if self.size is not None:
-                data = os.urandom(self.size)
-                step = 1 << 16 if self.paced else len(data) or 1
-                for start in range(0, len(data), step):
-                    self._send(data[start:start + step])
-                    if self.paced:
-                        time.sleep(self.pace)
+                for piece in pattern(self.size, 1 << 20):
+                    self._send(piece)
                 self.sock.shutdown(socket.SHUT_WR)
             else:
                 block = os.urandom(1 << 16)
