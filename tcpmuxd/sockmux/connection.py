@@ -114,8 +114,8 @@ from ..common.words import counted
 from .events import (
     Authenticated, AuthenticationFailed, DataReceived, DeadPeer, Event, FrameIgnored,
     HandshakeComplete, LinkClosed, LinkReady, LinkResumed, LinkStats, LinkSuspended,
-    PeerRestarted, Pong, ResumeExpired, ResumeRefused, ResumeRequested, StreamAccepted,
-    StreamClosed, StreamEnded, StreamRefused, StreamRequested, WindowUpdated,
+    PeerRestarted, Pong, ResumeExpired, ResumeRefused, ResumeRequested, SessionEnded,
+    StreamAccepted, StreamClosed, StreamEnded, StreamRefused, StreamRequested, WindowUpdated,
 )
 from .frames import (
     AUTH, CLOSE, CLOSED, CONNECT, CONNECTED, CRYPTON, ECHO, ECHOOK, HEADER_SIZE, HELLO,
@@ -140,7 +140,7 @@ __all__ = [
     "StreamRequested", "StreamAccepted", "StreamRefused", "DataReceived", "WindowUpdated",
     "StreamEnded", "StreamClosed", "PeerRestarted", "Pong", "DeadPeer", "LinkClosed",
     "FrameIgnored", "LinkSuspended", "ResumeRequested", "LinkResumed", "ResumeRefused",
-    "ResumeExpired",
+    "ResumeExpired", "SessionEnded",
     "REASON_CLOSE", "REASON_CLOSED", "REASON_NO_SERVER", "REASON_NOT_AUTHENTICATED",
     "REASON_TOO_MANY_STREAMS",
 ]
@@ -686,7 +686,9 @@ class SockMuxConnection(LinkCore):
         if s.state not in SENDING:
             raise LocalProtocolError(f"cannot send on stream {stream_id} ({s.state.value})")
         n = min(len(data), s.send.available)
-        if self._replay_limit:  # resumption: what is kept for resending is bounded too
+        # Resumption: what is kept for resending is bounded too. Kept and queued bytes are at
+        # least what _replay_room() counts: below the bound, that call is not needed.
+        if self._replay_limit and self._replay_bytes + self._out_bytes + n > self._replay_limit:
             room = self._replay_room()
             if room < n:
                 self._room_waiters.add(s.id)

@@ -29,7 +29,7 @@ __all__ = [
     "StreamRequested", "StreamAccepted", "StreamRefused", "DataReceived", "WindowUpdated",
     "StreamEnded", "StreamClosed", "PeerRestarted", "Pong", "DeadPeer", "LinkClosed",
     "FrameIgnored", "LinkStats", "LinkSuspended", "ResumeRequested", "LinkResumed",
-    "ResumeRefused", "ResumeExpired",
+    "ResumeRefused", "ResumeExpired", "SessionEnded",
 ]
 
 
@@ -226,6 +226,17 @@ class LinkResumed(Event):
 class ResumeRefused(Event):
     """Resumption: the peer no longer has our session (it restarted, or the session expired
     or changed): these streams are gone; the link goes on as a fresh session (LinkReady)."""
+
+    reason: str
+    closed_stream_ids: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class SessionEnded(Event):
+    """Resumption: the peer ends the session (it is stopping: RESUME E) rather than leaving
+    it to wait for a link that will not come: these streams are gone (reset them now, not
+    when the resume timeout passes); the link carries no session any more, so its loss
+    is a plain LinkClosed, and the next link starts a fresh one."""
 
     reason: str
     closed_stream_ids: tuple[int, ...] = ()

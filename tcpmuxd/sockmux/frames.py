@@ -64,6 +64,7 @@ __all__ = [
     "setopt_payload", "parse_setopt", "packsize_data", "parse_packsize", "parse_conndata",
     # resumption
     "RESUME_NEW", "RESUME_REQUEST", "RESUME_ACCEPT", "RESUME_UNKNOWN", "RESUME_ACK",
+    "RESUME_END",
     "SESSION_ID_SIZE", "RESUME_MAC_SIZE", "ResumeMessage", "resume_payload", "parse_resume",
 ]
 
@@ -549,6 +550,7 @@ RESUME_REQUEST: Final = ord("R")  # resume session id; I decoded count bytes of 
 RESUME_ACCEPT: Final = ord("A")  # the answer to R: resumed (same fields)
 RESUME_UNKNOWN: Final = ord("U")  # the answer to R: no such session here; reason text
 RESUME_ACK: Final = ord("K")  # I decoded count bytes of your session stream
+RESUME_END: Final = ord("E")  # the session ends here (the sender stops); reason text
 SESSION_ID_SIZE: Final = 16
 RESUME_MAC_SIZE: Final = 32
 _COUNT_LIMIT: Final = 1 << 64
@@ -574,7 +576,7 @@ def resume_payload(message: ResumeMessage) -> bytes:
         raise LocalProtocolError(f"RESUME count {message.count} out of range")
     if op == RESUME_ACK:
         return concat(bytes((op,)), message.count.to_bytes(8, "big"))
-    if op == RESUME_UNKNOWN:
+    if op == RESUME_UNKNOWN or op == RESUME_END:
         return concat(bytes((op,)), c_string(message.reason[:200]))
     if op in (RESUME_REQUEST, RESUME_ACCEPT):
         if len(message.session_id) != SESSION_ID_SIZE or len(message.mac) != RESUME_MAC_SIZE:
@@ -597,7 +599,7 @@ def parse_resume(payload: bytes, max_length: int) -> ResumeMessage:
         if len(body) != 8:
             raise RemoteProtocolError(f"RESUME K of {len(body)} bytes, expected 8")
         return ResumeMessage(op, count=int.from_bytes(body, "big"))
-    if op == RESUME_UNKNOWN:
+    if op == RESUME_UNKNOWN or op == RESUME_END:
         return ResumeMessage(op, reason=split_c_string(body, max_length, "RESUME reason")[0])
     if op == RESUME_REQUEST or op == RESUME_ACCEPT:
         if len(body) != SESSION_ID_SIZE + 8 + RESUME_MAC_SIZE:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hmac as _hmac
 import os
 import struct
-from collections import deque
 from datetime import datetime
 from typing import Callable, Final
 
@@ -23,12 +22,12 @@ from . import auth as _auth
 from .events import (
     Authenticated, AuthenticationFailed, DeadPeer, Event, FrameIgnored, HandshakeComplete,
     LinkClosed, LinkReady, LinkResumed, LinkSuspended, PeerRestarted, Pong, ResumeExpired,
-    ResumeRefused, ResumeRequested,
+    ResumeRefused, ResumeRequested, SessionEnded,
 )
 from .frames import (
     AUTH, CONNDATA_ON, ECHO, ECHOOK, HEADER, HEADER_SIZE, HELLO, HELLOOK,
     INITIAL_FRAME_SIZE, NO_STREAM, OPT_AUTH, OPT_CONNDATA, OPT_EXTENSIONS, OPT_PACKSIZE,
-    OPTION_NAMES, RESUME, RESUME_ACCEPT, RESUME_ACK, RESUME_NEW, RESUME_REQUEST,
+    OPTION_NAMES, RESUME, RESUME_ACCEPT, RESUME_ACK, RESUME_END, RESUME_NEW, RESUME_REQUEST,
     RESUME_UNKNOWN, SETOPT, SHUT, VERSION, Chunk, Frame, FrameDecoder, LocalProtocolError,
     RemoteProtocolError, ResumeMessage, c_string, concat, echo_payload, encode_frame, encode_header,
     hello_text, parse_conndata, parse_echo, parse_hello, parse_packsize, parse_resume,
@@ -136,12 +135,17 @@ class LinkCore:
         #: frames queued go into the replay only, the handshake's into _link_out.
         self._detached = False
         self._suspended_at: float | None = None
-        #: Frames of the session stream sent (or queued while detached), not acknowledged.
-        self._replay: deque[Chunk] = deque()
+        #: Frames of the session stream sent (or queued while detached), not acknowledged:
+        #: their chunks from _replay_head on. A list, not a deque: list.append() is a C call
+        #: from compiled code where deque.extend() is a method lookup (2 % of a round trip),
+        #: and the chunks of one write are not kept as a list of their own (every kept list
+        #: is a container the garbage collector walks: another 2 %).
+        self._replay: list[Chunk] = []
+        self._replay_head = 0
         self._replay_bytes = 0
-        self._replay_start = 0  # session position of _replay[0]: what the peer acknowledged
-        self._tx_total = 0  # session position after the last frame kept
+        self._replay_start = 0  # session position of the first kept byte: the peer's last K
         self._replay_limit = 0  # our resume_buffer once resumption is on, else 0: off
+        self._replay_cap = 0  # twice that: a peer leaving more unacknowledged loses its link
         self._capture = False  # data_to_send() keeps what it returns (from _capture_from)
         self._capture_from = 0  # index in _out of the first session frame
         self._skip_bytes = 0  # bytes in _out before it
@@ -149,6 +153,9 @@ class LinkCore:
         self._rx_link_start = 0  # _bytes_received - undecoded at that point
         self._rx_acked = 0  # the last position we acknowledged (K)
         self._ack_every = 0
+        #: _bytes_received from which the next K may be due (_after_read's cheap pre-check;
+        #: 0 when the peer leaves too much unacknowledged)
+        self._ack_due = 0
 
     def _reset_link(self) -> None:
         """Forget the handshake of the link (a reattached session keeps the rest)."""
@@ -547,25 +554,41 @@ class LinkCore:
             n -= self._skip_bytes
             self._capture_from = self._skip_bytes = 0
         if out:
-            self._replay.extend(out)
+            replay = self._replay
+            for chunk in out:  # compiled: a C loop of PyList_Append, half what extend() costs
+                replay.append(chunk)
             self._replay_bytes += n
-            self._tx_total += n
+            if self._replay_bytes > self._replay_cap:  # the next read refuses the peer
+                self._ack_due = 0
+
+    def _sent_position(self) -> int:
+        """Session position after the last frame kept: all we sent of the session stream."""
+        return self._replay_start + self._replay_bytes
 
     def _trim(self, position: int) -> None:
         """Forget the kept frames before session position ``position`` (acknowledged)."""
         drop = position - self._replay_start
-        replay = self._replay
-        while drop > 0 and replay:
-            chunk = replay[0]
+        replay, head = self._replay, self._replay_head
+        while drop > 0 and head < len(replay):
+            chunk = replay[head]
             n = len(chunk)
             if n <= drop:
-                replay.popleft()
+                replay[head] = b""  # its memory goes now, the slot with the next compaction
+                head += 1
             else:
-                replay[0] = memoryview(chunk)[drop:]
+                replay[head] = memoryview(chunk)[drop:]
                 n = drop
             drop -= n
             self._replay_bytes -= n
             self._replay_start += n
+        if head > 64 and 2 * head > len(replay):  # amortized: each slot moves at most once
+            del replay[:head]
+            head = 0
+        self._replay_head = head
+
+    def _kept_chunks(self) -> list[Chunk]:
+        """The kept frames, in order, from the peer's last K on: what a resumed link resends."""
+        return self._replay[self._replay_head:]
 
     def _replay_room(self) -> int:
         """Bytes of stream data that may still be sent under the replay bound."""
@@ -573,26 +596,41 @@ class LinkCore:
         return self._replay_limit - self._replay_bytes - pending
 
     def _after_read(self) -> None:
-        """Resumption, after each read on an open link: acknowledge every quarter of the
-        peer's bound, and refuse a peer that leaves far too much unacknowledged."""
+        """Resumption, after a read on an open link that may have made a K due, or once the
+        peer leaves too much unacknowledged (_keep() makes _ack_due 0 then): acknowledge every
+        quarter of the peer's bound, and refuse a peer that leaves twice our bound."""
         position = self._session_received()
         if position - self._rx_acked >= self._ack_every:
             self._rx_acked = position
             self._queue(RESUME, NO_STREAM, NO_STREAM,
                         resume_payload(ResumeMessage(RESUME_ACK, count=position)))
-        if self._replay_bytes > 2 * self._replay_limit:
+        self._schedule_ack()
+        if self._replay_bytes > self._replay_cap:
             raise RemoteProtocolError(
                 f"the peer leaves {self._replay_bytes} bytes of frames unacknowledged "
                 f"(RESUME K), more than twice the bound of {self._replay_limit}")
 
+    def _schedule_ack(self) -> None:
+        """The least _bytes_received at which our position in the peer's stream can be a
+        K interval past the last K (it is less by the bytes still undecoded); 0 while the peer
+        leaves too much unacknowledged."""
+        if self._replay_bytes > self._replay_cap:
+            self._ack_due = 0
+        else:
+            self._ack_due = (self._rx_acked + self._ack_every - self._rx_offset
+                             + self._rx_link_start)
+
     def _begin_session(self, rx_offset: int) -> None:
-        """The session stream starts (again) on this link, after what is queued now."""
+        """The session stream starts (again) on this link, after what is queued now: from
+        here on data_to_send() keeps the frames it returns, and reads count toward K."""
         f = self._features
         assert f is not None
         self._replay_limit = self.config.resume_buffer
+        self._replay_cap = 2 * self._replay_limit
         self._ack_every = ack_interval(f.peer_resume_buffer)
         self._rx_offset = self._rx_acked = rx_offset
         self._rx_link_start = self._rx_mark
+        self._schedule_ack()
         self._capture = True
         self._capture_from = len(self._out)
         self._skip_bytes = self._out_bytes
@@ -660,9 +698,9 @@ class LinkCore:
                 self._resume_key, msg.mac, msg.op, msg.session_id, msg.count, peer_nonce,
                 local_nonce):
             return "the peer's resumption proof is wrong (not the session's peer, or tampering)"
-        if not self._replay_start <= msg.count <= self._tx_total:
+        if not self._replay_start <= msg.count <= self._sent_position():
             return (f"the peer resumes from byte {msg.count} of our session stream, outside "
-                    f"{self._replay_start}..{self._tx_total}")
+                    f"{self._replay_start}..{self._sent_position()}")
         return None
 
     def _on_resume(self, frame: Frame, events: list[Event]) -> None:
@@ -671,12 +709,20 @@ class LinkCore:
         if op == RESUME_ACK:
             if self._state is not _OPEN or not self._replay_limit:
                 raise RemoteProtocolError(f"RESUME K in state {self._state.value}")
-            if msg.count > self._tx_total:
+            if msg.count > self._sent_position():
                 raise RemoteProtocolError(f"RESUME K for byte {msg.count}, beyond the "
-                                          f"{self._tx_total} bytes sent")
+                                          f"{self._sent_position()} bytes sent")
             if msg.count > self._replay_start:
                 self._trim(msg.count)
                 self._room_freed(events)
+            return
+        if op == RESUME_END:
+            if self._state is not _OPEN or not self._replay_limit:
+                raise RemoteProtocolError(
+                    f"RESUME E in state {self._state.value}, no session to end")
+            closed = self._drop_streams()
+            self._end_session()
+            events.append(SessionEnded(msg.reason, closed))
             return
         if self._state is not _RESUME:
             raise RemoteProtocolError(f"RESUME {chr(op)!r} in state {self._state.value}")
@@ -718,7 +764,7 @@ class LinkCore:
         self._trim(peer_position)
         out, queued = self._link_out, self._link_out_bytes
         resent = self._replay_bytes
-        out.extend(self._replay)
+        out.extend(self._kept_chunks())
         self._out, self._out_bytes = out, queued + resent
         self._link_out, self._link_out_bytes = [], 0
         self._detached = False
@@ -727,15 +773,23 @@ class LinkCore:
         f = self._features
         assert f is not None
         self._decoder.limit = f.max_frame_size
-        self._replay_limit = self.config.resume_buffer
-        self._ack_every = ack_interval(f.peer_resume_buffer)
-        self._rx_acked = self._rx_offset
-        self._rx_link_start = self._rx_mark
-        self._capture = True
-        self._capture_from = len(out)
-        self._skip_bytes = self._out_bytes
+        self._begin_session(self._rx_offset)
         self._urgent = True
         return resent
+
+    def end_session(self, reason: str) -> bool:
+        """This side stops for good (shutdown): tell the peer, so that it resets the session's
+        streams at once instead of holding them for a link that will not come (RESUME E;
+        the peer reports SessionEnded). Queue it, flush, then close_link(). Nothing happens
+        without resumption or on a link that does not carry the session (the peer's resume
+        timeout ends a suspended session then). True when RESUME E is queued: the driver
+        should half-close the link after it and read until the peer closes (a close with
+        input unread resets the link, and the reset may destroy RESUME E on its way)."""
+        if self._state is _OPEN and self._replay_limit and not self._detached:
+            self._queue(RESUME, NO_STREAM, NO_STREAM,
+                        resume_payload(ResumeMessage(RESUME_END, reason=reason)))
+            return True
+        return False
 
     def suspend(self, reason: str, now: float | None = None) -> list[Event]:
         """The link is lost (EOF, reset, an error; tick() calls it for a dead peer). With
@@ -817,10 +871,12 @@ class LinkCore:
         self._local_hello, self._peer_hello_raw = new._local_hello, new._peer_hello_raw
         self._local_nonce, self._peer_nonce = new._local_nonce, new._peer_nonce
         self._auth_state = AuthState.SUCCEEDED
+        # the new link's handshake, queued before what we queued while suspended (which
+        # stays in _out and counted in _out_bytes: _attach() keeps it for the session)
         pending = new.data_to_send()
-        self._link_out = pending
-        self._link_out_bytes = sum(len(chunk) for chunk in pending)
-        self._out_bytes = self._link_out_bytes
+        queued = sum(len(chunk) for chunk in pending)
+        self._out_bytes += queued - self._link_out_bytes
+        self._link_out, self._link_out_bytes = pending, queued
         self._send_resume(RESUME_ACCEPT)
         resent = self._attach(msg.count)
         self._transition("resumed")
@@ -886,8 +942,9 @@ class LinkCore:
                     break
                 self._frames_received += 1
                 self._handle(frame, events)
-            if self._replay_limit and self._state is _OPEN:
-                self._after_read()
+            if self._replay_limit and self._bytes_received >= self._ack_due:
+                if self._state is _OPEN:
+                    self._after_read()
         except RemoteProtocolError as exc:
             self._enter_closed()  # streams stay listed until close_link() reports them
             exc.events = events

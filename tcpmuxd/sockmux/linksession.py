@@ -78,6 +78,7 @@ from .connection import (
     Pong,
     ResumeExpired,
     ResumeRefused,
+    SessionEnded,
     ResumeRequested,
     SockMuxConnection,
     StreamAccepted,
@@ -416,6 +417,13 @@ class Session(asyncio.Protocol):
                           f"{len(ev.closed_stream_ids)} suspended streams reset, a fresh "
                           "session starts", priority=4, SOCKMUX_EVENT="resume-refused",
                           SOCKMUX_LINK=self.peer, SOCKMUX_REASON=ev.reason)
+        elif isinstance(ev, SessionEnded):
+            self._kill_streams(ev.closed_stream_ids, f"link reset: the peer ended the session "
+                               f"({ev.reason})")
+            hub.log_event(f"link {self.peer}: the peer ended the session ({ev.reason}): "
+                          f"{counted(len(ev.closed_stream_ids), 'stream')} reset",
+                          priority=4, SOCKMUX_EVENT="session-ended", SOCKMUX_LINK=self.peer,
+                          SOCKMUX_REASON=ev.reason)
         elif isinstance(ev, ResumeExpired):
             self._fail(f"no link resumed the session within "
                        f"{hub.config.resume_timeout:g} s (resume timeout)", final=True)
@@ -602,17 +610,21 @@ class Session(asyncio.Protocol):
 
     def close(self, reason: str) -> None:
         """Close the link (shutdown, replaced by a newer link): every stream is reset, a
-        suspended session's too."""
-        self._fail(reason, final=True)
+        suspended session's too. A resumable session is ended on the link first (RESUME E,
+        flushed by _fail()), so the peer resets its streams now, not after its resume
+        timeout."""
+        ending = not self.closed and not self.suspended and self.conn.end_session(reason)
+        self._fail(reason, final=True, ending=ending)
 
     def _fail(self, reason: str, priority: int = 4, reset: bool = False,
-              penalise: bool = False, final: bool = False) -> None:
+              penalise: bool = False, final: bool = False, ending: bool = False) -> None:
         """Close the link: ``reset`` at once (RST: the peer does not read, there is nothing
         it would get), else after flushing what is queued (at most LINK_CLOSE_LINGER).
         ``penalise``: this side cuts the link for the peer's fault; if it never was up, the
         hub may hold it for a while before the reset (see admission.py). With resumption a
         link that is lost (not ``penalise``d, or one carrying a suspended session) suspends
-        the session instead, unless ``final`` (shutdown, expiry, replaced)."""
+        the session instead, unless ``final`` (shutdown, expiry, replaced). ``ending``: the
+        link carries RESUME E (close()), which must reach the peer before the link ends."""
         if self.closed:
             return
         conn = self.conn
@@ -649,6 +661,12 @@ class Session(asyncio.Protocol):
                 self._abort_timer = self.loop.call_later(hold, self.release)
             elif reset:
                 reset_transport(transport)
+            elif ending and transport.can_write_eof():
+                # RESUME E queued: EOF after it, and the peer's input read (and dropped) until
+                # it closes too; closing with input unread would reset the link instead
+                transport.write_eof()
+                transport.resume_reading()
+                self._abort_timer = self.loop.call_later(LINK_CLOSE_LINGER, transport.abort)
             else:
                 transport.close()
                 self._abort_timer = self.loop.call_later(LINK_CLOSE_LINGER, transport.abort)

@@ -20,9 +20,9 @@ from sockmux_pair import HELLO_TIME, SECRET, config, counter_random, frames_of, 
 from tcpmuxd.sockmux import auth as A
 from tcpmuxd.sockmux import frames as F
 from tcpmuxd.sockmux.connection import (
-    AuthenticationFailed, ConnectionState, DataReceived, DeadPeer, LinkReady, LinkResumed,
-    LinkSuspended, ResumeExpired, ResumeRefused, ResumeRequested, SockMuxConnection,
-    StreamAccepted, StreamClosed, StreamEnded, StreamRequested, WindowUpdated,
+    AuthenticationFailed, ConnectionState, DataReceived, DeadPeer, LinkClosed, LinkReady,
+    LinkResumed, LinkSuspended, ResumeExpired, ResumeRefused, ResumeRequested, SessionEnded,
+    SockMuxConnection, StreamAccepted, StreamClosed, StreamEnded, StreamRequested, WindowUpdated,
 )
 from tcpmuxd.sockmux.frames import LocalProtocolError, RemoteProtocolError
 
@@ -294,6 +294,64 @@ def test_credit_lost_in_flight_is_not_lost_for_good():
     assert bytes(t.r.data[r_sid]) == payload(WINDOW, 3) + payload(3 * WINDOW, 4)
 
 
+def test_what_the_receptor_wrote_during_an_outage_is_kept_through_the_next_one():
+    """The session stream's count includes the frames queued while suspended: the second
+    resume (the peer's count is past them) is accepted, and nothing is lost or repeated."""
+    t = Tunnel()
+    r_sid, c_sid = t.open(t.r)
+    for n, outage in enumerate((b"first outage;", b"second outage;")):
+        t.cut()
+        assert t.r.conn.send_data(r_sid, outage) == len(outage)
+        t.redial()
+        assert len(of_type(t.c.events, LinkResumed)) == n + 1, t.c.events
+        assert not of_type(t.c.events, ResumeRefused)
+    t.pump()
+    assert bytes(t.c.data[c_sid]) == b"first outage;second outage;"
+
+
+@pytest.mark.parametrize("stopping", ["connector", "receptor"])
+def test_a_side_that_stops_ends_the_session_and_the_peer_resets_at_once(stopping):
+    """Shutdown is not an outage: RESUME E makes the peer reset the streams now (not after
+    its resume timeout), and the link's loss then is a plain close, not a suspension."""
+    t = Tunnel()
+    c1, r1 = t.open(t.c)
+    r2, c2 = t.open(t.r)
+    me, peer = (t.c, t.r) if stopping == "connector" else (t.r, t.c)
+    me_conn = t.c.conn if stopping == "connector" else t.r_link
+    me_conn.end_session("sockmuxd is shutting down")
+    t.pump()
+    (ended,) = of_type(peer.events, SessionEnded)
+    assert ended.reason == "sockmuxd is shutting down"
+    assert sorted(ended.closed_stream_ids) == sorted((r1, r2) if peer is t.r else (c1, c2))
+    assert not peer.conn.resumable and peer.conn.stream_count == 0
+    lost = peer.conn.suspend("link lost", t.now)
+    assert [type(e) for e in lost] == [LinkClosed] and lost[0].closed_stream_ids == ()
+    assert not of_type(me.events, SessionEnded)
+
+
+def test_end_session_says_nothing_without_resumption_or_while_suspended():
+    t = Tunnel(c_config=rconfig(resume_timeout=0))
+    t.open(t.c)
+    t.c.conn.end_session("stopping")
+    assert t.c.conn.bytes_to_send() == b""
+    t = Tunnel()
+    t.open(t.c)
+    t.cut()
+    t.c.conn.end_session("stopping")
+    assert t.c.conn.bytes_to_send() == b""
+
+
+def test_resume_e_once_the_session_has_ended_is_a_protocol_error():
+    t = Tunnel()
+    t.open(t.c)
+    end = F.encode_frame(F.RESUME, F.NO_STREAM, F.NO_STREAM,
+                         F.resume_payload(F.ResumeMessage(F.RESUME_END, reason="bye")))
+    t.c.handle(t.c.conn.receive_data(end, now=t.now))
+    assert of_type(t.c.events, SessionEnded)
+    with pytest.raises(RemoteProtocolError, match="RESUME E in state"):
+        t.c.conn.receive_data(end, now=t.now)
+
+
 def test_a_stream_opened_during_the_outage_opens_after_the_resume():
     t = Tunnel()
     t.cut()
@@ -529,7 +587,8 @@ def test_take_over_needs_a_pending_request():
 MESSAGES = st.one_of(
     st.builds(F.ResumeMessage, st.just(F.RESUME_NEW)),
     st.builds(lambda c: F.ResumeMessage(F.RESUME_ACK, count=c), st.integers(0, 2**64 - 1)),
-    st.builds(lambda r: F.ResumeMessage(F.RESUME_UNKNOWN, reason=r),
+    st.builds(lambda op, r: F.ResumeMessage(op, reason=r),
+              st.sampled_from([F.RESUME_UNKNOWN, F.RESUME_END]),
               st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=100)),
     st.builds(lambda op, sid, c, mac: F.ResumeMessage(op, sid, c, mac),
               st.sampled_from([F.RESUME_REQUEST, F.RESUME_ACCEPT]),
@@ -551,7 +610,7 @@ def test_any_resume_payload_parses_or_is_a_protocol_error(data):
         message = F.parse_resume(data, 512)
     except RemoteProtocolError:
         return
-    assert F.resume_payload(message)[:1] == data[:1]
+    assert message.op == data[0]
 
 
 @SETTINGS
@@ -569,8 +628,10 @@ def test_hostile_resume_frames_on_an_open_link_never_crash(data):
 
 @SETTINGS
 @given(keep_cr=st.integers(0, 80_000), keep_rc=st.integers(0, 80_000),
-       chunk=st.sampled_from([None, 1, 13, 4096]), outages=st.integers(1, 3))
-def test_any_cut_loses_nothing_and_duplicates_nothing(keep_cr, keep_rc, chunk, outages):
+       chunk=st.sampled_from([None, 1, 13, 4096]), outages=st.integers(1, 3),
+       while_down=st.integers(0, 5000))
+def test_any_cut_loses_nothing_and_duplicates_nothing(keep_cr, keep_rc, chunk, outages,
+                                                      while_down):
     t = Tunnel(chunk=chunk)
     c1, r1 = t.open(t.c)
     r2, c2 = t.open(t.r)
@@ -580,6 +641,9 @@ def test_any_cut_loses_nothing_and_duplicates_nothing(keep_cr, keep_rc, chunk, o
         sent_up += t.c.conn.send_data(c1, up[sent_up:])
         sent_down += t.r.conn.send_data(r2, down[sent_down:])
         t.cut(keep_cr=keep_cr, keep_rc=keep_rc)
+        # written while suspended (within what the windows still allow)
+        sent_up += t.c.conn.send_data(c1, up[sent_up:sent_up + while_down])
+        sent_down += t.r.conn.send_data(r2, down[sent_down:sent_down + while_down])
         t.redial()
     send_all(t.c, c1, up[sent_up:], t)
     t.c.conn.end_stream(c1)

@@ -11,6 +11,8 @@ so each moves them both ways and checks them (SHA-256) end to end.
 * a silent cut (B's veth down: nothing passes) longer than --dead-peer, shorter than
   --resume-timeout: the same;
 * an outage longer than --resume-timeout: the streams are reset at that time, on both sides;
+* the receptor stopped cleanly (SIGTERM): it ends the session on the link, the connector
+  resets its streams at once rather than suspending them;
 * the receptor restarted during the outage: the connector learns it on the next link and
   resets its streams at once; the connector restarted: its fresh link makes the receptor reset
   the suspended streams at once;
@@ -100,6 +102,8 @@ class Relay(threading.Thread):
         self._writers += [w1, w2]
         await asyncio.gather(self._pipe(r1, w2, self.connections == 1),
                              self._pipe(r2, w1, False))
+        for w in (w1, w2):
+            w.close()
 
     async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter,
                     record: bool) -> None:
@@ -109,7 +113,7 @@ class Relay(threading.Thread):
                     self.recorded += data
                 w.write(data)
                 await w.drain()
-            w.close()
+            w.write_eof()  # a half-close passes on as one, as through a TCP relay or a NAT
         except (OSError, asyncio.CancelledError):
             w.transport.abort()
 
@@ -308,6 +312,22 @@ def test_a_connector_restarted_during_the_outage_has_the_receptor_reset_at_once(
         lambda evs: sum(1 for e in evs if e["ev"] == "end") >= STREAMS, 10)
     assert [e["how"] for e in ends if e["ev"] == "end"] == ["reset"] * STREAMS, ends
     assert all(e["t"] - t_back < 15 for e in ends if e["ev"] == "end"), ends
+
+
+def test_a_stopped_receptor_ends_the_session_and_the_streams_are_reset_at_once(hosts):
+    """systemctl stop is not an outage: the stopping side ends the session on the link
+    (RESUME E) and the other resets its streams now, not after --resume-timeout."""
+    h = hosts
+    h.start()
+    clients, t_cut = mid_transfer(h, "q")
+    assert h.receptor.stop() == 0
+    hit = h.connector.wait_line(r"the peer ended the session \(sockmuxd is shutting down\): "
+                                r"16 streams reset", t_cut, 5)
+    assert hit, h.logs()
+    for c in clients:
+        c.join(CLIENT_TIMEOUT)
+    assert all(c.kind == "reset" and c.ended - t_cut < 5 for c in clients), clients
+    assert not h.connector.matches("suspended", t_cut), h.logs()
 
 
 def test_a_replayed_or_racing_link_is_refused_and_the_streams_stay_intact(hosts):
