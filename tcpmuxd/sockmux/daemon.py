@@ -333,7 +333,8 @@ class Daemon:
         self.hub, opener = self._make_hub()
         link = LinkContext(factory=self.hub.new_session, admit=self.hub.admit_link,
                            tls=t.kind.tls_context(t), environ=self.environ, record=self.record,
-                           state=self._link_state)
+                           state=self._link_state,
+                           suspended=lambda: self.hub.suspended is not None)
         await self._start(opener)
         loop = self.loop
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -235,8 +235,9 @@ class ResumeRefused(Event):
 class SessionEnded(Event):
     """Resumption: the peer ends the session (it is stopping: RESUME E) rather than leaving
     it to wait for a link that will not come: these streams are gone (reset them now, not
-    when the resume timeout passes); the link carries no session any more, so its loss
-    is a plain LinkClosed, and the next link starts a fresh one."""
+    when the resume timeout passes). Close the link: the peer waits for that (reading until
+    then, so that nothing it sent is lost to a reset). The next link starts a fresh session;
+    were the link lost instead, that would be a plain LinkClosed."""
 
     reason: str
     closed_stream_ids: tuple[int, ...] = ()

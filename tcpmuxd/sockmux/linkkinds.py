@@ -42,7 +42,7 @@ import shutil
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ..common.addresses import Endpoint, parse_endpoint
 from ..common.dropins import parse_absolute_path, parse_bool, parse_exec, split_words
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LinkKind", "LinkContext", "Upkeep", "KINDS", "BY_NAME", "RECEPTOR", "REDIAL", "ONCE",
-    "kinds_where",
+    "kinds_where", "redial_pause", "REDIALS_PER_RESUME_WINDOW",
 ]
 
 
@@ -78,6 +78,8 @@ class LinkContext:
     #: "re-dialling ..."), told as it changes: the daemon's STATUS=, and its READY=1 the first
     #: time (the tunnel is up once it listens or dials, not once the peer is there).
     state: Callable[[str], None] = lambda text: None
+    #: A session waits to be resumed over the next link (Hub.suspended): re-dial sooner.
+    suspended: Callable[[], bool] = lambda: False
 
 
 # --------------------------------------------------------------------------- upkeep
@@ -104,10 +106,26 @@ class Receptor(Upkeep):
             server.close()
 
 
+#: While a session waits to be resumed, a connector dials at least this many times within
+#: its resume timeout: the backoff alone (0.5 s doubling up to ReconnectMaxSec=, 30 s) would
+#: dial at 0.5, 1.5, 3.5 ... 31.5 s and then 61.5 s, past a 60 s window, so that a peer back
+#: after 35 s would find its streams reset.
+REDIALS_PER_RESUME_WINDOW: Final = 8
+
+
+def redial_pause(delay: float, t: Tunnel, suspended: bool) -> float:
+    """The backoff's ``delay``, shortened while a session is suspended (see
+    REDIALS_PER_RESUME_WINDOW)."""
+    if suspended and t.resume_timeout > 0:
+        return min(delay, max(0.5, t.resume_timeout / REDIALS_PER_RESUME_WINDOW))
+    return delay
+
+
 class Redial(Upkeep):
     """Open the link; when it ends, or opening fails, open it again after a pause that grows
-    with each failure (from 0.5 s up to ``ReconnectMaxSec=``) and starts over after a link
-    that stayed up. Ends only when cancelled."""
+    with each failure (from 0.5 s up to ``ReconnectMaxSec=``, or an eighth of the resume
+    timeout while a session waits to be resumed) and starts over after a link that stayed
+    up. Ends only when cancelled."""
 
     async def run(self, kind: LinkKind, t: Tunnel, ctx: LinkContext) -> None:
         loop = asyncio.get_running_loop()
@@ -120,7 +138,7 @@ class Redial(Upkeep):
                 session = await kind.open(t, ctx)
             except (OSError, TimeoutError, ValueError) as exc:
                 failures += 1
-                delay = backoff.next_delay()
+                delay = redial_pause(backoff.next_delay(), t, ctx.suspended())
                 text = str(exc) or type(exc).__name__
                 failed = f"{what} failed {counted(failures, 'time')} in a row ({text})"
                 ctx.record(f"{failed}; trying again in {delay:.1f} s",
@@ -135,7 +153,7 @@ class Redial(Upkeep):
             # gets a new one.
             uptime = (loop.time() - session.ready_at) if session.ready_at else 0.0
             backoff.link_closed(uptime)
-            delay = backoff.next_delay()
+            delay = redial_pause(backoff.next_delay(), t, ctx.suspended())
             ctx.record(f"{what}: again in {delay:.1f} s", priority=6, SOCKMUX_EVENT="link-retry")
             ctx.state(f"link down: re-dialling, {what} again in {delay:.1f} s")
             await asyncio.sleep(delay)

@@ -424,6 +424,8 @@ class Session(asyncio.Protocol):
                           f"{counted(len(ev.closed_stream_ids), 'stream')} reset",
                           priority=4, SOCKMUX_EVENT="session-ended", SOCKMUX_LINK=self.peer,
                           SOCKMUX_REASON=ev.reason)
+            # the peer is stopping and waits for this side to close the link
+            self._fail(f"the peer ended the session ({ev.reason})", final=True)
         elif isinstance(ev, ResumeExpired):
             self._fail(f"no link resumed the session within "
                        f"{hub.config.resume_timeout:g} s (resume timeout)", final=True)
@@ -661,10 +663,12 @@ class Session(asyncio.Protocol):
                 self._abort_timer = self.loop.call_later(hold, self.release)
             elif reset:
                 reset_transport(transport)
-            elif ending and transport.can_write_eof():
-                # RESUME E queued: EOF after it, and the peer's input read (and dropped) until
-                # it closes too; closing with input unread would reset the link instead
-                transport.write_eof()
+            elif ending:
+                # RESUME E queued: the peer closes the link once it has read it; until then
+                # its input is read (and dropped), since closing with input unread would
+                # reset the link, and the reset could destroy RESUME E on its way
+                if transport.can_write_eof():
+                    transport.write_eof()
                 transport.resume_reading()
                 self._abort_timer = self.loop.call_later(LINK_CLOSE_LINGER, transport.abort)
             else:

@@ -23,6 +23,7 @@ from tcpmuxd.sockmux.linkkinds import (
     LinkContext,
     inherited_fd,
     kinds_where,
+    redial_pause,
 )
 from tcpmuxd.sockmux.session import Hub
 from tcpmuxd.sockmux.tunnel import KEYS, Tunnel
@@ -171,6 +172,43 @@ def test_redial_and_receptor() -> None:
                 hub.close("test over")
                 if sessions:
                     await asyncio.wait(sessions, timeout=5)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_redial_pause_is_short_while_a_session_waits_to_be_resumed() -> None:
+    def tunnel(resume_timeout: float) -> Tunnel:
+        return Tunnel("c", "connect", address=Endpoint("127.0.0.1", 1), reconnect_max=30.0,
+                      resume_timeout=resume_timeout)
+
+    assert redial_pause(30.0, tunnel(60.0), suspended=False) == 30.0
+    assert redial_pause(30.0, tunnel(60.0), suspended=True) == 7.5
+    assert redial_pause(2.0, tunnel(60.0), suspended=True) == 2.0
+    assert redial_pause(30.0, tunnel(2.0), suspended=True) == 0.5  # never below the first
+    assert redial_pause(30.0, tunnel(0.0), suspended=True) == 30.0  # no resumption
+
+
+def test_a_connector_with_a_suspended_session_keeps_dialling_often() -> None:
+    """Nothing listens: without a suspended session the pauses grow (0.5, 1, 2 s ...); with
+    one they stay at an eighth of the resume timeout (here 0.5 s), so the peer's return is
+    found within the window."""
+    async def main() -> None:
+        config = SockMuxConfig(secret=SECRET, hostname="test")
+        hub, records = Hub(config, name="c"), Records()
+        connect = Tunnel("c", "connect", address=Endpoint("127.0.0.1", _free_port()),
+                         reconnect_max=30.0, resume_timeout=4.0)
+        ctx = LinkContext(factory=hub.new_session, admit=hub.admit_link, tls=None,
+                          environ=dict(os.environ), record=records.record,
+                          suspended=lambda: True)
+        task = asyncio.create_task(connect.kind.upkeep.run(connect.kind, connect, ctx))
+        try:
+            await _until(lambda: records.events().count("link-failed") >= 5, 10)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        pauses = [float(m.rsplit("again in ", 1)[1].split()[0])
+                  for m, f in records.entries if f.get("SOCKMUX_EVENT") == "link-failed"]
+        assert len(pauses) >= 5 and all(p <= 0.5 for p in pauses), pauses
 
     asyncio.run(asyncio.wait_for(main(), 60))
 

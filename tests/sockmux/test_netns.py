@@ -177,20 +177,23 @@ def pattern(size: int, step: int) -> Iterator[memoryview]:
 
 
 class Client(threading.Thread):
-    """One stream from host B: enters B, connects to the entrance, sends a 16-byte tag then
-    ``size`` random bytes (None: without end, 64 KiB every ``pace`` seconds, until the stream
-    dies or ``halt()``), half-closes, and reads what comes back meanwhile.
+    """One stream from host B: enters B (``ns``; None: stays where the test runs), connects
+    to the entrance (``port`` on 127.0.0.1), sends a 16-byte tag then ``size`` random bytes
+    (None: without end, 64 KiB every ``pace`` seconds, until the stream dies or ``halt()``;
+    a finite size goes in 1 MiB pieces, ``gap`` seconds apart: so long in flight at least),
+    half-closes, and reads what comes back meanwhile.
 
     Once the thread has ended, ``kind`` is how the stream ended as the client saw it: reset
     (a reset on either the reading or the sending side: a socket reports its reset only once,
     to whichever call comes first, and a read after that sees EOF), eof, timeout, connect:
     ..., error: ...; ``ended`` is when (monotonic) the first sign of the end came."""
 
-    def __init__(self, ns: str, mode: str, label: str, size: int | None,
-                 pace: float = 0.005) -> None:
+    def __init__(self, ns: str | None, mode: str, label: str, size: int | None,
+                 pace: float = 0.005, port: int = ENTRANCE_PORT, gap: float = 0.0) -> None:
         super().__init__(daemon=True, name=f"client-{label}")
         assert mode in ("H", "E")
-        self.ns, self.mode, self.size, self.pace = ns, mode, size, pace
+        self.ns, self.mode, self.size, self.pace, self.port = ns, mode, size, pace, port
+        self.gap = gap
         self.tag = (mode + label + "." * 16)[:16]
         self.kind: str | None = None
         self.ended: float | None = None
@@ -252,8 +255,9 @@ class Client(threading.Thread):
 
     def run(self) -> None:
         try:
-            enter_netns(self.ns)
-            self.sock = socket.create_connection(("127.0.0.1", ENTRANCE_PORT),
+            if self.ns is not None:
+                enter_netns(self.ns)
+            self.sock = socket.create_connection(("127.0.0.1", self.port),
                                                  timeout=CLIENT_TIMEOUT)
         except OSError as exc:
             self.kind, self.ended = f"connect: {exc!r}", time.monotonic()
@@ -265,6 +269,8 @@ class Client(threading.Thread):
             if self.size is not None:
                 for piece in pattern(self.size, 1 << 20):
                     self._send(piece)
+                    if self.gap:
+                        time.sleep(self.gap)
                 self.sock.shutdown(socket.SHUT_WR)
             else:
                 block = os.urandom(1 << 16)

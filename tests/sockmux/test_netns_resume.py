@@ -31,15 +31,13 @@ Every wait is bounded; the namespaces and processes are removed whatever happens
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import struct
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from netns_harness import NsProc, enter_netns, in_netns, ip
+from netns_harness import NsProc, in_netns, ip
+from relay import Relay
 from test_netns import (
     ADDR_A, CLIENT_TIMEOUT, DAEMON, DATA_PORT, ENTRANCE_PORT, VETH_B, Client, Hosts,
 )
@@ -53,88 +51,6 @@ RESUME = 30.0
 OUTAGE = 3.0
 #: A test's own bound on the whole transfer after the link is back (about 5 s here).
 FINISH = 120.0
-
-
-class Relay(threading.Thread):
-    """A TCP relay in namespace ``ns``: ADDR_A:RELAY_PORT -> 127.0.0.1:LINK_PORT. ``kill()``
-    resets both sockets of every connection (RST) and stops listening. ``recorded`` keeps the
-    bytes the client of the first connection that reached the receptor sent (for replaying them)."""
-
-    def __init__(self, ns: str) -> None:
-        super().__init__(daemon=True, name="relay")
-        self.ns = ns
-        self.started = threading.Event()
-        self.error: BaseException | None = None
-        self.connections = 0
-        self.recorded = bytearray()
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.AbstractServer | None = None
-        self._done: asyncio.Future[None] | None = None
-
-    def run(self) -> None:
-        try:
-            enter_netns(self.ns)
-            self.loop = asyncio.new_event_loop()
-            self.loop.run_until_complete(self._main())
-        except BaseException as exc:  # reported to the test by start_relay()
-            self.error = exc
-            self.started.set()
-
-    async def _main(self) -> None:
-        self._done = asyncio.get_running_loop().create_future()
-        self._server = await asyncio.start_server(self._handle, ADDR_A, RELAY_PORT,
-                                                  reuse_address=True)
-        self.started.set()
-        await self._done
-        tasks = asyncio.all_tasks() - {asyncio.current_task()}
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _handle(self, r1: asyncio.StreamReader, w1: asyncio.StreamWriter) -> None:
-        try:
-            r2, w2 = await asyncio.open_connection("127.0.0.1", LINK_PORT)
-        except OSError:
-            w1.transport.abort()
-            return
-        self.connections += 1
-        self._writers += [w1, w2]
-        await asyncio.gather(self._pipe(r1, w2, self.connections == 1),
-                             self._pipe(r2, w1, False))
-        for w in (w1, w2):
-            w.close()
-
-    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter,
-                    record: bool) -> None:
-        try:
-            while data := await r.read(1 << 16):
-                if record and len(self.recorded) < 1 << 16:
-                    self.recorded += data
-                w.write(data)
-                await w.drain()
-            w.write_eof()  # a half-close passes on as one, as through a TCP relay or a NAT
-        except (OSError, asyncio.CancelledError):
-            w.transport.abort()
-
-    def _kill(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for w in self._writers:
-            sock = w.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                except OSError:
-                    pass
-            w.transport.abort()
-        if self._done is not None and not self._done.done():
-            self._done.set_result(None)
-
-    def kill(self) -> None:
-        if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._kill)
-        self.join(10)
 
 
 class ResumeHosts(Hosts):
@@ -155,9 +71,8 @@ class ResumeHosts(Hosts):
                 "--hold", "1s", *common]
 
     def start_relay(self) -> Relay:
-        relay = Relay(self.a)
-        relay.start()
-        assert relay.started.wait(10) and relay.error is None, relay.error
+        relay = Relay((ADDR_A, RELAY_PORT), ("127.0.0.1", LINK_PORT), ns=self.a)
+        relay.start_listening()
         self.relay = relay
         return relay
 
