@@ -5,7 +5,8 @@ loopback, with 8 streams of 32 MiB through them (each echoed back), lose their l
 mid-transfer and carry on over the next one:
 
 * TLS: the test's relay between them is killed (both sockets reset) and started again; the
-  new link is a new TLS session, authenticated, then resumed;
+  new link is a new TLS session, authenticated, then resumed; and a receptor stopped cleanly
+  ends the session over TLS (no half-close there), its streams reset at once;
 * a command link: the connector's command (a stdio-to-TCP bridge of the test's own, toward
   the receptor) is killed; the connector runs it again, and the new link resumes.
 
@@ -99,34 +100,68 @@ def finish(clients: list[Client], procs: list[Proc]) -> None:
     assert not broken, (broken, [p.text() for p in procs])
 
 
-def test_streams_survive_a_reset_tls_link(procs, tmp_path, echo, secret, sockmux_certs):
-    c = sockmux_certs
-    link, relay_port, entrance = free_port(), free_port(), free_port()
-    receptor = start(procs, tmp_path, "receptor", [
-        "--accept", f"127.0.0.1:{link}", "--tls-cert", c.server_cert, "--tls-key",
-        c.server_key, "--tls-ca", c.ca, *common(secret, echo.port)])
-    relay = Relay(("127.0.0.1", relay_port), ("127.0.0.1", link))
-    relay.start_listening()
+class TlsPair:
+    """A receptor and a connector over TLS, the test's relay between them."""
+
+    def __init__(self, procs: list[Proc], tmp_path: Path, echo_port: int, secret: str,
+                 certs) -> None:
+        self.link, self.relay_port, self.entrance = free_port(), free_port(), free_port()
+        self.receptor = start(procs, tmp_path, "receptor", [
+            "--accept", f"127.0.0.1:{self.link}", "--tls-cert", certs.server_cert,
+            "--tls-key", certs.server_key, "--tls-ca", certs.ca, *common(secret, echo_port)])
+        self.relay = self.start_relay()
+        self.connector = start(procs, tmp_path, "connector", [
+            "--connect", f"127.0.0.1:{self.relay_port}", "--tls-ca", certs.ca, "--tls-cert",
+            certs.client_cert, "--tls-key", certs.client_key, "--tls-server-name",
+            "localhost", "--entrance", f"127.0.0.1:{self.entrance}", "--reconnect-max", "1s",
+            *common(secret, echo_port)])
+        assert wait_log(self.connector, r"up \(authenticated\)", 20), self.connector.text()
+
+    def start_relay(self) -> Relay:
+        self.relay = Relay(("127.0.0.1", self.relay_port), ("127.0.0.1", self.link))
+        self.relay.start_listening()
+        return self.relay
+
+
+@pytest.fixture
+def tls_pair(procs, tmp_path, echo, secret, sockmux_certs):
+    pair: TlsPair | None = None
     try:
-        connector = start(procs, tmp_path, "connector", [
-            "--connect", f"127.0.0.1:{relay_port}", "--tls-ca", c.ca, "--tls-cert",
-            c.client_cert, "--tls-key", c.client_key, "--tls-server-name", "localhost",
-            "--entrance", f"127.0.0.1:{entrance}", "--reconnect-max", "1s",
-            *common(secret, echo.port)])
-        assert wait_log(connector, r"up \(authenticated\)", 20), connector.text()
-        clients = start_streams(entrance, "t")
-        relay.kill()
-        assert wait_log(connector, r"streams? suspended", 10), connector.text()
-        assert wait_log(receptor, r"streams? suspended", 10), receptor.text()
-        time.sleep(1.0)  # the outage
-        relay = Relay(("127.0.0.1", relay_port), ("127.0.0.1", link))
-        relay.start_listening()
-        resumed(connector)
-        finish(clients, procs)
+        pair = TlsPair(procs, tmp_path, echo.port, secret, sockmux_certs)
+        yield pair
     finally:
-        relay.kill()
-    after = re.split(r"streams? suspended", connector.text(), maxsplit=1)[1]
-    assert not re.search(r"streams reset|, reset|: down:", after), connector.text()
+        if pair is not None:
+            pair.relay.kill()
+
+
+def test_streams_survive_a_reset_tls_link(tls_pair, procs):
+    p = tls_pair
+    clients = start_streams(p.entrance, "t")
+    p.relay.kill()
+    assert wait_log(p.connector, r"streams? suspended", 10), p.connector.text()
+    assert wait_log(p.receptor, r"streams? suspended", 10), p.receptor.text()
+    time.sleep(1.0)  # the outage
+    p.start_relay()
+    resumed(p.connector)
+    finish(clients, procs)
+    after = re.split(r"streams? suspended", p.connector.text(), maxsplit=1)[1]
+    assert not re.search(r"streams reset|, reset|: down:", after), p.connector.text()
+
+
+def test_a_receptor_stopped_over_tls_ends_the_session_at_once(tls_pair):
+    """TLS has no half-close: the stopping receptor sends RESUME E and reads until the
+    connector, having reset its streams, closes the link."""
+    p = tls_pair
+    clients = start_streams(p.entrance, "q")
+    t_stop = time.monotonic()
+    assert p.receptor.stop() == 0
+    hit = wait_log(p.connector, r"the peer ended the session \(sockmuxd is shutting down\): "
+                                r"(\d+) streams? reset", 5)
+    assert hit and int(hit[1]) == STREAMS, p.connector.text()
+    for c in clients:
+        c.join(30)
+    assert all(c.kind == "reset" and c.ended - t_stop < 5 for c in clients), clients
+    assert "suspended" not in p.connector.text(), p.connector.text()
 
 
 def bridges(script: str) -> list[int]:
