@@ -13,17 +13,18 @@ from netns_harness import enter_netns
 __all__ = ["Relay"]
 
 
-class Relay(threading.Thread):
+class Relay:
     """A TCP relay of the test's own, ``listen`` -> ``target`` (in network namespace ``ns``, or
     where the test runs), between two sockmuxd: the link's middlebox. A half-close passes on
     as one. ``kill()`` resets both sockets of every connection (RST), as a restarted relay or
     a NAT that forgot the mapping would, and stops listening; a new Relay takes its place.
     ``recorded`` keeps the bytes the client of the first connection sent (for replaying
-    them)."""
+    them). It runs in a thread of its own, not as a Thread subclass: Python 3.13's Thread has
+    private attributes (``_handle``) that a subclass's methods would shadow."""
 
     def __init__(self, listen: tuple[str, int], target: tuple[str, int],
                  ns: str | None = None) -> None:
-        super().__init__(daemon=True, name="relay")
+        self.thread = threading.Thread(target=self._run, daemon=True, name="relay")
         self.listen, self.target, self.ns = listen, target, ns
         self.started = threading.Event()
         self.error: BaseException | None = None
@@ -34,13 +35,13 @@ class Relay(threading.Thread):
         self._server: asyncio.AbstractServer | None = None
         self._done: asyncio.Future[None] | None = None
 
-    def run(self) -> None:
+    def _run(self) -> None:
         try:
             if self.ns is not None:
                 enter_netns(self.ns)
             self.loop = asyncio.new_event_loop()
             self.loop.run_until_complete(self._main())
-        except BaseException as exc:  # reported to the test by start_relay()
+        except BaseException as exc:  # reported to the test by start_listening()
             self.error = exc
             self.started.set()
 
@@ -97,9 +98,10 @@ class Relay(threading.Thread):
     def kill(self) -> None:
         if self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._kill)
-        self.join(10)
+        if self.thread.is_alive():
+            self.thread.join(10)
 
     def start_listening(self) -> None:
-        """start(), and wait until it listens (or raise what stopped it)."""
-        self.start()
+        """Start it, and wait until it listens (or raise what stopped it)."""
+        self.thread.start()
         assert self.started.wait(10) and self.error is None, self.error
