@@ -105,7 +105,8 @@ class OverlayRootContainer(Container):
         try:
             self.exec(["systemctl", "reboot"])  # the manager may go before it answers
             if not select.select([old], [], [], self.stop_timeout)[0]:
-                raise ContainerError(f"still up {self.stop_timeout} s after systemctl reboot")
+                raise ContainerError(f"still up {self.stop_timeout} s after systemctl reboot; "
+                                     f"what it was doing then:\n{self._shutdown_state()}")
         finally:
             os.close(old)
         for fd in (self._leader_pidfd, self._netns_fd):
@@ -115,6 +116,18 @@ class OverlayRootContainer(Container):
         self._wait_ready(self._notify, t0)
         self._wait_system_running(t0)
         return time.monotonic() - t0
+
+    def _shutdown_state(self) -> str:
+        """The manager's pending jobs and the processes left, for a shutdown that hangs."""
+        parts = []
+        for cmd in (["systemctl", "list-jobs", "--no-pager"],
+                    ["ps", "-eo", "pid,stat,etime,args"]):
+            try:
+                r = self.exec(cmd, timeout=5)
+                parts.append(f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}")
+            except (OSError, subprocess.SubprocessError, ContainerError) as exc:
+                parts.append(f"$ {' '.join(cmd)}: {exc}")
+        return "\n".join(parts)
 
     def command_line(self) -> list[str]:
         argv = super().command_line()
