@@ -26,6 +26,7 @@ made.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 from typing import Any, Iterable
@@ -36,6 +37,9 @@ __all__ = ["TLSConnection", "handshake", "TLSTransport", "takes_buffers"]
 
 #: Bytes one recv(2) may take (uvloop's read size).
 READ_SIZE = 256 * 1024
+#: recv(2)s one readiness call makes at most while the socket is full (8 MiB: more than the
+#: kernel's largest default receive buffer, 6 MiB), so that other connections get their turn.
+MAX_READS = 32
 #: The most plaintext one TLS record holds: what one SSLObject.read() can return (asking for
 #: more only makes it allocate more before it shrinks the result).
 RECORD_SIZE = 16 * 1024
@@ -175,19 +179,31 @@ class TLSTransport(BufferedWrites, asyncio.Transport):
             self._loop.remove_reader(self._fd)
 
     def _read_ready(self) -> None:
-        try:
-            n = self._sock.recv_into(self._read_buffer)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._force_close(exc)
-            return
-        if not n:
+        """Read until the socket is drained (at most MAX_READS reads), then look for a socket
+        error once. uvloop reports an error on the fd (a reset that came after data) with one
+        last readiness call and then stops polling it: the reset has to be found in this call,
+        or the link would hang until the dead-peer time."""
+        for _ in range(MAX_READS):
+            try:
+                n = self._sock.recv_into(self._read_buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._force_close(exc)
+                return
+            if not n:
+                self._deliver()
+                self._eof()  # TCP EOF without close_notify: the link ends all the same
+                return
+            self._incoming.write(self._read_view[:n])
             self._deliver()
-            self._eof()  # TCP EOF without close_notify: the link ends all the same
-            return
-        self._incoming.write(self._read_view[:n])
-        self._deliver()
+            if not self._reading:  # paused, closing, or at close_notify
+                return
+            if n < READ_SIZE:  # drained: one getsockopt, cheaper than a recv that fails
+                err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    self._force_close(OSError(err, os.strerror(err)))  # its errno's subclass
+                return
 
     def _deliver(self) -> None:
         """Every complete record the incoming BIO holds, while the protocol reads."""

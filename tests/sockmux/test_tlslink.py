@@ -9,6 +9,7 @@ import hashlib
 import os
 import socket
 import ssl
+import struct
 import sys
 import termios
 from typing import Any, Callable
@@ -269,6 +270,24 @@ def test_abort_and_tcp_eof(run, sockmux_certs):
         await asyncio.wait_for(b.lost, 10)
         assert a.losts == [None] and len(b.losts) == 1
         assert client.sock.fileno() == -1 and server.sock.fileno() == -1
+    run(main)
+
+
+def test_a_reset_after_data_ends_a_paused_link_once_it_reads(run, sockmux_certs):
+    """The peer's data, then its reset, arrive while reading is paused: on resume the data
+    is delivered and the reset ends the link (uvloop gives one last readiness call for an fd
+    with an error, then stops polling it: the reset must be found in that call)."""
+    async def main():
+        server, client = await handshaken(sockmux_certs)
+        a, b = StreamPeer(os.urandom(4 * MiB)), StreamPeer(pause_on_start=True)
+        ta, tb = start(client, a), start(server, b)
+        await asyncio.wait_for(a.pause, 10)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        ta.abort()  # RST, whatever the client's socket holds
+        await asyncio.sleep(0.1)  # the reset is there before the server reads again
+        tb.resume_reading()
+        assert isinstance(await asyncio.wait_for(b.lost, 10), ConnectionResetError)
+        assert b.received > 0  # what came before the reset was delivered first
     run(main)
 
 
