@@ -102,6 +102,7 @@ class OverlayRootContainer(Container):
         t0 = time.monotonic()
         self._require_running()
         old = os.pidfd_open(self.leader_pid)
+        self._drop_notifications()  # the next READY=1 is the new boot's
         try:
             self.exec(["systemctl", "reboot"])  # the manager may go before it answers
             if not select.select([old], [], [], self.stop_timeout)[0]:
@@ -113,7 +114,7 @@ class OverlayRootContainer(Container):
             if fd is not None:
                 os.close(fd)
         self._leader_pidfd = self._netns_fd = self.leader_pid = None
-        self._wait_ready(self._notify, t0)
+        self._wait_ready(t0)
         self._wait_system_running(t0)
         return time.monotonic() - t0
 

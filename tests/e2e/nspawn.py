@@ -60,8 +60,9 @@ import functools
 import itertools
 import json
 import os
+import queue
 import re
-import selectors
+import select
 import shutil
 import signal
 import socket
@@ -387,6 +388,9 @@ class Container:
         self._netns_fd: int | None = None
         self._leader_pidfd: int | None = None
         self._notify: socket.socket | None = None
+        #: What nspawn sent to our NOTIFY_SOCKET, read by _notify_reader as it comes.
+        self._notify_messages: queue.Queue[str] = queue.Queue()
+        self._notify_reader: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -464,8 +468,15 @@ class Container:
         notify_path = f"{self._tmp}/notify"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         # Kept open until stop(): a reboot (OverlayRootContainer.reboot) sends READY=1 again.
+        # And read all the while: nspawn passes the container's notifications on (Debian 13's
+        # for every unit that starts), a datagram queue holds 10 (net.unix.max_dgram_qlen), and
+        # nspawn blocks on a full one: the container then never finished a reboot.
         self._notify = notify
         notify.bind(notify_path)
+        notify.settimeout(0.2)
+        self._notify_reader = threading.Thread(target=self._read_notify, args=(notify,),
+                                               daemon=True, name=f"{self.machine}-notify")
+        self._notify_reader.start()
         self._cgroups = self._make_cgroups()
 
         env = {k: v for k, v in os.environ.items()
@@ -490,8 +501,27 @@ class Container:
             )
         finally:
             console_log.close()
-        self._wait_ready(notify, t0)
+        self._wait_ready(t0)
         self._wait_system_running(t0)
+
+    def _read_notify(self, notify: socket.socket) -> None:
+        """The notify socket's reader thread, until stop() closes it."""
+        while self._notify is notify:
+            try:
+                message = notify.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:  # closed by stop()
+                return
+            self._notify_messages.put(message.decode("utf-8", "replace"))
+
+    def _drop_notifications(self) -> None:
+        """Forget what nspawn said so far (before a reboot, whose READY=1 is awaited)."""
+        while True:
+            try:
+                self._notify_messages.get_nowait()
+            except queue.Empty:
+                return
 
     def _wait_system_running(self, t0: float) -> None:
         """After nspawn's READY=1: until the container's systemd has finished its start-up."""
@@ -517,35 +547,33 @@ class Container:
             raise ContainerError(f"system state after boot: {self.system_state!r}\n"
                                  f"{self.journal(lines=60)}")
 
-    def _wait_ready(self, notify: socket.socket, t0: float) -> None:
+    def _wait_ready(self, t0: float) -> None:
         pidfd = os.pidfd_open(self._proc.pid)
-        sel = selectors.DefaultSelector()
-        sel.register(notify, selectors.EVENT_READ, "notify")
-        sel.register(pidfd, selectors.EVENT_READ, "exit")
         try:
             deadline = t0 + self.boot_timeout
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ContainerError(f"no READY=1 from nspawn within {self.boot_timeout} s")
-                for key, _ in sel.select(remaining):
-                    if key.data == "exit":
-                        rc = self._proc.wait()
-                        raise ContainerError(f"systemd-nspawn exited with status {rc} "
-                                             "before the container was ready")
-                    message = notify.recv(65536).decode("utf-8", "replace")
-                    for field in message.split("\n"):
-                        if field.startswith("X_NSPAWN_LEADER_PID="):
-                            self.leader_pid = int(field.partition("=")[2])
-                            self._leader_pidfd = os.pidfd_open(self.leader_pid)
-                            self._netns_fd = os.open(f"/proc/{self.leader_pid}/ns/net",
-                                                     os.O_RDONLY | os.O_CLOEXEC)
-                        elif field == "READY=1":
-                            if self.leader_pid is None:
-                                raise ContainerError("READY=1 without X_NSPAWN_LEADER_PID")
-                            return
+                if select.select([pidfd], [], [], 0)[0]:
+                    rc = self._proc.wait()
+                    raise ContainerError(f"systemd-nspawn exited with status {rc} "
+                                         "before the container was ready")
+                try:
+                    message = self._notify_messages.get(timeout=min(remaining, 0.05))
+                except queue.Empty:
+                    continue
+                for field in message.split("\n"):
+                    if field.startswith("X_NSPAWN_LEADER_PID="):
+                        self.leader_pid = int(field.partition("=")[2])
+                        self._leader_pidfd = os.pidfd_open(self.leader_pid)
+                        self._netns_fd = os.open(f"/proc/{self.leader_pid}/ns/net",
+                                                 os.O_RDONLY | os.O_CLOEXEC)
+                    elif field == "READY=1":
+                        if self.leader_pid is None:
+                            raise ContainerError("READY=1 without X_NSPAWN_LEADER_PID")
+                        return
         finally:
-            sel.close()
             os.close(pidfd)
 
     def stop(self) -> None:
@@ -577,8 +605,11 @@ class Container:
             os.close(self._netns_fd)
             self._netns_fd = None
         if self._notify is not None:
-            self._notify.close()
-            self._notify = None
+            notify, self._notify = self._notify, None  # the reader sees it gone and ends
+            if self._notify_reader is not None:
+                self._notify_reader.join(5)
+                self._notify_reader = None
+            notify.close()
         self._remove_cgroups()
         if self._tmp is not None:
             try:
