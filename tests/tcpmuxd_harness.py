@@ -184,6 +184,16 @@ class LogFile:
             time.sleep(0.02)
         return self.output()
 
+    def wait_for_match(self, pattern: str, timeout: float = 5.0) -> re.Match[str]:
+        """The first match of the regular expression ``pattern`` in the output, waited for."""
+        deadline = time.monotonic() + timeout
+        while (hit := re.search(pattern, self.output())) is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{pattern!r} not logged within {timeout}s:\n"
+                                     f"{self.output()}")
+            time.sleep(0.02)
+        return hit
+
 
 class Daemon(LogFile):
     """tcpmuxd running standalone on loopback.

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tcpmuxd_harness import EchoServer, Notify
+from tcpmuxd_harness import EchoServer, LogFile, Notify
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "units"
@@ -88,12 +88,12 @@ def wait_until_works(port: int, timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
-class Proc:
+class Proc(LogFile):
     """A sockmuxd process with its log."""
 
     def __init__(self, args: list[str], log: Path, env: dict | None = None,
                  pass_fds: tuple[int, ...] = ()) -> None:
-        self.log = log
+        self.log = self.log_path = log
         self.args = args
         environ = dict(os.environ)
         for key in list(environ):
@@ -129,7 +129,7 @@ class Proc:
                 pass
 
     def text(self) -> str:
-        return self.log.read_text(errors="replace")
+        return self.output()
 
 
 @pytest.fixture

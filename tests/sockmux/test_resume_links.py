@@ -61,21 +61,10 @@ def common(secret_path: str, echo_port: int) -> list[str]:
             "--dead-peer", "5s", "--exit", f"127.0.0.1:{echo_port}"]
 
 
-def wait_log(proc: Proc, pattern: str, timeout: float) -> re.Match | None:
-    """The first match of ``pattern`` in the log, waited for (bounded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        hit = re.search(pattern, proc.text())
-        if hit:
-            return hit
-        time.sleep(0.05)
-    return None
-
-
 def resumed(connector: Proc) -> None:
     """The connector says it resumed the session with every stream in it."""
-    hit = wait_log(connector, r"session resumed, (\d+) streams? carried on", 15)
-    assert hit and int(hit[1]) == STREAMS, connector.text()
+    hit = connector.wait_for_match(r"session resumed, (\d+) streams? carried on", 15)
+    assert int(hit[1]) == STREAMS, connector.text()
 
 
 def start_streams(port: int, label: str) -> list[Client]:
@@ -115,7 +104,7 @@ class TlsPair:
             certs.client_cert, "--tls-key", certs.client_key, "--tls-server-name",
             "localhost", "--entrance", f"127.0.0.1:{self.entrance}", "--reconnect-max", "1s",
             *common(secret, echo_port)])
-        assert wait_log(self.connector, r"up \(authenticated\)", 20), self.connector.text()
+        self.connector.wait_for_match(r"up \(authenticated\)", 20)
 
     def start_relay(self) -> Relay:
         self.relay = Relay(("127.0.0.1", self.relay_port), ("127.0.0.1", self.link))
@@ -138,8 +127,8 @@ def test_streams_survive_a_reset_tls_link(tls_pair, procs):
     p = tls_pair
     clients = start_streams(p.entrance, "t")
     p.relay.kill()
-    assert wait_log(p.connector, r"streams? suspended", 10), p.connector.text()
-    assert wait_log(p.receptor, r"streams? suspended", 10), p.receptor.text()
+    p.connector.wait_for_match(r"streams? suspended", 10)
+    p.receptor.wait_for_match(r"streams? suspended", 10)
     time.sleep(1.0)  # the outage
     p.start_relay()
     resumed(p.connector)
@@ -155,9 +144,9 @@ def test_a_receptor_stopped_over_tls_ends_the_session_at_once(tls_pair):
     clients = start_streams(p.entrance, "q")
     t_stop = time.monotonic()
     assert p.receptor.stop() == 0
-    hit = wait_log(p.connector, r"the peer ended the session \(sockmuxd is shutting down\): "
-                                r"(\d+) streams? reset", 5)
-    assert hit and int(hit[1]) == STREAMS, p.connector.text()
+    hit = p.connector.wait_for_match(r"the peer ended the session \(sockmuxd is shutting "
+                                     r"down\): (\d+) streams? reset", 5)
+    assert int(hit[1]) == STREAMS, p.connector.text()
     for c in clients:
         c.join(30)
     assert all(c.kind == "reset" and c.ended - t_stop < 5 for c in clients), clients
@@ -182,7 +171,7 @@ def test_streams_survive_a_command_link_whose_command_dies(procs, tmp_path, echo
     link, entrance = free_port(), free_port()
     receptor = start(procs, tmp_path, "receptor", [
         "--accept", f"127.0.0.1:{link}", *common(secret, echo.port)])
-    assert wait_log(receptor, "waiting for the peer", 20), receptor.text()
+    receptor.wait_for_match("waiting for the peer", 20)
     bridge = tmp_path / f"bridge-{link}.py"  # its path is this test's marker for pgrep
     bridge.write_text(BRIDGE)
     connector = start(procs, tmp_path, "connector", [
@@ -190,11 +179,11 @@ def test_streams_survive_a_command_link_whose_command_dies(procs, tmp_path, echo
         "--entrance", f"127.0.0.1:{entrance}", "--reconnect-max", "1s",
         *common(secret, echo.port)])
     try:
-        assert wait_log(connector, r"up \(authenticated\)", 20), connector.text()
+        connector.wait_for_match(r"up \(authenticated\)", 20)
         clients = start_streams(entrance, "c")
         (first,) = bridges(str(bridge))
         os.kill(first, signal.SIGKILL)
-        assert wait_log(connector, r"streams? suspended", 10), connector.text()
+        connector.wait_for_match(r"streams? suspended", 10)
         resumed(connector)
         assert bridges(str(bridge)) and first not in bridges(str(bridge))
         finish(clients, procs)
